@@ -1,0 +1,8 @@
+//! Protocol definitions shared by the coordinator, the workers and the `stagecoach` CLI.
+//!
+//! Generated from `proto/stagecoach.proto` by `tonic-prost-build`.
+
+#[allow(clippy::all, missing_docs, rust_2018_idioms)]
+pub mod v1 {
+    tonic::include_proto!("stagecoach.v1");
+}

@@ -1,0 +1,276 @@
+//! `stagecoach-worker`: train, tokenize text into shards, write the demo corpus, inspect shards.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use stagecoach_worker::corpus::{self, Domain};
+use stagecoach_worker::shards::{ShardFolder, TokenSize};
+use stagecoach_worker::tokenize::{self, ShardOptions, TextTokenizer};
+use stagecoach_worker::{config::TrainConfig, hf, model, train};
+
+#[derive(Parser)]
+#[command(
+    name = "stagecoach-worker",
+    version,
+    about = "The stagecoach training worker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model alone on this machine from a configuration file.
+    Train {
+        /// The TOML configuration (see the `config` module documentation or examples/).
+        #[arg(long)]
+        config: PathBuf,
+        /// cpu, cuda or cuda:N (overrides [train].device).
+        #[arg(long)]
+        device: Option<String>,
+        /// Stop after this many steps (the schedule keeps its configured length).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Write one JSON record per step to this file.
+        #[arg(long)]
+        metrics_out: Option<PathBuf>,
+        /// Save the final model as a transformers folder here.
+        #[arg(long)]
+        save: Option<PathBuf>,
+    },
+    /// Tokenize jsonl files, text files or folders of them into datatrove token shards.
+    Tokenize {
+        /// Input files or folders (.jsonl: one document per line; other files: one document each).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output folder (must hold no .ds files yet).
+        #[arg(long)]
+        output: PathBuf,
+        /// A transformers tokenizer.json; without it, the built-in byte-level tokenizer is used.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// End-of-document token appended to every document (with --tokenizer).
+        #[arg(long, default_value = "<|endoftext|>")]
+        eos_token: String,
+        /// The jsonl field holding the text.
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        /// Seed of the document shuffle.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Keep the input order instead of shuffling documents.
+        #[arg(long)]
+        no_shuffle: bool,
+        /// Output file name prefix.
+        #[arg(long, default_value = "tokens")]
+        prefix: String,
+        /// Start a new .ds file after this many tokens.
+        #[arg(long, default_value_t = 100_000_000)]
+        max_tokens_per_file: u64,
+    },
+    /// Write the synthetic demo corpus (prose, math, code) as byte-level shards:
+    /// OUTPUT/<domain>/train and OUTPUT/<domain>/valid.
+    DemoCorpus {
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 1234)]
+        seed: u64,
+        /// Training documents per domain.
+        #[arg(long, default_value_t = 4000)]
+        docs: usize,
+        /// Held-out documents per domain.
+        #[arg(long, default_value_t = 200)]
+        valid_docs: usize,
+    },
+    /// Summarise a folder of shards and show the start of its first document.
+    Inspect {
+        folder: PathBuf,
+        /// Token size for shards whose metadata names none (2 or 4).
+        #[arg(long, default_value_t = 2)]
+        token_bytes: usize,
+    },
+    /// Write a freshly initialised model of a preset as a transformers folder.
+    Init {
+        #[arg(long)]
+        preset: String,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Train {
+            config,
+            device,
+            steps,
+            metrics_out,
+            save,
+        } => {
+            let cfg = TrainConfig::load(&config)?;
+            let opts = train::RunOptions {
+                device,
+                steps,
+                metrics_out,
+                save,
+                quiet: false,
+            };
+            let summary = train::run(&cfg, &opts)?;
+            let (first, last) = (
+                &summary.steps[0],
+                summary.steps.last().expect("at least one step"),
+            );
+            let tokens = last.tokens;
+            println!(
+                "done: {} steps, {} tokens in {:.1}s ({:.0} tokens/s); loss {:.4} -> {:.4}; samples per source: {}",
+                summary.steps.len(),
+                tokens,
+                summary.seconds,
+                tokens as f64 / summary.seconds,
+                first.loss,
+                last.loss,
+                summary
+                    .source_names
+                    .iter()
+                    .zip(&summary.samples_per_source)
+                    .map(|(n, c)| format!("{n}={c}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+        Command::Tokenize {
+            inputs,
+            output,
+            tokenizer,
+            eos_token,
+            text_field,
+            seed,
+            no_shuffle,
+            prefix,
+            max_tokens_per_file,
+        } => {
+            let tok = match &tokenizer {
+                Some(path) => TextTokenizer::from_file(path, &eos_token)?,
+                None => TextTokenizer::Bytes,
+            };
+            let files = tokenize::input_files(&inputs)?;
+            let opts = ShardOptions {
+                output,
+                prefix,
+                seed,
+                max_tokens_per_file,
+                shuffle: !no_shuffle,
+            };
+            let pb = tokenize::progress_bar("tokenizing");
+            let written = tokenize::write_shards(
+                tokenize::read_documents(files, text_field),
+                &tok,
+                &opts,
+                &pb,
+            )?;
+            pb.finish_and_clear();
+            println!(
+                "wrote {} documents, {} tokens into {} file(s) in {} (tokenizer {}, vocabulary {})",
+                written.documents,
+                written.tokens,
+                written.files.len(),
+                opts.output.display(),
+                tok.name(),
+                tok.vocab_size()
+            );
+        }
+        Command::DemoCorpus {
+            output,
+            seed,
+            docs,
+            valid_docs,
+        } => {
+            let tok = TextTokenizer::Bytes;
+            for domain in Domain::ALL {
+                let all = corpus::generate(domain, seed, docs + valid_docs);
+                let (train_docs, valid) = all.split_at(docs);
+                for (split, texts) in [("train", train_docs), ("valid", valid)] {
+                    let opts = ShardOptions {
+                        output: output.join(domain.name()).join(split),
+                        prefix: domain.name().to_owned(),
+                        seed,
+                        max_tokens_per_file: 1 << 20,
+                        shuffle: true,
+                    };
+                    let pb = tokenize::progress_bar(domain.name());
+                    let w =
+                        tokenize::write_shards(texts.iter().cloned().map(Ok), &tok, &opts, &pb)?;
+                    pb.finish_and_clear();
+                    println!(
+                        "{:<6} {split:<5} {:>6} documents {:>9} tokens -> {}",
+                        domain.name(),
+                        w.documents,
+                        w.tokens,
+                        opts.output.display()
+                    );
+                }
+            }
+            println!(
+                "synthetic demo corpus written to {} (byte-level tokens)",
+                output.display()
+            );
+        }
+        Command::Inspect {
+            folder,
+            token_bytes,
+        } => {
+            let size = match token_bytes {
+                2 => TokenSize::U16,
+                4 => TokenSize::U32,
+                n => anyhow::bail!("--token-bytes must be 2 or 4, got {n}"),
+            };
+            let f = ShardFolder::open(&folder, size)?;
+            for s in f.shards() {
+                println!(
+                    "{}  {} documents  {} tokens  {}-byte tokens  tokenizer {}",
+                    s.path().display(),
+                    s.num_documents(),
+                    s.num_tokens(),
+                    s.token_size().bytes(),
+                    s.tokenizer_name().unwrap_or("(no metadata)")
+                );
+            }
+            let first = &f.shards()[0];
+            if first.num_documents() > 0
+                && first.tokenizer_name() == Some(TextTokenizer::Bytes.name())
+            {
+                let doc = first.document(0)?;
+                let text = TextTokenizer::Bytes.decode(&doc[..doc.len().min(300)])?;
+                println!("--- first document (start) ---\n{text}");
+            }
+        }
+        Command::Init {
+            preset,
+            output,
+            seed,
+        } => {
+            let cfg = model::ModelConfig::preset(&preset)?;
+            tch::manual_seed(seed as i64);
+            let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            let _model = model::Llama::new(&vs, cfg.clone())?;
+            hf::save(&vs, &cfg, &output)
+                .with_context(|| format!("saving to {}", output.display()))?;
+            println!(
+                "wrote {} ({:.2}M parameters) to {}",
+                preset,
+                cfg.num_parameters() as f64 / 1e6,
+                output.display()
+            );
+        }
+    }
+    Ok(())
+}

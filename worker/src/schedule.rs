@@ -1,0 +1,139 @@
+//! The warmup-stable-decay (WSD) learning-rate schedule SmolLM2 was trained with: a linear
+//! warmup to the peak, a long constant phase, then a decay (linear or `1 - sqrt`) to a floor
+//! over the last steps.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The shape of the decay phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DecayShape {
+    /// `lr = floor + (peak - floor) * (1 - p)`, p the fraction of the decay done.
+    #[serde(rename = "linear")]
+    Linear,
+    /// `lr = floor + (peak - floor) * (1 - sqrt(p))` (Hägele et al., 2024).
+    #[serde(rename = "1-sqrt")]
+    OneMinusSqrt,
+}
+
+/// A WSD schedule over `total_steps` optimizer steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Wsd {
+    pub peak_lr: f64,
+    pub warmup_steps: u64,
+    /// Optimizer steps in the whole run.
+    pub total_steps: u64,
+    /// Steps of the decay phase, which ends at the last step.
+    pub decay_steps: u64,
+    #[serde(default = "linear")]
+    pub decay: DecayShape,
+    /// The learning rate the decay ends at.
+    #[serde(default)]
+    pub min_lr: f64,
+}
+
+fn linear() -> DecayShape {
+    DecayShape::Linear
+}
+
+impl Wsd {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.peak_lr > 0.0) {
+            return Err(Error::Config(format!(
+                "peak_lr must be positive, got {}",
+                self.peak_lr
+            )));
+        }
+        if !(0.0..=self.peak_lr).contains(&self.min_lr) {
+            return Err(Error::Config(format!(
+                "min_lr ({}) must lie in [0, peak_lr]",
+                self.min_lr
+            )));
+        }
+        if self.warmup_steps + self.decay_steps > self.total_steps {
+            return Err(Error::Config(format!(
+                "warmup_steps ({}) + decay_steps ({}) exceed total_steps ({}); shorten one of them",
+                self.warmup_steps, self.decay_steps, self.total_steps
+            )));
+        }
+        Ok(())
+    }
+
+    /// First step of the decay phase.
+    pub fn decay_start(&self) -> u64 {
+        self.total_steps - self.decay_steps
+    }
+
+    /// The learning rate of optimizer step `step` (0-based).
+    pub fn lr(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.peak_lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let start = self.decay_start();
+        if step < start || self.decay_steps == 0 {
+            return self.peak_lr;
+        }
+        let p = (((step - start + 1) as f64) / self.decay_steps as f64).min(1.0);
+        let factor = match self.decay {
+            DecayShape::Linear => 1.0 - p,
+            DecayShape::OneMinusSqrt => 1.0 - p.sqrt(),
+        };
+        self.min_lr + (self.peak_lr - self.min_lr) * factor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wsd(decay: DecayShape) -> Wsd {
+        Wsd {
+            peak_lr: 1.0,
+            warmup_steps: 4,
+            total_steps: 20,
+            decay_steps: 4,
+            decay,
+            min_lr: 0.1,
+        }
+    }
+
+    #[test]
+    fn phases() {
+        let s = wsd(DecayShape::Linear);
+        s.validate().unwrap();
+        let lrs: Vec<f64> = (0..20).map(|i| s.lr(i)).collect();
+        assert_eq!(&lrs[..4], [0.25, 0.5, 0.75, 1.0]);
+        assert!(lrs[4..16].iter().all(|&l| l == 1.0));
+        let expect = [0.775, 0.55, 0.325, 0.1];
+        for (got, want) in lrs[16..].iter().zip(expect) {
+            assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        }
+        // Past the end the floor holds.
+        assert!((s.lr(25) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn one_minus_sqrt_decays_faster_early() {
+        let lin = wsd(DecayShape::Linear);
+        let sq = wsd(DecayShape::OneMinusSqrt);
+        assert!(sq.lr(16) < lin.lr(16));
+        assert!((sq.lr(16) - (0.1 + 0.9 * (1.0 - 0.25f64.sqrt()))).abs() < 1e-12);
+        assert!((sq.lr(19) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bad_schedules_are_explained() {
+        let mut s = wsd(DecayShape::Linear);
+        s.decay_steps = 17;
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("exceed total_steps"));
+        let mut s = wsd(DecayShape::Linear);
+        s.min_lr = 2.0;
+        assert!(s.validate().unwrap_err().to_string().contains("min_lr"));
+    }
+}

@@ -1,0 +1,645 @@
+//! Token shards in the datatrove/nanotron tokenized format.
+//!
+//! A shard is three files side by side:
+//! - `NAME.ds`: the tokens of all documents, concatenated, little-endian `uint16` (or `uint32`
+//!   when the vocabulary exceeds 65,536 ids);
+//! - `NAME.ds.index`: one little-endian `uint64` per document, the cumulative token count at the
+//!   end of that document (so the last entry equals the number of tokens in `NAME.ds`);
+//! - `NAME.ds.metadata`: text; first line the tokenizer name followed by `|2` or `|4` (the token
+//!   size in bytes), second line the token count, third line the same count for humans.
+//!
+//! As in datatrove's `DatatroveFolderDataset`, a folder of shards is read as one sequence of
+//! samples: each file is cut into consecutive, non-overlapping windows of `seq_len + 1` tokens
+//! (the remainder of a file is not used) and the files follow each other in name order.
+//! Files are memory-mapped; nothing is read until a sample is asked for.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::error::{Error, IoContext, Result};
+
+/// Bytes per token in a `.ds` file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSize {
+    U16,
+    U32,
+}
+
+impl TokenSize {
+    /// The narrowest size that holds every id of a vocabulary of `vocab_size` tokens.
+    pub fn for_vocab(vocab_size: usize) -> TokenSize {
+        if vocab_size <= 1 << 16 {
+            TokenSize::U16
+        } else {
+            TokenSize::U32
+        }
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            TokenSize::U16 => 2,
+            TokenSize::U32 => 4,
+        }
+    }
+
+    fn from_bytes(n: usize) -> Option<TokenSize> {
+        match n {
+            2 => Some(TokenSize::U16),
+            4 => Some(TokenSize::U32),
+            _ => None,
+        }
+    }
+}
+
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Writes one shard: call [`ShardWriter::write_document`] per document, then
+/// [`ShardWriter::finish`], which writes the index and metadata files.
+pub struct ShardWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+    token_size: TokenSize,
+    tokenizer_name: String,
+    doc_ends: Vec<u64>,
+    written: u64,
+}
+
+/// What a finished shard holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSummary {
+    pub path: PathBuf,
+    pub documents: usize,
+    pub tokens: u64,
+}
+
+impl ShardWriter {
+    /// Creates `path` (which should end in `.ds`) and its sidecars on [`finish`](Self::finish).
+    pub fn create(path: &Path, token_size: TokenSize, tokenizer_name: &str) -> Result<Self> {
+        let file = File::create(path).at(path)?;
+        Ok(ShardWriter {
+            path: path.to_owned(),
+            out: BufWriter::with_capacity(1 << 20, file),
+            token_size,
+            tokenizer_name: tokenizer_name.to_owned(),
+            doc_ends: Vec::new(),
+            written: 0,
+        })
+    }
+
+    /// Appends one document (its end-of-document token included, if the caller wants one).
+    pub fn write_document(&mut self, tokens: &[u32]) -> Result<()> {
+        match self.token_size {
+            TokenSize::U16 => {
+                for &t in tokens {
+                    let t16 = u16::try_from(t).map_err(|_| {
+                        Error::shard(
+                            &self.path,
+                            format!("token id {t} does not fit the 2-byte token size; use a 4-byte shard for vocabularies over 65,536"),
+                        )
+                    })?;
+                    self.out.write_all(&t16.to_le_bytes()).at(&self.path)?;
+                }
+            }
+            TokenSize::U32 => {
+                for &t in tokens {
+                    self.out.write_all(&t.to_le_bytes()).at(&self.path)?;
+                }
+            }
+        }
+        self.written += tokens.len() as u64;
+        self.doc_ends.push(self.written);
+        Ok(())
+    }
+
+    /// Tokens written so far.
+    pub fn tokens(&self) -> u64 {
+        self.written
+    }
+
+    /// Flushes the tokens and writes `.ds.index` and `.ds.metadata`.
+    pub fn finish(mut self) -> Result<ShardSummary> {
+        self.out.flush().at(&self.path)?;
+        self.out.get_ref().sync_all().at(&self.path)?;
+        let index_path = sidecar(&self.path, ".index");
+        let mut index = BufWriter::new(File::create(&index_path).at(&index_path)?);
+        for end in &self.doc_ends {
+            index.write_all(&end.to_le_bytes()).at(&index_path)?;
+        }
+        index.flush().at(&index_path)?;
+        let meta_path = sidecar(&self.path, ".metadata");
+        let meta = format!(
+            "{}|{}\n{}\n{}",
+            self.tokenizer_name,
+            self.token_size.bytes(),
+            self.written,
+            human_count(self.written)
+        );
+        std::fs::write(&meta_path, meta).at(&meta_path)?;
+        Ok(ShardSummary {
+            path: self.path,
+            documents: self.doc_ends.len(),
+            tokens: self.written,
+        })
+    }
+}
+
+/// `1234567` → `"1.23 MT"`, as datatrove's metadata third line.
+fn human_count(n: u64) -> String {
+    let units = [(1e12, "TT"), (1e9, "GT"), (1e6, "MT"), (1e3, "kT")];
+    for (scale, unit) in units {
+        if n as f64 >= scale {
+            return format!("{:.2} {unit}", n as f64 / scale);
+        }
+    }
+    format!("{n} T")
+}
+
+/// One memory-mapped, validated `.ds` file.
+pub struct Shard {
+    path: PathBuf,
+    tokens: Option<Mmap>,
+    token_size: TokenSize,
+    num_tokens: u64,
+    doc_ends: Vec<u64>,
+    tokenizer_name: Option<String>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("path", &self.path)
+            .field("token_size", &self.token_size)
+            .field("num_tokens", &self.num_tokens)
+            .finish()
+    }
+}
+
+impl Shard {
+    /// Opens and checks a shard. The token size comes from the metadata file when it names one,
+    /// else `default_size`. Checks: the `.ds` size is a whole number of tokens, the index is a
+    /// whole number of non-decreasing `uint64` ends whose last value is the token count, and the
+    /// metadata's token count (if present) agrees.
+    pub fn open(path: &Path, default_size: TokenSize) -> Result<Shard> {
+        let meta = read_metadata(path)?;
+        let token_size = meta
+            .as_ref()
+            .and_then(|m| m.token_size)
+            .unwrap_or(default_size);
+        let file = File::open(path).at(path)?;
+        let len = file.metadata().at(path)?.len();
+        let tsize = token_size.bytes() as u64;
+        if len % tsize != 0 {
+            return Err(Error::shard(
+                path,
+                format!("size {len} bytes is not a whole number of {tsize}-byte tokens (truncated or damaged file)"),
+            ));
+        }
+        let num_tokens = len / tsize;
+        if let Some(count) = meta.as_ref().and_then(|m| m.token_count) {
+            if count != num_tokens {
+                return Err(Error::shard(
+                    path,
+                    format!("holds {num_tokens} tokens but its .metadata says {count} (truncated .ds or stale metadata)"),
+                ));
+            }
+        }
+        let doc_ends = check_index(path, num_tokens)?;
+        // An empty file cannot be mapped; it simply holds no samples.
+        let tokens = if len == 0 {
+            None
+        } else {
+            // SAFETY: the mapping is read-only; shards are immutable once written (a file changed
+            // under a running job is a user error that can at worst yield wrong tokens, which
+            // are range-checked before use).
+            Some(unsafe { Mmap::map(&file) }.at(path)?)
+        };
+        Ok(Shard {
+            path: path.to_owned(),
+            tokens,
+            token_size,
+            num_tokens,
+            doc_ends,
+            tokenizer_name: meta.map(|m| m.tokenizer_name),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn num_tokens(&self) -> u64 {
+        self.num_tokens
+    }
+
+    pub fn num_documents(&self) -> u64 {
+        self.doc_ends.len() as u64
+    }
+
+    pub fn token_size(&self) -> TokenSize {
+        self.token_size
+    }
+
+    pub fn tokenizer_name(&self) -> Option<&str> {
+        self.tokenizer_name.as_deref()
+    }
+
+    /// Number of `seq_len + 1`-token windows in this file.
+    pub fn num_samples(&self, seq_len: usize) -> u64 {
+        self.num_tokens / (seq_len as u64 + 1)
+    }
+
+    /// Copies tokens `[start, start + out.len())` into `out`.
+    pub fn read_tokens(&self, start: u64, out: &mut [i64]) -> Result<()> {
+        let end = start + out.len() as u64;
+        if end > self.num_tokens {
+            return Err(Error::shard(
+                &self.path,
+                format!(
+                    "tokens {start}..{end} asked for, but the file holds {}",
+                    self.num_tokens
+                ),
+            ));
+        }
+        let Some(bytes) = &self.tokens else {
+            return Ok(());
+        };
+        let tsize = self.token_size.bytes();
+        let bytes = &bytes[start as usize * tsize..end as usize * tsize];
+        match self.token_size {
+            TokenSize::U16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = i64::from(u16::from_le_bytes([c[0], c[1]]));
+                }
+            }
+            TokenSize::U32 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = i64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The tokens of document `doc` (end-of-document token included).
+    pub fn document(&self, doc: u64) -> Result<Vec<i64>> {
+        let ends = &self.doc_ends;
+        let Some(&end) = ends.get(doc as usize) else {
+            return Err(Error::shard(
+                &self.path,
+                format!(
+                    "document {doc} asked for, but the file holds {}",
+                    ends.len()
+                ),
+            ));
+        };
+        let start = if doc == 0 { 0 } else { ends[doc as usize - 1] };
+        let mut out = vec![0; (end - start) as usize];
+        self.read_tokens(start, &mut out)?;
+        Ok(out)
+    }
+}
+
+struct Metadata {
+    tokenizer_name: String,
+    token_size: Option<TokenSize>,
+    token_count: Option<u64>,
+}
+
+fn read_metadata(ds: &Path) -> Result<Option<Metadata>> {
+    let path = sidecar(ds, ".metadata");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).at(&path),
+    };
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or_default();
+    let (name, size) = match first.rsplit_once('|') {
+        Some((name, size)) => {
+            let bytes: usize = size.trim().parse().map_err(|_| {
+                Error::shard(
+                    &path,
+                    format!("first line {first:?}: expected NAME|2 or NAME|4"),
+                )
+            })?;
+            let size = TokenSize::from_bytes(bytes).ok_or_else(|| {
+                Error::shard(
+                    &path,
+                    format!("token size {bytes} in {first:?}: only 2 and 4 exist"),
+                )
+            })?;
+            (name.to_owned(), Some(size))
+        }
+        None => (first.to_owned(), None),
+    };
+    let count = match lines.next() {
+        Some(l) if !l.trim().is_empty() => Some(l.trim().parse().map_err(|_| {
+            Error::shard(
+                &path,
+                format!("second line {l:?} should be the token count"),
+            )
+        })?),
+        _ => None,
+    };
+    Ok(Some(Metadata {
+        tokenizer_name: name,
+        token_size: size,
+        token_count: count,
+    }))
+}
+
+fn read_index(ds: &Path) -> Result<Vec<u64>> {
+    let path = sidecar(ds, ".index");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::shard(
+            &path,
+            "missing: every .ds needs its .ds.index of document ends (re-run the tokenize command)",
+        )),
+        Err(e) => return Err(e).at(&path),
+    };
+    if bytes.len() % 8 != 0 {
+        return Err(Error::shard(
+            &path,
+            format!(
+                "size {} bytes is not a whole number of uint64 document ends (truncated?)",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// Validates the index against the token count; returns the document ends.
+fn check_index(ds: &Path, num_tokens: u64) -> Result<Vec<u64>> {
+    let ends = read_index(ds)?;
+    let path = sidecar(ds, ".index");
+    let mut prev = 0;
+    for (i, &end) in ends.iter().enumerate() {
+        if end < prev {
+            return Err(Error::shard(
+                &path,
+                format!("document ends go backwards at entry {i} ({end} after {prev}): not an index of this format"),
+            ));
+        }
+        prev = end;
+    }
+    if prev != num_tokens {
+        return Err(Error::shard(
+            &path,
+            format!(
+                "the last document ends at token {prev} but {} holds {num_tokens} tokens (truncated .ds or an index of another file)",
+                ds.display()
+            ),
+        ));
+    }
+    Ok(ends)
+}
+
+/// All `.ds` files of a folder, read as one sequence of `seq_len + 1`-token samples.
+#[derive(Debug)]
+pub struct ShardFolder {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+}
+
+impl ShardFolder {
+    /// Opens every `*.ds` file under `dir` (recursively, in path order). Shards whose metadata
+    /// names no token size are read with `default_size`.
+    pub fn open(dir: &Path, default_size: TokenSize) -> Result<ShardFolder> {
+        let mut files = Vec::new();
+        collect_ds(dir, &mut files)?;
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::shard(
+                dir,
+                "no .ds files found (expected a folder written by the tokenize command)",
+            ));
+        }
+        let shards = files
+            .iter()
+            .map(|f| Shard::open(f, default_size))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ShardFolder {
+            dir: dir.to_owned(),
+            shards,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    pub fn num_tokens(&self) -> u64 {
+        self.shards.iter().map(Shard::num_tokens).sum()
+    }
+
+    /// Number of `seq_len + 1`-token samples across all files.
+    pub fn num_samples(&self, seq_len: usize) -> u64 {
+        self.shards.iter().map(|s| s.num_samples(seq_len)).sum()
+    }
+
+    /// Copies sample `index` (its `seq_len + 1` tokens) into `out`, whose length sets `seq_len + 1`.
+    pub fn read_sample(&self, index: u64, out: &mut [i64]) -> Result<()> {
+        let window = out.len() as u64;
+        let seq_len = out.len().saturating_sub(1);
+        let mut rest = index;
+        for shard in &self.shards {
+            let n = shard.num_samples(seq_len);
+            if rest < n {
+                return shard.read_tokens(rest * window, out);
+            }
+            rest -= n;
+        }
+        Err(Error::shard(
+            &self.dir,
+            format!(
+                "sample {index} asked for, but the folder holds {} samples of {window} tokens",
+                self.num_samples(seq_len)
+            ),
+        ))
+    }
+}
+
+fn collect_ds(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).at(dir)?;
+    for entry in entries {
+        let path = entry.at(dir)?.path();
+        if path.is_dir() {
+            collect_ds(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "ds") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, size: TokenSize, docs: &[Vec<u32>]) -> PathBuf {
+        let path = dir.join(name);
+        let mut w = ShardWriter::create(&path, size, "test-tok").unwrap();
+        for d in docs {
+            w.write_document(d).unwrap();
+        }
+        w.finish().unwrap();
+        path
+    }
+
+    fn docs() -> Vec<Vec<u32>> {
+        vec![vec![5, 6, 7, 0], vec![9, 0], (1..=20).chain([0]).collect()]
+    }
+
+    #[test]
+    fn round_trip_u16_and_u32() {
+        let dir = tempfile::tempdir().unwrap();
+        for (size, big) in [(TokenSize::U16, 65_535u32), (TokenSize::U32, 100_000u32)] {
+            let mut docs = docs();
+            docs.push(vec![big, 0]);
+            let path = write(dir.path(), &format!("x{}.ds", size.bytes()), size, &docs);
+            // Opened with the wrong default: the metadata's token size wins.
+            let other = if size == TokenSize::U16 {
+                TokenSize::U32
+            } else {
+                TokenSize::U16
+            };
+            let shard = Shard::open(&path, other).unwrap();
+            assert_eq!(shard.token_size(), size);
+            assert_eq!(shard.num_documents(), docs.len() as u64);
+            assert_eq!(shard.tokenizer_name(), Some("test-tok"));
+            for (i, d) in docs.iter().enumerate() {
+                let back: Vec<u32> = shard
+                    .document(i as u64)
+                    .unwrap()
+                    .iter()
+                    .map(|&t| t as u32)
+                    .collect();
+                assert_eq!(&back, d);
+            }
+        }
+    }
+
+    #[test]
+    fn file_layout_is_datatrove() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "a.ds",
+            TokenSize::U16,
+            &[vec![1, 2, 0], vec![258, 0]],
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            [1, 0, 2, 0, 0, 0, 2, 1, 0, 0]
+        );
+        let index = std::fs::read(sidecar(&path, ".index")).unwrap();
+        assert_eq!(index, [3u64.to_le_bytes(), 5u64.to_le_bytes()].concat());
+        let meta = std::fs::read_to_string(sidecar(&path, ".metadata")).unwrap();
+        assert_eq!(
+            meta.lines().take(2).collect::<Vec<_>>(),
+            ["test-tok|2", "5"]
+        );
+    }
+
+    #[test]
+    fn folder_samples_are_windows_of_seq_len_plus_one() {
+        let dir = tempfile::tempdir().unwrap();
+        // 25 tokens and 11 tokens; with seq_len 4 (windows of 5): 5 + 2 samples.
+        write(dir.path(), "a.ds", TokenSize::U16, &[(100..125).collect()]);
+        write(dir.path(), "b.ds", TokenSize::U16, &[(200..211).collect()]);
+        let folder = ShardFolder::open(dir.path(), TokenSize::U16).unwrap();
+        assert_eq!(folder.num_samples(4), 7);
+        let mut out = [0i64; 5];
+        folder.read_sample(4, &mut out).unwrap();
+        assert_eq!(out, [120, 121, 122, 123, 124]);
+        folder.read_sample(6, &mut out).unwrap();
+        assert_eq!(out, [205, 206, 207, 208, 209]);
+        let err = folder.read_sample(7, &mut out).unwrap_err().to_string();
+        assert!(
+            err.contains("sample 7") && err.contains("7 samples"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn truncated_ds_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "t.ds", TokenSize::U16, &docs());
+        let len = std::fs::metadata(&path).unwrap().len();
+        // Odd length: not a whole token.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 1).unwrap();
+        let err = Shard::open(&path, TokenSize::U16).unwrap_err().to_string();
+        assert!(
+            err.contains("t.ds") && err.contains("not a whole number"),
+            "{err}"
+        );
+        // Whole tokens missing, metadata removed: the index catches it.
+        f.set_len(len - 4).unwrap();
+        std::fs::remove_file(sidecar(&path, ".metadata")).unwrap();
+        let err = Shard::open(&path, TokenSize::U16).unwrap_err().to_string();
+        assert!(
+            err.contains("t.ds.index") && err.contains("truncated"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn wrong_index_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "w.ds", TokenSize::U16, &docs());
+        let index = sidecar(&path, ".index");
+        // An index from another file: ends that do not reach the token count.
+        std::fs::write(&index, [2u64.to_le_bytes(), 4u64.to_le_bytes()].concat()).unwrap();
+        let err = Shard::open(&path, TokenSize::U16).unwrap_err().to_string();
+        assert!(
+            err.contains("w.ds.index") && err.contains("last document ends at token 4"),
+            "{err}"
+        );
+        // Ends going backwards.
+        std::fs::write(&index, [9u64.to_le_bytes(), 4u64.to_le_bytes()].concat()).unwrap();
+        let err = Shard::open(&path, TokenSize::U16).unwrap_err().to_string();
+        assert!(err.contains("backwards"), "{err}");
+        // Not a whole number of uint64.
+        std::fs::write(&index, [1u8, 2, 3]).unwrap();
+        let err = Shard::open(&path, TokenSize::U16).unwrap_err().to_string();
+        assert!(err.contains("not a whole number of uint64"), "{err}");
+        // Missing.
+        std::fs::remove_file(&index).unwrap();
+        let err = Shard::open(&path, TokenSize::U16).unwrap_err().to_string();
+        assert!(err.contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn token_too_large_for_u16_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::create(&dir.path().join("big.ds"), TokenSize::U16, "t").unwrap();
+        let err = w.write_document(&[70_000]).unwrap_err().to_string();
+        assert!(err.contains("70000") && err.contains("4-byte"), "{err}");
+    }
+
+    #[test]
+    fn empty_folder_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = ShardFolder::open(dir.path(), TokenSize::U16)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no .ds files"), "{err}");
+    }
+}

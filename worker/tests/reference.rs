@@ -1,0 +1,257 @@
+//! Numerical checks against PyTorch and transformers (the project's venv python; `make setup`
+//! installs it and `make test` points STAGECOACH_PYTHON at it).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use stagecoach_worker::hf;
+use stagecoach_worker::model::{Llama, ModelConfig};
+use stagecoach_worker::optim::{AdamW, AdamWConfig};
+use stagecoach_worker::schedule::{DecayShape, Wsd};
+use tch::nn::{Init, VarStore};
+use tch::{Device, Kind, Tensor};
+
+fn python() -> PathBuf {
+    let p = std::env::var_os("STAGECOACH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+    assert!(
+        p.exists(),
+        "no reference python at {} (run `make setup`, or set STAGECOACH_PYTHON)",
+        p.display()
+    );
+    p
+}
+
+fn reference(args: &[&Path]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python/reference.py");
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "reference.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn tokens(vocab: i64, path: &Path) -> Tensor {
+    tch::manual_seed(123);
+    let ids = Tensor::randint(vocab, [2, 24], (Kind::Int64, Device::Cpu));
+    hf::write_safetensors(path, &[("input_ids".into(), ids.shallow_clone())]).unwrap();
+    ids
+}
+
+fn read(path: &Path, name: &str) -> Tensor {
+    Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap()
+        .1
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Our random model, saved as a transformers folder, loaded by transformers: same logits.
+fn ours_to_transformers(preset: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig::preset(preset).unwrap();
+    tch::manual_seed(7);
+    let vs = VarStore::new(Device::Cpu);
+    let model = Llama::new(&vs, cfg.clone()).unwrap();
+    // Non-trivial RMSNorm gains, so their names and use are checked too.
+    tch::no_grad(|| {
+        for (name, mut t) in vs.variables() {
+            if name.ends_with("norm.weight") {
+                let _ = t.uniform_(0.5, 1.5);
+            }
+        }
+    });
+    let model_dir = dir.path().join("model");
+    hf::save(&vs, &cfg, &model_dir).unwrap();
+    let (inputs, out) = (
+        dir.path().join("inputs.safetensors"),
+        dir.path().join("logits.safetensors"),
+    );
+    let ids = tokens(cfg.vocab_size, &inputs);
+    reference(&[Path::new("hf-logits"), &model_dir, &inputs, &out]);
+    let ours = tch::no_grad(|| model.forward(&ids).unwrap());
+    let err = max_abs(&ours, &read(&out, "logits"));
+    println!("{preset}: ours -> transformers, max |logit difference| = {err:.3e}");
+    assert!(err <= 1e-4, "{preset}: max abs logit error {err}");
+}
+
+/// A random transformers model, saved by save_pretrained, loaded by us: same logits.
+fn transformers_to_ours(preset: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig::preset(preset).unwrap();
+    let cfg_path = dir.path().join("llama_config.json");
+    std::fs::write(&cfg_path, hf::config_json(&cfg, Kind::Float).to_string()).unwrap();
+    let model_dir = dir.path().join("model");
+    let (inputs, out) = (
+        dir.path().join("inputs.safetensors"),
+        dir.path().join("logits.safetensors"),
+    );
+    let ids = tokens(cfg.vocab_size, &inputs);
+    reference(&[Path::new("hf-init"), &cfg_path, &model_dir, &inputs, &out]);
+    let loaded_cfg = hf::read_config(&model_dir.join("config.json")).unwrap();
+    assert_eq!(loaded_cfg.hidden_size, cfg.hidden_size);
+    assert_eq!(loaded_cfg.num_key_value_heads, cfg.num_key_value_heads);
+    let mut vs = VarStore::new(Device::Cpu);
+    let model = Llama::new(&vs, loaded_cfg).unwrap();
+    hf::load(&mut vs, &model_dir).unwrap();
+    let ours = tch::no_grad(|| model.forward(&ids).unwrap());
+    let err = max_abs(&ours, &read(&out, "logits"));
+    println!("{preset}: transformers -> ours, max |logit difference| = {err:.3e}");
+    assert!(err <= 1e-4, "{preset}: max abs logit error {err}");
+}
+
+#[test]
+fn logits_match_transformers_micro_gqa_both_directions() {
+    let cfg = ModelConfig::preset("micro").unwrap();
+    assert!(
+        cfg.num_key_value_heads < cfg.num_attention_heads,
+        "micro must exercise GQA"
+    );
+    ours_to_transformers("micro");
+    transformers_to_ours("micro");
+}
+
+#[test]
+fn logits_match_transformers_smollm2_135m_both_directions() {
+    ours_to_transformers("smollm2-135m");
+    transformers_to_ours("smollm2-135m");
+}
+
+/// AdamW + WSD + global-norm clipping over several steps equals torch.optim.AdamW +
+/// clip_grad_norm_ given the same gradients and learning rates.
+#[test]
+fn adamw_wsd_clipping_matches_torch() {
+    let dir = tempfile::tempdir().unwrap();
+    let shapes: [(&str, &[i64]); 4] = [
+        ("a.weight", &[16, 8]),
+        ("b.weight", &[8, 8]),
+        ("b.norm.weight", &[8]),
+        ("c.weight", &[3, 5, 4]),
+    ];
+    tch::manual_seed(11);
+    let vs = VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let params: Vec<(String, Tensor)> = shapes
+        .iter()
+        .map(|(n, s)| {
+            let (path, leaf) = n.rsplit_once('.').unwrap();
+            let p = path.split('.').fold(root.clone(), |p, c| p / c);
+            (
+                n.to_string(),
+                p.var(
+                    leaf,
+                    s,
+                    Init::Randn {
+                        mean: 0.0,
+                        stdev: 0.5,
+                    },
+                ),
+            )
+        })
+        .collect();
+    let schedule = Wsd {
+        peak_lr: 1e-2,
+        warmup_steps: 2,
+        total_steps: 6,
+        decay_steps: 2,
+        decay: DecayShape::OneMinusSqrt,
+        min_lr: 1e-3,
+    };
+    let config = AdamWConfig {
+        betas: (0.9, 0.95),
+        eps: 1e-8,
+        weight_decay: 0.1,
+        grad_clip: 1.0,
+    };
+    let lrs: Vec<f64> = (0..6).map(|s| schedule.lr(s)).collect();
+    let mut inputs: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(n, p)| (format!("param.{n}"), p.detach().copy()))
+        .collect();
+    // Gradient scales alternate so that clipping is active on some steps and not on others.
+    let scales = [0.05, 3.0, 0.02, 5.0, 0.1, 2.0];
+    let grads: Vec<Vec<Tensor>> = scales
+        .iter()
+        .map(|s| {
+            params
+                .iter()
+                .map(|(_, p)| Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * *s)
+                .collect()
+        })
+        .collect();
+    for (step, gs) in grads.iter().enumerate() {
+        for ((n, _), g) in params.iter().zip(gs) {
+            inputs.push((format!("grad.{step}.{n}"), g.copy()));
+        }
+    }
+    inputs.push(("lrs".into(), Tensor::from_slice(&lrs)));
+    let hp = [
+        config.betas.0,
+        config.betas.1,
+        config.eps,
+        config.weight_decay,
+        config.grad_clip,
+    ];
+    inputs.push(("hparams".into(), Tensor::from_slice(&hp)));
+    let (in_path, out_path) = (
+        dir.path().join("adamw_in.safetensors"),
+        dir.path().join("adamw_out.safetensors"),
+    );
+    hf::write_safetensors(&in_path, &inputs).unwrap();
+    reference(&[Path::new("adamw"), &in_path, &out_path]);
+
+    let mut opt = AdamW::new(&vs, config).unwrap();
+    let mut norms = Vec::new();
+    for (step, gs) in grads.iter().enumerate() {
+        // d/dp sum(p * g) = g exactly: the gradients are the reference's.
+        let loss = params
+            .iter()
+            .zip(gs)
+            .map(|((_, p), g)| (p * g).sum(Kind::Float))
+            .fold(Tensor::from(0f32), |a, b| a + b);
+        loss.backward();
+        norms.push(opt.clip_grad_norm());
+        opt.step(schedule.lr(step as u64));
+        opt.zero_grad();
+    }
+    let reference_norms: Vec<f64> = Vec::try_from(read(&out_path, "grad_norms")).unwrap();
+    for (ours, theirs) in norms.iter().zip(&reference_norms) {
+        assert!(
+            (ours - theirs).abs() <= 1e-6 * theirs,
+            "grad norm {ours} vs {theirs}"
+        );
+    }
+    assert!(
+        norms.iter().any(|&n| n > 1.0) && norms.iter().any(|&n| n < 1.0),
+        "clipping both on and off: {norms:?}"
+    );
+    let mut worst: f64 = 0.0;
+    for p in opt.params() {
+        for (what, ours) in [
+            ("param", &p.param),
+            ("exp_avg", &p.exp_avg),
+            ("exp_avg_sq", &p.exp_avg_sq),
+        ] {
+            let theirs = read(&out_path, &format!("{what}.{}", p.name));
+            let rel = max_abs(&ours.detach(), &theirs) / theirs.abs().max().double_value(&[]);
+            worst = worst.max(rel);
+            assert!(rel <= 1e-6, "{what}.{}: relative error {rel:e}", p.name);
+        }
+    }
+    println!(
+        "AdamW over {} steps: worst relative error {worst:.3e}; grad norms {norms:?}",
+        lrs.len()
+    );
+}
