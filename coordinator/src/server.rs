@@ -1,0 +1,142 @@
+//! The coordinator's state and its `Control` gRPC service.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use stagecoach_proto::v1::control_server::{Control, ControlServer};
+use stagecoach_proto::v1::{GetStatusRequest, GetStatusResponse, JobState};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::Error;
+
+/// What the coordinator knows about itself and its job. Shared by every RPC handler.
+#[derive(Debug)]
+pub struct Coordinator {
+    job: String,
+    started: Instant,
+    /// The current job state; a watch so that later streaming RPCs can follow changes.
+    state: watch::Sender<JobState>,
+}
+
+impl Coordinator {
+    /// A coordinator for `job`, started now, waiting for workers.
+    pub fn new(job: impl Into<String>) -> Self {
+        Self {
+            job: job.into(),
+            started: Instant::now(),
+            state: watch::Sender::new(JobState::Waiting),
+        }
+    }
+
+    pub fn job(&self) -> &str {
+        &self.job
+    }
+
+    pub fn state(&self) -> JobState {
+        *self.state.borrow()
+    }
+
+    pub fn set_state(&self, state: JobState) {
+        self.state.send_replace(state);
+    }
+
+    /// Whole seconds since the coordinator was created.
+    pub fn uptime_seconds(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+}
+
+#[tonic::async_trait]
+impl Control for Coordinator {
+    async fn get_status(
+        &self,
+        _request: Request<GetStatusRequest>,
+    ) -> Result<Response<GetStatusResponse>, Status> {
+        Ok(Response::new(GetStatusResponse {
+            job: self.job.clone(),
+            state: self.state().into(),
+            coordinator_version: crate::VERSION.to_owned(),
+            uptime_seconds: self.uptime_seconds(),
+        }))
+    }
+}
+
+/// Serves the coordinator's gRPC services on `listener` until `shutdown` resolves, then stops
+/// accepting connections and returns once the open ones have finished.
+///
+/// The caller binds the listener, so it can bind port 0 and read the port back first.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<Coordinator>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let addr = listener.local_addr()?;
+    info!(%addr, job = %state.job(), "coordinator serving");
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .add_service(ControlServer::from_arc(state))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    info!("coordinator stopped");
+    Ok(())
+}
+
+/// A future that resolves on the first Ctrl-C (SIGINT) or SIGTERM.
+///
+/// The signal handlers are installed by this call, not when the future is first polled, so a
+/// signal that arrives right after start-up is not lost. Must be called inside a tokio runtime.
+#[cfg(unix)]
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => info!("interrupted; shutting down"),
+            _ = terminate.recv() => info!("SIGTERM received; shutting down"),
+        }
+    })
+}
+
+/// A future that resolves on the first Ctrl-C.
+#[cfg(not(unix))]
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    Ok(async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // Without a handler nothing can ask us to stop; never resolve rather than stop now.
+            std::future::pending::<()>().await;
+        }
+        info!("interrupted; shutting down");
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn get_status_reports_job_state_version_and_uptime() {
+        let coordinator = Coordinator::new("llama");
+        tokio::time::advance(Duration::from_secs(90)).await;
+        coordinator.set_state(JobState::Running);
+
+        let status = coordinator
+            .get_status(Request::new(GetStatusRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+
+        assert_eq!(status.job, "llama");
+        assert_eq!(status.state(), JobState::Running);
+        assert_eq!(status.coordinator_version, crate::VERSION);
+        assert_eq!(status.uptime_seconds, 90);
+    }
+}
