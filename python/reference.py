@@ -9,6 +9,8 @@ python, and compare what comes back with their own results.
                                       build a randomly initialised LlamaForCausalLM from CONFIG_JSON,
                                       save it to MODEL_DIR (save_pretrained) and its logits to OUT
   adamw INPUTS OUT                    torch.optim.AdamW + clip_grad_norm_ over the steps in INPUTS
+  train-tokenizer TEXT OUT_JSON       train a small byte-level BPE tokenizer.json on TEXT (HF tokenizers)
+  encode TOKENIZER_JSON JSONL OUT     token ids of each line's "text", each followed by <|endoftext|>
 """
 
 import json
@@ -77,7 +79,33 @@ def adamw(inputs_path, out_path):
     save_file(out, out_path)
 
 
+def train_tokenizer(text_path, out_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([text_path], trainer)
+    tok.save(out_path)
+
+
+def encode(tokenizer_path, jsonl_path, out_path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_path)
+    eos = tok.token_to_id("<|endoftext|>")
+    ids = []
+    with open(jsonl_path) as f:
+        for line in f:
+            ids += tok.encode(json.loads(line)["text"], add_special_tokens=False).ids + [eos]
+    save_file({"ids": torch.tensor(ids, dtype=torch.int64)}, out_path)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"hf-logits": hf_logits, "hf-init": hf_init, "adamw": adamw}[cmd](*args)
+    commands = {"hf-logits": hf_logits, "hf-init": hf_init, "adamw": adamw,
+                "train-tokenizer": train_tokenizer, "encode": encode}
+    commands[cmd](*args)

@@ -255,3 +255,37 @@ fn adamw_wsd_clipping_matches_torch() {
         lrs.len()
     );
 }
+
+/// `stagecoach-worker tokenize --tokenizer tokenizer.json` writes the ids HF tokenizers gives.
+#[test]
+fn tokenize_with_tokenizer_json_matches_hf_tokenizers() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = stagecoach_worker::corpus::generate(stagecoach_worker::corpus::Domain::Code, 3, 40);
+    let text = dir.path().join("train.txt");
+    std::fs::write(&text, docs.join("\n")).unwrap();
+    let tokenizer = dir.path().join("tokenizer.json");
+    reference(&[Path::new("train-tokenizer"), &text, &tokenizer]);
+    let jsonl = dir.path().join("docs.jsonl");
+    let lines: Vec<String> = docs.iter().map(|d| serde_json::json!({ "text": d }).to_string()).collect();
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let ids_path = dir.path().join("ids.safetensors");
+    reference(&[Path::new("encode"), &tokenizer, &jsonl, &ids_path]);
+    let theirs: Vec<i64> = Vec::try_from(read(&ids_path, "ids")).unwrap();
+
+    let out = dir.path().join("shards");
+    let status = Command::new(env!("CARGO_BIN_EXE_stagecoach-worker"))
+        .args(["tokenize", "--no-shuffle", "--tokenizer"])
+        .arg(&tokenizer)
+        .arg("--output")
+        .arg(&out)
+        .arg(&jsonl)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let folder = stagecoach_worker::shards::ShardFolder::open(&out, stagecoach_worker::shards::TokenSize::U16).unwrap();
+    let shard = &folder.shards()[0];
+    assert_eq!(shard.num_documents(), docs.len() as u64);
+    let ours: Vec<i64> = (0..shard.num_documents()).flat_map(|d| shard.document(d).unwrap()).collect();
+    assert!(ours.len() < text.metadata().unwrap().len() as usize, "BPE should compress");
+    assert_eq!(ours, theirs);
+}
