@@ -165,7 +165,7 @@ impl TrainConfig {
         }
         let mut names = std::collections::HashSet::new();
         for s in &d.sources {
-            if !(s.weight >= 0.0) || !s.weight.is_finite() {
+            if !s.weight.is_finite() || s.weight < 0.0 {
                 return bad(format!(
                     "[data] source {:?}: weight must be a non-negative number, got {}",
                     s.name, s.weight

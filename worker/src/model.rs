@@ -122,7 +122,10 @@ impl ModelConfig {
                 self.head_dim
             )));
         }
-        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps > 0.0) || !(self.init_std > 0.0) {
+        if [self.rope_theta, self.rms_norm_eps, self.init_std]
+            .iter()
+            .any(|v| v.is_nan() || *v <= 0.0)
+        {
             return Err(Error::Config(
                 "rope_theta, rms_norm_eps and init_std must be positive".into(),
             ));
@@ -258,12 +261,13 @@ impl Llama {
         let (cos, sin) = self.rope_tables(seq, x.device(), x.kind());
         for layer in &self.layers {
             let h = self.rms_norm(&x, &layer.input_layernorm);
-            x = x + self.attention(&layer.self_attn, &h, &cos, &sin)?;
+            // Out of place: `x` is saved for the backward pass of the norm that read it.
+            x = x.f_add(&self.attention(&layer.self_attn, &h, &cos, &sin)?)?;
             let h = self.rms_norm(&x, &layer.post_attention_layernorm);
             let mlp = &layer.mlp;
             let act = h.linear::<Tensor>(&mlp.gate_proj, None).silu()
                 * h.linear::<Tensor>(&mlp.up_proj, None);
-            x = x + act.linear::<Tensor>(&mlp.down_proj, None);
+            x = x.f_add(&act.linear::<Tensor>(&mlp.down_proj, None))?;
         }
         let x = self.rms_norm(&x, &self.norm);
         Ok(x.linear::<Tensor>(&self.embed_tokens, None))

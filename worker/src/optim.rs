@@ -60,7 +60,12 @@ impl AdamWConfig {
                 "betas must lie in [0, 1), got ({b1}, {b2})"
             )));
         }
-        if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) {
+        if self.eps.is_nan()
+            || self.eps <= 0.0
+            || [self.weight_decay, self.grad_clip]
+                .iter()
+                .any(|v| v.is_nan() || *v < 0.0)
+        {
             return Err(Error::Config(
                 "eps must be positive; weight_decay and grad_clip non-negative".into(),
             ));

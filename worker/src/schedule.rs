@@ -40,7 +40,7 @@ fn linear() -> DecayShape {
 
 impl Wsd {
     pub fn validate(&self) -> Result<()> {
-        if !(self.peak_lr > 0.0) {
+        if self.peak_lr.is_nan() || self.peak_lr <= 0.0 {
             return Err(Error::Config(format!(
                 "peak_lr must be positive, got {}",
                 self.peak_lr

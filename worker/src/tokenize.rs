@@ -352,7 +352,7 @@ mod tests {
             shuffle: true,
         };
         let tok = TextTokenizer::Bytes;
-        let files = input_files(&[input.clone()]).unwrap();
+        let files = input_files(std::slice::from_ref(&input)).unwrap();
         let written = write_shards(
             read_documents(files, "text".into()),
             &tok,

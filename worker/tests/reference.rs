@@ -266,7 +266,10 @@ fn tokenize_with_tokenizer_json_matches_hf_tokenizers() {
     let tokenizer = dir.path().join("tokenizer.json");
     reference(&[Path::new("train-tokenizer"), &text, &tokenizer]);
     let jsonl = dir.path().join("docs.jsonl");
-    let lines: Vec<String> = docs.iter().map(|d| serde_json::json!({ "text": d }).to_string()).collect();
+    let lines: Vec<String> = docs
+        .iter()
+        .map(|d| serde_json::json!({ "text": d }).to_string())
+        .collect();
     std::fs::write(&jsonl, lines.join("\n")).unwrap();
     let ids_path = dir.path().join("ids.safetensors");
     reference(&[Path::new("encode"), &tokenizer, &jsonl, &ids_path]);
@@ -281,11 +284,24 @@ fn tokenize_with_tokenizer_json_matches_hf_tokenizers() {
         .arg(&jsonl)
         .output()
         .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    let folder = stagecoach_worker::shards::ShardFolder::open(&out, stagecoach_worker::shards::TokenSize::U16).unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let folder = stagecoach_worker::shards::ShardFolder::open(
+        &out,
+        stagecoach_worker::shards::TokenSize::U16,
+    )
+    .unwrap();
     let shard = &folder.shards()[0];
     assert_eq!(shard.num_documents(), docs.len() as u64);
-    let ours: Vec<i64> = (0..shard.num_documents()).flat_map(|d| shard.document(d).unwrap()).collect();
-    assert!(ours.len() < text.metadata().unwrap().len() as usize, "BPE should compress");
+    let ours: Vec<i64> = (0..shard.num_documents())
+        .flat_map(|d| shard.document(d).unwrap())
+        .collect();
+    assert!(
+        ours.len() < text.metadata().unwrap().len() as usize,
+        "BPE should compress"
+    );
     assert_eq!(ours, theirs);
 }
