@@ -10,16 +10,26 @@ export STAGECOACH_PYTHON := $(VENV)/bin/python
 BIN     := target/debug
 DEMO    := runs/demo
 
-.PHONY: setup build demo test lint fmt bench-cpu clean-demo
+.PHONY: setup build demo demo-single test lint fmt bench-cpu clean-demo
+
+# Debian packages the tests start for real (package:binary).
+SERVICES := etcd-server:etcd
 
 setup:
-	@scripts/setup.sh
+	@scripts/setup.sh $(SERVICES)
 
 build: setup
 	$(CARGO) build --workspace --bins
 
-## The demo job: the synthetic corpus, then the tiny preset trained on its three-domain mixture.
+## The demo job: the synthetic corpus, then a coordinator and two workers training the tiny
+## preset data-parallel on its three-domain mixture (state in runs/demo/state).
 demo: build
+	@mkdir -p $(DEMO)
+	@[ -d $(DEMO)/data ] || $(BIN)/stagecoach-worker demo-corpus --output $(DEMO)/data
+	@scripts/demo.sh $(BIN) $(DEMO)
+
+## One worker alone, no coordinator.
+demo-single: build
 	@mkdir -p $(DEMO)
 	@[ -d $(DEMO)/data ] || $(BIN)/stagecoach-worker demo-corpus --output $(DEMO)/data
 	$(BIN)/stagecoach-worker train --config examples/single-worker.toml --metrics-out $(DEMO)/metrics.jsonl --save $(DEMO)/model
@@ -27,7 +37,9 @@ demo: build
 clean-demo:
 	rm -rf $(DEMO)
 
+# The end-to-end tests start the binaries, so they are built first.
 test: setup
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
 lint: setup
@@ -41,3 +53,10 @@ fmt:
 bench-cpu: setup
 	$(CARGO) build --release -p stagecoach-worker --bins
 	$(VENV)/bin/python bench/cpu.py --worker target/release/stagecoach-worker
+
+## All-reduce bandwidth of the CPU collective (TCP ring on loopback, 2 and 4 ranks) next to memcpy.
+## `make bench-allreduce MACHINE="8-core workstation"` names the machine in the results.
+.PHONY: bench-allreduce
+bench-allreduce: setup
+	$(CARGO) build --release -p stagecoach-worker --bin bench_allreduce
+	target/release/bench_allreduce --output bench/results/allreduce-cpu.md $(if $(MACHINE),--machine "$(MACHINE)")

@@ -39,7 +39,7 @@ warmup_steps = 5
 [data]
 seq_len = {SEQ}
 micro_batch_size = {MB}
-grad_accum = {ACCUM}
+global_batch = {MB * ACCUM}
 sources = [{{ name = "prose", path = "{data}/prose/train", weight = 0.5 }},
            {{ name = "code", path = "{data}/code/train", weight = 0.5 }}]
 [train]

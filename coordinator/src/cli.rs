@@ -93,6 +93,14 @@ struct StatusReport<'a> {
     state: String,
     version: &'a str,
     uptime_seconds: u64,
+    generation: u64,
+    step: u64,
+    total_steps: u64,
+    /// `null` before the first committed step.
+    loss: Option<f64>,
+    workers_alive: u32,
+    world_size: u32,
+    detail: &'a str,
 }
 
 pub fn render_status(status: &GetStatusResponse, json: bool) -> String {
@@ -101,17 +109,39 @@ pub fn render_status(status: &GetStatusResponse, json: bool) -> String {
         state: state_name(status.state),
         version: &status.coordinator_version,
         uptime_seconds: status.uptime_seconds,
+        generation: status.generation,
+        step: status.step,
+        total_steps: status.total_steps,
+        loss: status.loss.is_finite().then_some(status.loss),
+        workers_alive: status.workers_alive,
+        world_size: status.world_size,
+        detail: &status.detail,
     };
     if json {
         return serde_json::to_string(&report).expect("strings and integers serialize");
     }
-    format!(
+    let mut text = format!(
         "job:      {}\nstate:    {}\nversion:  {}\nuptime:   {}",
         report.job,
         report.state,
         report.version,
         format_uptime(report.uptime_seconds)
-    )
+    );
+    if report.total_steps > 0 {
+        let loss = report.loss.map_or("-".to_owned(), |l| format!("{l:.4}"));
+        text += &format!(
+            "\nstep:     {} / {}\nloss:     {loss}\nworkers:  {} alive, {} in generation {}",
+            report.step,
+            report.total_steps,
+            report.workers_alive,
+            report.world_size,
+            report.generation
+        );
+    }
+    if !report.detail.is_empty() {
+        text += &format!("\ndetail:   {}", report.detail);
+    }
+    text
 }
 
 /// `JOB_STATE_WAITING` → `waiting`; a value this CLI does not know → `unknown (7)`.
@@ -187,6 +217,7 @@ mod tests {
             state: JobState::Running.into(),
             coordinator_version: "0.1.0".into(),
             uptime_seconds: 65,
+            ..Default::default()
         };
         assert_eq!(
             render_status(&status, false),
@@ -196,8 +227,25 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({
-                "job": "llama", "state": "running", "version": "0.1.0", "uptime_seconds": 65
+                "job": "llama", "state": "running", "version": "0.1.0", "uptime_seconds": 65,
+                "generation": 0, "step": 0, "total_steps": 0, "loss": 0.0, "workers_alive": 0,
+                "world_size": 0, "detail": ""
             })
+        );
+        let training = GetStatusResponse {
+            step: 12,
+            total_steps: 100,
+            loss: 2.5,
+            workers_alive: 3,
+            world_size: 2,
+            generation: 4,
+            detail: "a worker is a spare".into(),
+            ..status
+        };
+        assert_eq!(
+            render_status(&training, false),
+            "job:      llama\nstate:    running\nversion:  0.1.0\nuptime:   1m 05s\nstep:     12 / 100\n\
+             loss:     2.5000\nworkers:  3 alive, 2 in generation 4\ndetail:   a worker is a spare"
         );
         assert_eq!(state_name(42), "unknown (42)");
     }

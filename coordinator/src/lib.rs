@@ -6,14 +6,28 @@
 //!   `Control` gRPC service, and [`serve`], which runs it on a listener until shut down.
 //! - [`cli`]: what the `stagecoach` CLI does (connect, query, render); the binary only parses
 //!   arguments.
+//! - [`driver`]: the job driver, one task owning membership, generations, the plan and the
+//!   step in flight; [`workers`]: the `Workers` gRPC service that feeds it.
+//! - [`spec`]: the job file and its wire form; [`plan`]: the deterministic sample plan;
+//!   [`schedule`]: the WSD learning-rate schedule.
 //! - [`error`]: the crate's [`Error`], and its mapping onto gRPC status codes.
+//! - [`store`]: durable state behind the [`store::StateStore`] trait (etcd, or an embedded
+//!   crash-safe log in a directory), opened from a URL, with the conformance suite both pass.
 //!
 //! The binaries in `src/bin/` are thin: `stagecoach-coordinator` (the server) and `stagecoach`
 //! (the user CLI).
 
 pub mod cli;
+pub mod driver;
 pub mod error;
+pub mod keys;
+pub mod ledger;
+pub mod plan;
+pub mod schedule;
 pub mod server;
+pub mod spec;
+pub mod store;
+pub mod workers;
 
 pub use error::Error;
 pub use server::{serve, shutdown_signal, Coordinator};

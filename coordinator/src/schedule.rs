@@ -2,24 +2,21 @@
 //! warmup to the peak, a long constant phase, then a decay (linear or `1 - sqrt`) to a floor
 //! over the last steps.
 
-use serde::{Deserialize, Serialize};
+use stagecoach_proto::v1;
 
-use crate::error::{Error, Result};
+use crate::spec::SpecError;
 
 /// The shape of the decay phase.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecayShape {
     /// `lr = floor + (peak - floor) * (1 - p)`, p the fraction of the decay done.
-    #[serde(rename = "linear")]
     Linear,
     /// `lr = floor + (peak - floor) * (1 - sqrt(p))` (Hägele et al., 2024).
-    #[serde(rename = "1-sqrt")]
     OneMinusSqrt,
 }
 
 /// A WSD schedule over `total_steps` optimizer steps.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Wsd {
     pub peak_lr: f64,
     pub warmup_steps: u64,
@@ -27,33 +24,49 @@ pub struct Wsd {
     pub total_steps: u64,
     /// Steps of the decay phase, which ends at the last step.
     pub decay_steps: u64,
-    #[serde(default = "linear")]
     pub decay: DecayShape,
     /// The learning rate the decay ends at.
-    #[serde(default)]
     pub min_lr: f64,
 }
 
-fn linear() -> DecayShape {
-    DecayShape::Linear
-}
-
 impl Wsd {
-    pub fn validate(&self) -> Result<()> {
+    /// The schedule of a job, from its wire form.
+    pub fn from_job(job: &v1::JobSpec) -> Result<Wsd, SpecError> {
+        let s = job
+            .schedule
+            .as_ref()
+            .ok_or_else(|| SpecError("the job has no schedule".into()))?;
+        let decay = match s.decay() {
+            v1::DecayShape::OneMinusSqrt => DecayShape::OneMinusSqrt,
+            _ => DecayShape::Linear,
+        };
+        let w = Wsd {
+            peak_lr: s.peak_lr,
+            warmup_steps: s.warmup_steps,
+            total_steps: job.total_steps,
+            decay_steps: s.decay_steps,
+            decay,
+            min_lr: s.min_lr,
+        };
+        w.validate()?;
+        Ok(w)
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
         if self.peak_lr.is_nan() || self.peak_lr <= 0.0 {
-            return Err(Error::Config(format!(
+            return Err(SpecError(format!(
                 "peak_lr must be positive, got {}",
                 self.peak_lr
             )));
         }
         if !(0.0..=self.peak_lr).contains(&self.min_lr) {
-            return Err(Error::Config(format!(
+            return Err(SpecError(format!(
                 "min_lr ({}) must lie in [0, peak_lr]",
                 self.min_lr
             )));
         }
         if self.warmup_steps + self.decay_steps > self.total_steps {
-            return Err(Error::Config(format!(
+            return Err(SpecError(format!(
                 "warmup_steps ({}) + decay_steps ({}) exceed total_steps ({}); shorten one of them",
                 self.warmup_steps, self.decay_steps, self.total_steps
             )));

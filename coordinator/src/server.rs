@@ -13,7 +13,9 @@ use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use crate::workers::WorkersService;
 use crate::Error;
+use stagecoach_proto::v1::workers_server::WorkersServer;
 
 /// What the coordinator knows about itself and its job. Shared by every RPC handler.
 #[derive(Debug)]
@@ -22,6 +24,15 @@ pub struct Coordinator {
     started: Instant,
     /// The current job state; a watch so that later streaming RPCs can follow changes.
     state: watch::Sender<JobState>,
+    /// The running job's driver, when this coordinator runs one.
+    driver: Option<DriverHandle>,
+}
+
+/// How the services reach a running [`Driver`](crate::driver::Driver).
+#[derive(Debug, Clone)]
+pub struct DriverHandle {
+    pub events: tokio::sync::mpsc::Sender<crate::driver::Event>,
+    pub snapshot: watch::Receiver<crate::driver::Snapshot>,
 }
 
 impl Coordinator {
@@ -31,6 +42,15 @@ impl Coordinator {
             job: job.into(),
             started: Instant::now(),
             state: watch::Sender::new(JobState::Waiting),
+            driver: None,
+        }
+    }
+
+    /// A coordinator whose status and worker services are backed by a running driver.
+    pub fn with_driver(job: impl Into<String>, driver: DriverHandle) -> Self {
+        Self {
+            driver: Some(driver),
+            ..Self::new(job)
         }
     }
 
@@ -46,6 +66,11 @@ impl Coordinator {
         self.state.send_replace(state);
     }
 
+    /// The driver's latest snapshot, when this coordinator runs a job.
+    pub fn driver_snapshot(&self) -> Option<crate::driver::Snapshot> {
+        self.driver.as_ref().map(|d| d.snapshot.borrow().clone())
+    }
+
     /// Whole seconds since the coordinator was created.
     pub fn uptime_seconds(&self) -> u64 {
         self.started.elapsed().as_secs()
@@ -58,12 +83,25 @@ impl Control for Coordinator {
         &self,
         _request: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
-        Ok(Response::new(GetStatusResponse {
+        let mut status = GetStatusResponse {
             job: self.job.clone(),
             state: self.state().into(),
             coordinator_version: crate::VERSION.to_owned(),
             uptime_seconds: self.uptime_seconds(),
-        }))
+            ..Default::default()
+        };
+        if let Some(d) = &self.driver {
+            let s = d.snapshot.borrow().clone();
+            status.state = s.state;
+            status.generation = s.generation;
+            status.step = s.step;
+            status.total_steps = s.total_steps;
+            status.loss = s.loss.unwrap_or(f64::NAN);
+            status.workers_alive = s.workers_alive;
+            status.world_size = s.world_size;
+            status.detail = s.detail;
+        }
+        Ok(Response::new(status))
     }
 }
 
@@ -79,8 +117,13 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     info!(%addr, job = %state.job(), "coordinator serving");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let workers = state
+        .driver
+        .as_ref()
+        .map(|d| WorkersServer::new(WorkersService::new(d.events.clone())));
     Server::builder()
         .add_service(ControlServer::from_arc(state))
+        .add_optional_service(workers)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     info!("coordinator stopped");

@@ -20,10 +20,31 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Starts a coordinator on an ephemeral port; returns it and its URL.
+/// A job file named `name` (the coordinator reads no data, so the paths need not exist), in a
+/// scratch folder that also holds the state directory.
+fn job_file(name: &str) -> Result<(tempfile::TempDir, std::path::PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("job.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[job]\nname = \"{name}\"\n[model]\npreset = \"micro\"\n[schedule]\npeak_lr = 1e-3\n\
+             [data]\nseq_len = 16\nglobal_batch = 2\nmicro_batch_size = 2\n\
+             sources = [{{ name = \"a\", path = \"a\", weight = 1.0 }}]\n[train]\nsteps = 5\n"
+        ),
+    )?;
+    Ok((dir, path))
+}
+
+/// Starts a coordinator running job `job` on an ephemeral port; returns it and its URL.
 fn start_coordinator(job: &str) -> Result<(KillOnDrop, String)> {
+    let (dir, path) = job_file(job)?;
+    let dir = dir.keep();
     let mut child = Command::new(COORDINATOR)
-        .args(["--listen", "127.0.0.1:0", "--job", job])
+        .args(["--listen", "127.0.0.1:0", "--job"])
+        .arg(&path)
+        .arg("--state")
+        .arg(dir.join("state"))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -34,6 +34,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A collective operation failed (a peer died or timed out, a rendezvous was refused).
+    #[error("collective: {0}")]
+    Collective(String),
+
     /// libtorch raised an error (bad shapes, out of memory...).
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

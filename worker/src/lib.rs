@@ -3,21 +3,23 @@
 //! Modules:
 //! - [`model`]: the Llama/SmolLM2 model and its presets;
 //! - [`hf`]: transformers interchange (`config.json` + safetensors with `LlamaForCausalLM` names);
-//! - [`optim`]: AdamW and gradient clipping; [`schedule`]: the WSD learning-rate schedule;
+//! - [`optim`]: AdamW and gradient clipping (the WSD schedule is the coordinator's `schedule`);
 //! - [`shards`]: datatrove `.ds` token shards; [`tokenize`]: text to shards;
-//!   [`corpus`]: the synthetic demo corpus; [`mixture`]: the sample order over weighted sources;
-//! - [`config`]: the training configuration file; [`train`]: the training loop;
+//!   [`corpus`]: the synthetic demo corpus;
+//! - [`job`]: from the coordinator's job spec to model, optimizer, schedule and data;
+//!   [`train`]: the training step and the standalone loop; [`collective`]: gradient all-reduce;
+//! - [`agent`]: the coordinator-driven worker (`join`): session, heartbeats, the trainer thread;
 //! - [`device`]: CPU/CUDA selection; [`error`]: the crate's error type.
 
-pub mod config;
+pub mod agent;
+pub mod collective;
 pub mod corpus;
 pub mod device;
 pub mod error;
 pub mod hf;
-pub mod mixture;
+pub mod job;
 pub mod model;
 pub mod optim;
-pub mod schedule;
 pub mod shards;
 pub mod tokenize;
 pub mod train;

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use stagecoach_coordinator::spec::JobFile;
 use stagecoach_worker::corpus::{self, Domain};
 use stagecoach_worker::shards::{ShardFolder, TokenSize};
 use stagecoach_worker::tokenize::{self, ShardOptions, TextTokenizer};
-use stagecoach_worker::{config::TrainConfig, hf, model, train};
+use stagecoach_worker::{hf, model, train};
 
 #[derive(Parser)]
 #[command(
@@ -23,9 +24,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a model alone on this machine from a configuration file.
+    /// Train a model alone on this machine from a job file, without a coordinator.
     Train {
-        /// The TOML configuration (see the `config` module documentation or examples/).
+        /// The job file (TOML; see examples/ and the coordinator's `spec` module).
         #[arg(long)]
         config: PathBuf,
         /// cpu, cuda or cuda:N (overrides [train].device).
@@ -40,6 +41,25 @@ enum Command {
         /// Save the final model as a transformers folder here.
         #[arg(long)]
         save: Option<PathBuf>,
+    },
+    /// Join a job: register with the coordinator and train what it sends until the job ends.
+    Join {
+        /// The coordinator's URL.
+        #[arg(
+            long,
+            env = "STAGECOACH_COORDINATOR",
+            default_value = "http://127.0.0.1:7070"
+        )]
+        coordinator: String,
+        /// Where to accept the collective's ring neighbour (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// cpu, cuda or cuda:N (overrides the job's device).
+        #[arg(long)]
+        device: Option<String>,
+        /// Write one JSON record per trained step (with its samples) to this file.
+        #[arg(long)]
+        metrics_out: Option<PathBuf>,
     },
     /// Tokenize jsonl files, text files or folders of them into datatrove token shards.
     Tokenize {
@@ -116,15 +136,14 @@ fn main() -> anyhow::Result<()> {
             metrics_out,
             save,
         } => {
-            let cfg = TrainConfig::load(&config)?;
+            let spec = JobFile::load(&config)?.to_proto();
             let opts = train::RunOptions {
                 device,
                 steps,
                 metrics_out,
                 save,
-                quiet: false,
             };
-            let summary = train::run(&cfg, &opts)?;
+            let summary = train::run_standalone(&spec, &opts)?;
             let (first, last) = (
                 &summary.steps[0],
                 summary.steps.last().expect("at least one step"),
@@ -146,6 +165,19 @@ fn main() -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
                     .join(" ")
             );
+        }
+        Command::Join {
+            coordinator,
+            listen,
+            device,
+            metrics_out,
+        } => {
+            stagecoach_worker::agent::join(stagecoach_worker::agent::JoinOptions {
+                coordinator,
+                listen,
+                device,
+                metrics_out,
+            })?;
         }
         Command::Tokenize {
             inputs,

@@ -33,7 +33,7 @@ decay_fraction = 0.2
 [data]
 seq_len = 128
 micro_batch_size = 8
-grad_accum = 2
+global_batch = 16
 seed = 5
 sources = [
   {{ name = "prose", path = "{d}/prose/train", weight = 0.5 }},

@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use stagecoach_coordinator::schedule::{DecayShape, Wsd};
 use stagecoach_worker::hf;
 use stagecoach_worker::model::{Llama, ModelConfig};
 use stagecoach_worker::optim::{AdamW, AdamWConfig};
-use stagecoach_worker::schedule::{DecayShape, Wsd};
 use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
 

@@ -6,7 +6,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use stagecoach_coordinator::driver::{Driver, Settings};
+use stagecoach_coordinator::ledger::StoreLedger;
+use stagecoach_coordinator::server::DriverHandle;
+use stagecoach_coordinator::spec::JobFile;
 use stagecoach_coordinator::{serve, shutdown_signal, Coordinator};
+use stagecoach_proto::v1::JobState;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
@@ -17,9 +23,12 @@ struct Args {
     /// Address to listen on; port 0 picks a free port (the chosen address is printed on stdout).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Name of the job this coordinator runs.
-    #[arg(long, value_name = "NAME", default_value = "stagecoach")]
-    job: String,
+    /// The job file to run (TOML). Without it the coordinator only answers status queries.
+    #[arg(long, value_name = "FILE")]
+    job: Option<std::path::PathBuf>,
+    /// Durable state: a directory (the embedded store) or etcd://host:port[/prefix].
+    #[arg(long, value_name = "URL", default_value = "runs/state")]
+    state: String,
 }
 
 #[tokio::main]
@@ -45,6 +54,72 @@ async fn main() -> anyhow::Result<()> {
     stdout.flush()?;
     drop(stdout);
 
-    serve(listener, Arc::new(Coordinator::new(args.job)), shutdown).await?;
-    Ok(())
+    let Some(job_path) = args.job else {
+        serve(listener, Arc::new(Coordinator::new("none")), shutdown).await?;
+        return Ok(());
+    };
+    let job = JobFile::load(&job_path)?;
+    let store = stagecoach_coordinator::store::open(&args.state).await?;
+    let ledger = StoreLedger::new(store, job.job.name.clone());
+    // Resume where the ledger ends.
+    let last = ledger.last().await?;
+    let (step, cursors) = match &last {
+        Some(l) => (l.step + 1, Some(l.cursors.clone())),
+        None => (0, None),
+    };
+    let w = &job.workers;
+    let settings = Settings {
+        min: w.min,
+        max: w.max,
+        lease: Duration::from_millis(w.lease_ms),
+        heartbeat: Duration::from_millis(w.heartbeat_ms),
+    };
+    let (driver, snapshot) =
+        Driver::new(job.to_proto(), settings, Box::new(ledger), step, cursors)?;
+    let (events, rx) = tokio::sync::mpsc::channel(1024);
+    let mut finished = snapshot.clone();
+    let coordinator = Arc::new(Coordinator::with_driver(
+        job.job.name.clone(),
+        DriverHandle { events, snapshot },
+    ));
+    let driver_task = tokio::spawn(driver.run(rx));
+    // Serve until a signal, or until the job is over (after a moment for workers to hear it).
+    let over = async move {
+        let _ = finished
+            .wait_for(|s| {
+                s.state == JobState::Finished as i32 || s.state == JobState::Failed as i32
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let outcome = finished_outcome(&coordinator);
+    serve(listener, coordinator.clone(), async move {
+        tokio::select! { _ = shutdown => {}, _ = over => {} }
+    })
+    .await?;
+    driver_task.abort();
+    outcome()
+}
+
+/// Exit status: success unless the job failed.
+fn finished_outcome(c: &Arc<Coordinator>) -> impl FnOnce() -> anyhow::Result<()> {
+    let c = c.clone();
+    move || match c.driver_snapshot() {
+        Some(s) if s.state == JobState::Failed as i32 => {
+            anyhow::bail!("the job failed: {}", s.detail)
+        }
+        Some(s) => {
+            // stdout may be closed by now (a supervisor that only read the address line).
+            let _ = writeln!(
+                std::io::stdout(),
+                "job ended at step {} of {}: loss {} ({})",
+                s.step,
+                s.total_steps,
+                s.loss.map_or("-".into(), |l| format!("{l:.4}")),
+                s.detail
+            );
+            Ok(())
+        }
+        None => Ok(()),
+    }
 }

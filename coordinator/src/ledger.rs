@@ -1,0 +1,71 @@
+//! The sample ledger: which samples of which source every committed step trained, in the state
+//! store. A step and the "last committed" pointer are written in one transaction, so a reader
+//! (or a restarted coordinator) never sees one without the other.
+
+use std::sync::Arc;
+
+use prost::Message;
+use stagecoach_proto::v1;
+
+use crate::driver::Ledger;
+use crate::keys;
+use crate::store::{Op, StateStore, StoreError};
+
+/// The ledger of one job in a state store.
+pub struct StoreLedger {
+    store: Arc<dyn StateStore>,
+    job: String,
+}
+
+impl StoreLedger {
+    pub fn new(store: Arc<dyn StateStore>, job: impl Into<String>) -> Self {
+        StoreLedger {
+            store,
+            job: job.into(),
+        }
+    }
+
+    /// The last committed step, if any.
+    pub async fn last(&self) -> Result<Option<v1::LedgerStep>, StoreError> {
+        let key = keys::ledger_last(&self.job);
+        let Some(v) = self.store.get(&key).await? else {
+            return Ok(None);
+        };
+        Ok(Some(decode(&key, &v.value)?))
+    }
+
+    /// Every committed step, in order.
+    pub async fn steps(&self) -> Result<Vec<v1::LedgerStep>, StoreError> {
+        let entries = self.store.range(&keys::ledger_steps(&self.job)).await?;
+        entries.iter().map(|(k, v)| decode(k, &v.value)).collect()
+    }
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<v1::LedgerStep, StoreError> {
+    v1::LedgerStep::decode(bytes).map_err(|e| StoreError::Corrupt {
+        path: key.into(),
+        reason: format!("the ledger entry does not decode: {e}"),
+    })
+}
+
+#[async_trait::async_trait]
+impl Ledger for StoreLedger {
+    async fn commit(&self, step: &v1::LedgerStep) -> Result<(), String> {
+        let value = step.encode_to_vec();
+        let ops = vec![
+            Op::Put {
+                key: keys::ledger_step(&self.job, step.step),
+                value: value.clone(),
+            },
+            Op::Put {
+                key: keys::ledger_last(&self.job),
+                value,
+            },
+        ];
+        match self.store.txn(vec![], ops).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("the ledger transaction was refused".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}

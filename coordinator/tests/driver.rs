@@ -1,0 +1,320 @@
+//! The job driver at the event level, on tokio's paused clock: world formation, step dispatch
+//! and commit, refusal of malformed or out-of-order messages (with no state change), and lease
+//! expiry ending a generation.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stagecoach_coordinator::driver::{Driver, DriverError, Event, Ledger, Settings, Snapshot};
+use stagecoach_coordinator::spec::JobFile;
+use stagecoach_proto::v1;
+use stagecoach_proto::v1::worker_message::Kind;
+use tokio::sync::{mpsc, oneshot, watch};
+
+const JOB: &str = r#"
+    [model]
+    preset = "micro"
+    [schedule]
+    peak_lr = 1e-3
+    [data]
+    seq_len = 16
+    global_batch = 4
+    micro_batch_size = 2
+    sources = [{ name = "a", path = "x", weight = 0.5 }, { name = "b", path = "y", weight = 0.5 }]
+    [train]
+    steps = 3
+    [workers]
+    min = 2
+    max = 2
+    lease_ms = 1000
+    heartbeat_ms = 100
+"#;
+
+#[derive(Clone, Default)]
+struct MemLedger(Arc<Mutex<Vec<v1::LedgerStep>>>);
+
+#[async_trait::async_trait]
+impl Ledger for MemLedger {
+    async fn commit(&self, step: &v1::LedgerStep) -> Result<(), String> {
+        self.0.lock().unwrap().push(step.clone());
+        Ok(())
+    }
+}
+
+struct Harness {
+    events: mpsc::Sender<Event>,
+    snapshot: watch::Receiver<Snapshot>,
+    ledger: MemLedger,
+}
+
+impl Harness {
+    fn start() -> Harness {
+        let job: JobFile = toml::from_str(JOB).unwrap();
+        job.validate().unwrap();
+        let w = &job.workers;
+        let settings = Settings {
+            min: w.min,
+            max: w.max,
+            lease: Duration::from_millis(w.lease_ms),
+            heartbeat: Duration::from_millis(w.heartbeat_ms),
+        };
+        let ledger = MemLedger::default();
+        let (driver, snapshot) =
+            Driver::new(job.to_proto(), settings, Box::new(ledger.clone()), 0, None).unwrap();
+        let (events, rx) = mpsc::channel(64);
+        tokio::spawn(driver.run(rx));
+        Harness {
+            events,
+            snapshot,
+            ledger,
+        }
+    }
+
+    async fn register(&self, addr: &str) -> Result<v1::RegisterResponse, DriverError> {
+        let (reply, rx) = oneshot::channel();
+        let request = v1::RegisterRequest {
+            name: "t".into(),
+            backend: v1::CollectiveBackend::Tcp.into(),
+            collective_address: addr.into(),
+        };
+        self.events
+            .send(Event::Register { request, reply })
+            .await
+            .unwrap();
+        rx.await.unwrap()
+    }
+
+    async fn attach(&self, id: &str) -> mpsc::Receiver<v1::CoordinatorMessage> {
+        let (outbox, inbox) = mpsc::channel(64);
+        let (reply, rx) = oneshot::channel();
+        self.events
+            .send(Event::Attach {
+                worker_id: id.into(),
+                outbox,
+                reply,
+            })
+            .await
+            .unwrap();
+        rx.await.unwrap().unwrap();
+        inbox
+    }
+
+    async fn send(&self, id: &str, kind: Kind) -> Result<(), DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.events
+            .send(Event::Message {
+                worker_id: id.into(),
+                kind,
+                reply,
+            })
+            .await
+            .unwrap();
+        rx.await.unwrap()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        self.snapshot.borrow().clone()
+    }
+}
+
+fn ready(generation: u64) -> Kind {
+    Kind::Ready(v1::Ready {
+        generation,
+        step: 0,
+        sources: vec![
+            v1::SourceSize {
+                name: "a".into(),
+                num_samples: 50,
+            },
+            v1::SourceSize {
+                name: "b".into(),
+                num_samples: 30,
+            },
+        ],
+    })
+}
+
+fn done(generation: u64, step: u64, samples: u32) -> Kind {
+    Kind::StepDone(v1::StepDone {
+        generation,
+        step,
+        loss_sum: 2.0 * samples as f64,
+        samples,
+        grad_norm: 1.0,
+        timing: None,
+    })
+}
+
+async fn next(inbox: &mut mpsc::Receiver<v1::CoordinatorMessage>) -> v1::coordinator_message::Kind {
+    tokio::time::timeout(Duration::from_secs(5), inbox.recv())
+        .await
+        .expect("a message")
+        .expect("open")
+        .kind
+        .expect("kind")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_world_forms_trains_and_commits_every_step() {
+    use v1::coordinator_message::Kind as C;
+    let h = Harness::start();
+    let a = h.register("127.0.0.1:5001").await.unwrap().worker_id;
+    let b = h.register("127.0.0.1:5002").await.unwrap().worker_id;
+    let mut ia = h.attach(&a).await;
+    let mut ib = h.attach(&b).await;
+    let (C::World(wa), C::World(wb)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected World")
+    };
+    assert_eq!(
+        (wa.generation, wa.rank, wb.rank, wa.world_size),
+        (1, 0, 1, 2)
+    );
+    assert_eq!(wa.peers, ["127.0.0.1:5001", "127.0.0.1:5002"]);
+    h.send(&a, ready(1)).await.unwrap();
+    h.send(&b, ready(1)).await.unwrap();
+    for step in 0..3 {
+        let (C::Work(x), C::Work(y)) = (next(&mut ia).await, next(&mut ib).await) else {
+            panic!("expected Work")
+        };
+        assert_eq!(
+            (x.step, y.step, x.samples.len(), y.samples.len()),
+            (step, step, 2, 2)
+        );
+        h.send(&a, done(1, step, 2)).await.unwrap();
+        h.send(&b, done(1, step, 2)).await.unwrap();
+    }
+    let C::Stop(s) = next(&mut ia).await else {
+        panic!("expected Stop")
+    };
+    assert_eq!(s.reason(), v1::StopReason::JobFinished);
+    let ledger = h.ledger.0.lock().unwrap().clone();
+    assert_eq!(ledger.iter().map(|s| s.step).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(ledger
+        .iter()
+        .all(|s| s.samples.len() == 4 && (s.loss - 2.0).abs() < 1e-12));
+    assert_eq!(ledger[2].cursors.iter().sum::<u64>(), 12);
+    assert_eq!(h.snapshot().state, v1::JobState::Finished as i32);
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_and_out_of_order_messages_are_refused_without_effect() {
+    use v1::coordinator_message::Kind as C;
+    let h = Harness::start();
+    // A TCP worker without a usable address.
+    assert!(matches!(
+        h.register("not an address").await,
+        Err(DriverError::InvalidArgument(_))
+    ));
+    let a = h.register("127.0.0.1:5001").await.unwrap().worker_id;
+    let b = h.register("127.0.0.1:5002").await.unwrap().worker_id;
+    // Unknown worker.
+    assert!(matches!(
+        h.send("w99", Kind::Heartbeat(v1::Heartbeat {})).await,
+        Err(DriverError::UnknownWorker(_))
+    ));
+    // Ready before any world exists.
+    assert!(matches!(
+        h.send(&a, ready(1)).await,
+        Err(DriverError::FailedPrecondition(_))
+    ));
+    let mut ia = h.attach(&a).await;
+    let mut ib = h.attach(&b).await;
+    next(&mut ia).await;
+    next(&mut ib).await;
+    // Wrong generation; wrong number of source sizes.
+    assert!(matches!(
+        h.send(&a, ready(7)).await,
+        Err(DriverError::FailedPrecondition(_))
+    ));
+    let short = Kind::Ready(v1::Ready {
+        generation: 1,
+        step: 0,
+        sources: vec![],
+    });
+    assert!(matches!(
+        h.send(&a, short).await,
+        Err(DriverError::InvalidArgument(_))
+    ));
+    h.send(&a, ready(1)).await.unwrap();
+    h.send(&b, ready(1)).await.unwrap();
+    let (C::Work(_), C::Work(_)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected Work")
+    };
+    let before = h.snapshot();
+    // A report for a step not in flight, a wrong sample count, a non-finite loss, a duplicate.
+    assert!(matches!(
+        h.send(&a, done(1, 5, 2)).await,
+        Err(DriverError::FailedPrecondition(_))
+    ));
+    assert!(matches!(
+        h.send(&a, done(1, 0, 3)).await,
+        Err(DriverError::InvalidArgument(_))
+    ));
+    let nan = Kind::StepDone(v1::StepDone {
+        generation: 1,
+        step: 0,
+        loss_sum: f64::NAN,
+        samples: 2,
+        grad_norm: 0.0,
+        timing: None,
+    });
+    assert!(matches!(
+        h.send(&a, nan).await,
+        Err(DriverError::InvalidArgument(_))
+    ));
+    h.send(&a, done(1, 0, 2)).await.unwrap();
+    assert!(matches!(
+        h.send(&a, done(1, 0, 2)).await,
+        Err(DriverError::FailedPrecondition(_))
+    ));
+    assert_eq!(h.snapshot(), before, "refused messages change nothing");
+    assert!(h.ledger.0.lock().unwrap().is_empty());
+    // The valid report completes the step.
+    h.send(&b, done(1, 0, 2)).await.unwrap();
+    assert_eq!(h.ledger.0.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_lease_ends_the_generation_and_survivors_are_stopped() {
+    use v1::coordinator_message::Kind as C;
+    let h = Harness::start();
+    let a = h.register("127.0.0.1:5001").await.unwrap().worker_id;
+    let b = h.register("127.0.0.1:5002").await.unwrap().worker_id;
+    let c = h.register("127.0.0.1:5003").await.unwrap().worker_id;
+    let mut ia = h.attach(&a).await;
+    let mut ib = h.attach(&b).await;
+    next(&mut ia).await;
+    next(&mut ib).await;
+    h.send(&a, ready(1)).await.unwrap();
+    h.send(&b, ready(1)).await.unwrap();
+    let (C::Work(_), C::Work(_)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected Work")
+    };
+    let mut ic = h.attach(&c).await;
+    // a keeps heartbeating and c joins as a spare; b falls silent.
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        h.send(&a, Kind::Heartbeat(v1::Heartbeat {})).await.unwrap();
+        h.send(&c, Kind::Heartbeat(v1::Heartbeat {})).await.unwrap();
+    }
+    let C::Stop(s) = next(&mut ia).await else {
+        panic!("expected Stop")
+    };
+    assert_eq!(
+        (s.reason(), s.generation),
+        (v1::StopReason::GenerationEnded, 1)
+    );
+    assert!(
+        s.detail.contains(&b) && s.detail.contains("lease"),
+        "{}",
+        s.detail
+    );
+    // A new generation forms from the survivors (a and the spare c), rewound to step 0.
+    let (C::World(wa), C::World(wc)) = (next(&mut ia).await, next(&mut ic).await) else {
+        panic!("expected World")
+    };
+    assert_eq!((wa.generation, wc.generation, wa.start_step), (2, 2, 0));
+    assert_eq!(h.snapshot().generation, 2);
+    // b's late report is for a generation that ended.
+    assert!(h.send(&b, done(1, 0, 2)).await.is_err());
+}
