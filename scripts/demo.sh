@@ -12,15 +12,16 @@ trap cleanup EXIT INT TERM
   >"$run/coordinator.out" 2>"$run/coordinator.log" &
 coord=$!
 pids+=("$coord")
-# The coordinator prints its address on its first stdout line.
+# The coordinator prints its address on its first stdout line, its metrics URL on the second.
 for _ in $(seq 300); do
-  grep -q "^listening on " "$run/coordinator.out" 2>/dev/null && break
+  grep -q "^metrics on " "$run/coordinator.out" 2>/dev/null && break
   kill -0 "$coord" 2>/dev/null || { cat "$run/coordinator.log" >&2; exit 1; }
   sleep 0.1
 done
 url="http://$(sed -n 's/^listening on //p' "$run/coordinator.out")"
 echo "coordinator at $url (log: $run/coordinator.log)"
 echo "  watch it with: $bin/stagecoach --coordinator $url status"
+echo "  Prometheus metrics: $(sed -n 's/^metrics on //p' "$run/coordinator.out") (each worker's: see $run/worker-*.log)"
 workers=()
 for i in 0 1; do
   "$bin/stagecoach-worker" join --coordinator "$url" --metrics-out "$run/worker-$i.jsonl" \
@@ -35,7 +36,7 @@ pids+=("$!")
 status=0
 wait "$coord" || status=$?
 for w in "${workers[@]}"; do wait "$w" || status=$?; done
-tail -n +2 "$run/coordinator.out"
+tail -n +3 "$run/coordinator.out"
 if [ "$status" -eq 0 ]; then
   echo "demo done: the ledger is in $run/state, each worker's steps in $run/worker-*.jsonl"
 else

@@ -13,6 +13,7 @@
 //! uncommitted step is rewound, and a new world forms from whoever is left (if enough are).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use stagecoach_proto::v1;
@@ -20,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::metrics::Metrics;
 use crate::plan::{rank_slice, Plan, SampleId};
 use crate::schedule::Wsd;
 
@@ -83,6 +85,8 @@ pub struct Settings {
     pub max: u32,
     pub lease: Duration,
     pub heartbeat: Duration,
+    /// Once `min` workers are present, how long to wait for more (up to `max`) before forming.
+    pub rendezvous: Duration,
 }
 
 struct Member {
@@ -112,6 +116,10 @@ pub struct Driver {
     order: Vec<String>,
     world: Option<World>,
     generation: u64,
+    /// When `min` workers became present while fewer than `max` were.
+    forming_since: Option<Instant>,
+    /// Why the last generation ended, shown while the next one forms.
+    last_end: Option<String>,
     /// The plan at the last committed step, and the one dispatching.
     committed_plan: Option<Plan>,
     plan: Option<Plan>,
@@ -122,6 +130,7 @@ pub struct Driver {
     state: v1::JobState,
     detail: String,
     snapshot: watch::Sender<Snapshot>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Driver {
@@ -145,6 +154,8 @@ impl Driver {
             order: Vec::new(),
             world: None,
             generation: 0,
+            forming_since: None,
+            last_end: None,
             committed_plan: None,
             plan: None,
             resume_cursors: cursors,
@@ -153,9 +164,18 @@ impl Driver {
             state: v1::JobState::Waiting,
             detail: "waiting for workers".into(),
             snapshot,
+            metrics: None,
         };
         d.publish();
         Ok((d, rx))
+    }
+
+    /// Also keeps `metrics` up to date.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Driver {
+        metrics.job(&self.job);
+        self.metrics = Some(metrics);
+        self.publish();
+        self
     }
 
     /// Runs until `events` closes or the job ends.
@@ -168,7 +188,10 @@ impl Driver {
                     Some(ev) => self.handle(ev).await,
                     None => break,
                 },
-                _ = tick.tick() => self.check_leases(),
+                _ = tick.tick() => {
+                    self.check_leases().await;
+                    self.maybe_form_world();
+                }
             }
             self.publish();
         }
@@ -273,7 +296,8 @@ impl Driver {
             Kind::Failed(f) => {
                 let current = self.world.as_ref().map(|w| w.generation);
                 if current == Some(f.generation) {
-                    self.end_generation(&format!("worker {worker_id} failed: {}", f.reason));
+                    self.end_generation(&format!("worker {worker_id} failed: {}", f.reason))
+                        .await;
                 }
                 Ok(())
             }
@@ -360,6 +384,7 @@ impl Driver {
         world.running = true;
         self.state = v1::JobState::Running;
         self.detail.clear();
+        self.last_end = None;
         info!(
             generation = world.generation,
             world_size = world.members.len(),
@@ -429,16 +454,34 @@ impl Driver {
                 done.loss_sum
             )));
         }
-        if reports.insert(rank, done).is_some() {
+        if reports.contains_key(&rank) {
             return Err(DriverError::FailedPrecondition(format!(
                 "rank {rank} reported step {step} twice"
             )));
         }
+        reports.insert(rank, done);
         if reports.len() < n {
             return Ok(());
         }
+        let generation = world.generation;
         let (step, samples, reports) = world.in_flight.take().expect("in flight");
-        let loss = reports.values().map(|r| r.loss_sum).sum::<f64>() / samples.len() as f64;
+        if self.commit(generation, step, samples, &reports).await {
+            self.dispatch();
+        }
+        Ok(())
+    }
+
+    /// Commits `step` to the ledger with the loss over the reported samples; false (and the job
+    /// failed) if the ledger cannot be written.
+    async fn commit(
+        &mut self,
+        generation: u64,
+        step: u64,
+        samples: Vec<SampleId>,
+        reports: &BTreeMap<u32, v1::StepDone>,
+    ) -> bool {
+        let reported: u32 = reports.values().map(|r| r.samples).sum();
+        let loss = reports.values().map(|r| r.loss_sum).sum::<f64>() / f64::from(reported.max(1));
         let plan = self.plan.as_ref().expect("a plan while running");
         let entry = v1::LedgerStep {
             step,
@@ -451,26 +494,23 @@ impl Driver {
                 .collect(),
             cursors: plan.cursors().to_vec(),
             loss,
-            generation: world.generation,
+            generation,
         };
         if let Err(e) = self.ledger.commit(&entry).await {
             self.fail(format!("cannot write the ledger: {e}"));
-            return Ok(());
+            return false;
+        }
+        if let Some(m) = &self.metrics {
+            m.step_committed(&self.job, &samples);
         }
         self.committed_plan = Some(plan.clone());
         self.step = step + 1;
         self.loss = Some(loss);
         if self.step.is_multiple_of(self.job.log_every.max(1)) || self.step == self.job.total_steps
         {
-            info!(
-                step = self.step,
-                loss,
-                generation = entry.generation,
-                "step committed"
-            );
+            info!(step = self.step, loss, generation, "step committed");
         }
-        self.dispatch();
-        Ok(())
+        true
     }
 
     fn maybe_form_world(&mut self) {
@@ -485,14 +525,26 @@ impl Driver {
             .filter(|id| self.members[*id].outbox.is_some())
             .cloned()
             .collect();
-        if (attached.len() as u32) < self.settings.min {
+        let present = attached.len() as u32;
+        if present < self.settings.min {
+            self.forming_since = None;
             self.detail = format!(
-                "waiting for workers: {} of {} present",
-                attached.len(),
+                "waiting for workers: {present} of {} present",
                 self.settings.min
             );
             return;
         }
+        if present < self.settings.max {
+            let since = *self.forming_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.settings.rendezvous {
+                self.detail = self.with_last_end(format!(
+                    "{present} workers present; waiting up to {:?} for up to {}",
+                    self.settings.rendezvous, self.settings.max
+                ));
+                return;
+            }
+        }
+        self.forming_since = None;
         let members: Vec<String> = attached
             .into_iter()
             .take(self.settings.max as usize)
@@ -531,7 +583,7 @@ impl Driver {
         });
     }
 
-    fn check_leases(&mut self) {
+    async fn check_leases(&mut self) {
         let now = Instant::now();
         let expired: Vec<String> = self
             .members
@@ -544,18 +596,36 @@ impl Driver {
             self.members.remove(&id);
             self.order.retain(|o| o != &id);
             if self.world.as_ref().is_some_and(|w| w.members.contains(&id)) {
-                self.end_generation(&format!("worker {id} lost its lease"));
+                self.end_generation(&format!("worker {id} lost its lease"))
+                    .await;
             }
         }
     }
 
-    /// Ends the current generation: survivors leave their collective, the uncommitted step is
-    /// rewound, and a new world forms if enough workers remain.
-    fn end_generation(&mut self, reason: &str) {
-        let Some(world) = self.world.take() else {
+    /// Ends the current generation: survivors leave their collective, the step in flight is
+    /// committed if any rank finished it (a finished step means its all-reduce completed, so
+    /// every rank applied the same update) or else rewound, and a new world forms if enough
+    /// workers remain.
+    async fn end_generation(&mut self, reason: &str) {
+        let Some(mut world) = self.world.take() else {
             return;
         };
+        if let Some((step, samples, reports)) = world.in_flight.take() {
+            if !reports.is_empty() {
+                warn!(
+                    step,
+                    reported = reports.len(),
+                    "committing the step in flight: a rank finished it"
+                );
+                if !self.commit(world.generation, step, samples, &reports).await {
+                    return;
+                }
+            }
+        }
         warn!(generation = world.generation, reason, "generation ended");
+        if let Some(m) = &self.metrics {
+            m.generation_ended();
+        }
         for id in &world.members {
             let stop = v1::Stop {
                 reason: v1::StopReason::GenerationEnded.into(),
@@ -568,8 +638,16 @@ impl Driver {
         if !matches!(self.state, v1::JobState::Finished | v1::JobState::Failed) {
             self.state = v1::JobState::Waiting;
             self.detail = format!("generation {} ended: {reason}", world.generation);
+            self.last_end = Some(self.detail.clone());
         }
         self.maybe_form_world();
+    }
+
+    fn with_last_end(&self, waiting: String) -> String {
+        match &self.last_end {
+            Some(end) => format!("{end}; {waiting}"),
+            None => waiting,
+        }
     }
 
     fn finish(&mut self) {
@@ -617,6 +695,9 @@ impl Driver {
             world_size: self.world.as_ref().map_or(0, |w| w.members.len() as u32),
             detail: self.detail.clone(),
         };
+        if let Some(m) = &self.metrics {
+            m.observe(&snapshot);
+        }
         self.snapshot.send_if_modified(|s| {
             let changed = *s != snapshot;
             *s = snapshot;

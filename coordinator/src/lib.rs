@@ -10,6 +10,8 @@
 //!   step in flight; [`workers`]: the `Workers` gRPC service that feeds it.
 //! - [`spec`]: the job file and its wire form; [`plan`]: the deterministic sample plan;
 //!   [`schedule`]: the WSD learning-rate schedule.
+//! - [`metrics`]: the Prometheus metrics of the job and the `/metrics` endpoint (the worker
+//!   serves its own through it too).
 //! - [`error`]: the crate's [`Error`], and its mapping onto gRPC status codes.
 //! - [`store`]: durable state behind the [`store::StateStore`] trait (etcd, or an embedded
 //!   crash-safe log in a directory), opened from a URL, with the conformance suite both pass.
@@ -22,6 +24,7 @@ pub mod driver;
 pub mod error;
 pub mod keys;
 pub mod ledger;
+pub mod metrics;
 pub mod plan;
 pub mod schedule;
 pub mod server;

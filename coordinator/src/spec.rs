@@ -40,6 +40,8 @@
 //! max = 2
 //! lease_ms = 10000
 //! heartbeat_ms = 1000
+//! collective_timeout_ms = 30000
+//! rendezvous_ms = 5000         # with min workers present, wait this long for up to max
 //! ```
 //! Relative paths are relative to the working directory of the workers. Unknown keys are errors.
 
@@ -191,6 +193,9 @@ pub struct WorkersSection {
     pub heartbeat_ms: u64,
     /// How long a worker waits on a silent peer in a collective before giving up.
     pub collective_timeout_ms: u64,
+    /// Once `min` workers are present, how long to wait for more (up to `max`) before forming
+    /// a world.
+    pub rendezvous_ms: u64,
 }
 
 impl Default for WorkersSection {
@@ -201,6 +206,7 @@ impl Default for WorkersSection {
             lease_ms: 10_000,
             heartbeat_ms: 1_000,
             collective_timeout_ms: 30_000,
+            rendezvous_ms: 5_000,
         }
     }
 }

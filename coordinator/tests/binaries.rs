@@ -41,7 +41,13 @@ fn start_coordinator(job: &str) -> Result<(KillOnDrop, String)> {
     let (dir, path) = job_file(job)?;
     let dir = dir.keep();
     let mut child = Command::new(COORDINATOR)
-        .args(["--listen", "127.0.0.1:0", "--job"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--job",
+        ])
         .arg(&path)
         .arg("--state")
         .arg(dir.join("state"))

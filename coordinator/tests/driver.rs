@@ -57,6 +57,7 @@ impl Harness {
             max: w.max,
             lease: Duration::from_millis(w.lease_ms),
             heartbeat: Duration::from_millis(w.heartbeat_ms),
+            rendezvous: Duration::from_millis(w.rendezvous_ms),
         };
         let ledger = MemLedger::default();
         let (driver, snapshot) =
@@ -317,4 +318,40 @@ async fn an_expired_lease_ends_the_generation_and_survivors_are_stopped() {
     assert_eq!(h.snapshot().generation, 2);
     // b's late report is for a generation that ended.
     assert!(h.send(&b, done(1, 0, 2)).await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_finished_by_a_survivor_is_committed_when_the_generation_ends() {
+    use v1::coordinator_message::Kind as C;
+    let h = Harness::start();
+    let a = h.register("127.0.0.1:5001").await.unwrap().worker_id;
+    let b = h.register("127.0.0.1:5002").await.unwrap().worker_id;
+    let mut ia = h.attach(&a).await;
+    let mut ib = h.attach(&b).await;
+    next(&mut ia).await;
+    next(&mut ib).await;
+    h.send(&a, ready(1)).await.unwrap();
+    h.send(&b, ready(1)).await.unwrap();
+    let (C::Work(_), C::Work(_)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected Work")
+    };
+    // a finished step 0 (so its all-reduce completed on every rank); b dies before reporting.
+    h.send(&a, done(1, 0, 2)).await.unwrap();
+    let failed = Kind::Failed(v1::Failed {
+        generation: 1,
+        reason: "peer reset".into(),
+    });
+    h.send(&b, failed).await.unwrap();
+    let C::Stop(s) = next(&mut ia).await else {
+        panic!("expected Stop")
+    };
+    assert_eq!(s.reason(), v1::StopReason::GenerationEnded);
+    let ledger = h.ledger.0.lock().unwrap().clone();
+    assert_eq!(ledger.len(), 1, "step 0 was finished, so it is committed");
+    assert_eq!(
+        (ledger[0].step, ledger[0].samples.len(), ledger[0].loss),
+        (0, 4, 2.0)
+    );
+    let snap = h.snapshot();
+    assert_eq!((snap.step, snap.state), (1, v1::JobState::Waiting as i32));
 }

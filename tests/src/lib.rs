@@ -69,9 +69,14 @@ impl Drop for Proc {
 
 /// Starts a coordinator on a free loopback port; returns it and its URL.
 pub fn coordinator(job: &Path, state: &Path, log: &Path) -> (Proc, String) {
+    let (p, url, _) = coordinator_with_metrics(job, state, log);
+    (p, url)
+}
+
+/// Starts a coordinator on free loopback ports; returns it, its URL and its /metrics URL.
+pub fn coordinator_with_metrics(job: &Path, state: &Path, log: &Path) -> (Proc, String, String) {
     let mut cmd = Command::new(bin("stagecoach-coordinator"));
-    cmd.arg("--listen")
-        .arg("127.0.0.1:0")
+    cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
         .arg("--job")
         .arg(job)
         .arg("--state")
@@ -79,14 +84,16 @@ pub fn coordinator(job: &Path, state: &Path, log: &Path) -> (Proc, String) {
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).expect("log file"));
     let mut p = Proc::spawn("stagecoach-coordinator", &mut cmd);
-    let stdout = p.child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    (p, format!("http://{addr}"))
+    let mut stdout = BufReader::new(p.child.stdout.take().expect("stdout"));
+    let mut line = |prefix: &str| {
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read stdout");
+        line.trim()
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("expected a line {prefix:?}..., got {line:?}"))
+            .to_owned()
+    };
+    let addr = line("listening on ");
+    let metrics = line("metrics on ");
+    (p, format!("http://{addr}"), metrics)
 }

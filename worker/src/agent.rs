@@ -9,6 +9,7 @@
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -20,6 +21,7 @@ use tracing::{info, warn};
 use crate::collective::tcp::{TcpConfig, TcpRing};
 use crate::collective::Collective;
 use crate::error::{Error, IoContext, Result};
+use crate::metrics::Metrics;
 use crate::train::Trainer;
 
 /// How to join a job.
@@ -33,6 +35,8 @@ pub struct JoinOptions {
     pub device: Option<String>,
     /// Write one JSON record per trained step (with its samples) here.
     pub metrics_out: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (GET /metrics; port 0: any free port, logged).
+    pub metrics_listen: SocketAddr,
 }
 
 enum Command {
@@ -74,6 +78,16 @@ fn rpc(what: &str, e: tonic::Status) -> Error {
 async fn session(opts: JoinOptions) -> Result<()> {
     let listener = TcpListener::bind(opts.listen).at(format!("{}", opts.listen))?;
     let address = listener.local_addr().at("collective listener")?;
+    let metrics = Arc::new(Metrics::new());
+    let metrics_listener = tokio::net::TcpListener::bind(opts.metrics_listen)
+        .await
+        .at(format!("metrics endpoint {}", opts.metrics_listen))?;
+    let metrics_address = metrics_listener.local_addr().at("metrics endpoint")?;
+    tokio::spawn(stagecoach_coordinator::metrics::serve(
+        metrics_listener,
+        metrics.registry().clone(),
+    ));
+    info!("metrics on http://{metrics_address}/metrics");
     let endpoint = tonic::transport::Endpoint::from_shared(opts.coordinator.clone())
         .map_err(|e| Error::Config(format!("coordinator URL {:?}: {e}", opts.coordinator)))?
         .connect_timeout(Duration::from_secs(10));
@@ -104,10 +118,10 @@ async fn session(opts: JoinOptions) -> Result<()> {
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(16);
     let device = crate::device::parse(opts.device.as_deref().unwrap_or(&job.device))?;
     let trainer = {
-        let (id, up, metrics) = (worker_id.clone(), up_tx.clone(), opts.metrics_out.clone());
+        let (id, up, out) = (worker_id.clone(), up_tx.clone(), opts.metrics_out.clone());
         std::thread::Builder::new()
             .name("trainer".into())
-            .spawn(move || trainer_thread(job, device, listener, id, cmd_rx, up, metrics))
+            .spawn(move || trainer_thread(job, device, listener, id, cmd_rx, up, out, metrics))
             .map_err(|e| Error::Config(format!("cannot start the trainer thread: {e}")))?
     };
 
@@ -189,6 +203,7 @@ fn hostname() -> String {
 }
 
 /// The thread that owns the tensors.
+#[allow(clippy::too_many_arguments)] // everything it owns, moved in once
 fn trainer_thread(
     job: v1::JobSpec,
     device: tch::Device,
@@ -197,6 +212,7 @@ fn trainer_thread(
     mut commands: mpsc::Receiver<Command>,
     up: mpsc::Sender<v1::WorkerMessage>,
     metrics_out: Option<PathBuf>,
+    prom: Arc<Metrics>,
 ) -> Result<()> {
     let send = |kind: v1::worker_message::Kind| {
         let _ = up.blocking_send(v1::WorkerMessage {
@@ -269,6 +285,7 @@ fn trainer_thread(
                             "joined the world"
                         );
                         ring = Some((w.generation, r));
+                        prom.joined(w.generation, w.rank);
                         send(v1::worker_message::Kind::Ready(v1::Ready {
                             generation: w.generation,
                             sources: sizes.clone(),
@@ -310,6 +327,12 @@ fn trainer_thread(
                 match trainer.step(&samples, work.global_batch as usize, work.lr, r) {
                     Ok(res) => {
                         steps_taken += 1;
+                        prom.step_done(
+                            steps_taken,
+                            res.loss_sum / res.samples.max(1) as f64,
+                            res.samples as u64 * u64::from(job.seq_len),
+                            &res.timing,
+                        );
                         if let Some(m) = &mut metrics {
                             let line = StepLine {
                                 generation,
@@ -340,6 +363,7 @@ fn trainer_thread(
                     Err(e) => {
                         warn!(generation, step = work.step, error = %e, "step failed; leaving the collective");
                         ring = None;
+                        prom.left();
                         send(v1::worker_message::Kind::Failed(v1::Failed {
                             generation,
                             reason: e.to_string(),
@@ -347,7 +371,10 @@ fn trainer_thread(
                     }
                 }
             }
-            Command::Leave => ring = None,
+            Command::Leave => {
+                ring = None;
+                prom.left();
+            }
             Command::Exit => break,
         }
     }

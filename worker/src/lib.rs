@@ -9,6 +9,7 @@
 //! - [`job`]: from the coordinator's job spec to model, optimizer, schedule and data;
 //!   [`train`]: the training step and the standalone loop; [`collective`]: gradient all-reduce;
 //! - [`agent`]: the coordinator-driven worker (`join`): session, heartbeats, the trainer thread;
+//!   [`metrics`]: its Prometheus metrics;
 //! - [`device`]: CPU/CUDA selection; [`error`]: the crate's error type.
 
 pub mod agent;
@@ -18,6 +19,7 @@ pub mod device;
 pub mod error;
 pub mod hf;
 pub mod job;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod shards;

@@ -60,6 +60,9 @@ enum Command {
         /// Write one JSON record per trained step (with its samples) to this file.
         #[arg(long)]
         metrics_out: Option<PathBuf>,
+        /// Where to serve Prometheus metrics (GET /metrics); port 0 picks a free port (logged).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+        metrics_listen: std::net::SocketAddr,
     },
     /// Tokenize jsonl files, text files or folders of them into datatrove token shards.
     Tokenize {
@@ -125,8 +128,13 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::builder()
+                .with_default_directive(tracing_subscriber::filter::LevelFilter::INFO.into())
+                .from_env_lossy(),
+        )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Train {
@@ -171,12 +179,14 @@ fn main() -> anyhow::Result<()> {
             listen,
             device,
             metrics_out,
+            metrics_listen,
         } => {
             stagecoach_worker::agent::join(stagecoach_worker::agent::JoinOptions {
                 coordinator,
                 listen,
                 device,
                 metrics_out,
+                metrics_listen,
             })?;
         }
         Command::Tokenize {

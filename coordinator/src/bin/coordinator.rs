@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use stagecoach_coordinator::driver::{Driver, Settings};
 use stagecoach_coordinator::ledger::StoreLedger;
+use stagecoach_coordinator::metrics::{self, Metrics};
 use stagecoach_coordinator::server::DriverHandle;
 use stagecoach_coordinator::spec::JobFile;
 use stagecoach_coordinator::{serve, shutdown_signal, Coordinator};
@@ -23,6 +24,10 @@ struct Args {
     /// Address to listen on; port 0 picks a free port (the chosen address is printed on stdout).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// Address of the Prometheus endpoint (GET /metrics); port 0 picks a free port (printed on
+    /// stdout, second line).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9400")]
+    metrics_listen: SocketAddr,
     /// The job file to run (TOML). Without it the coordinator only answers status queries.
     #[arg(long, value_name = "FILE")]
     job: Option<std::path::PathBuf>,
@@ -48,11 +53,27 @@ async fn main() -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    // Scripts and tests read this line to learn the port when --listen asks for port 0.
+    let metrics_listener = TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot serve metrics on {} (choose another address with --metrics-listen)",
+                args.metrics_listen
+            )
+        })?;
+    // Scripts and tests read these lines to learn the ports when an address asks for port 0.
+    // One write: a reader that stops after the first line must not make the second one fail.
+    let lines = format!(
+        "listening on {}\nmetrics on http://{}/metrics\n",
+        listener.local_addr()?,
+        metrics_listener.local_addr()?
+    );
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "listening on {}", listener.local_addr()?)?;
+    stdout.write_all(lines.as_bytes())?;
     stdout.flush()?;
     drop(stdout);
+    let metrics = Arc::new(Metrics::new());
+    tokio::spawn(metrics::serve(metrics_listener, metrics.registry().clone()));
 
     let Some(job_path) = args.job else {
         serve(listener, Arc::new(Coordinator::new("none")), shutdown).await?;
@@ -73,9 +94,11 @@ async fn main() -> anyhow::Result<()> {
         max: w.max,
         lease: Duration::from_millis(w.lease_ms),
         heartbeat: Duration::from_millis(w.heartbeat_ms),
+        rendezvous: Duration::from_millis(w.rendezvous_ms),
     };
     let (driver, snapshot) =
         Driver::new(job.to_proto(), settings, Box::new(ledger), step, cursors)?;
+    let driver = driver.with_metrics(metrics);
     let (events, rx) = tokio::sync::mpsc::channel(1024);
     let mut finished = snapshot.clone();
     let coordinator = Arc::new(Coordinator::with_driver(

@@ -1,0 +1,383 @@
+//! Prometheus metrics: the coordinator's job signals ([`Metrics`]), the tokens/s estimate both
+//! binaries use ([`Throughput`]), and the `/metrics` HTTP endpoint both serve ([`serve`]).
+//!
+//! Every metric lives in a [`Registry`] owned by its struct (never the process-global one), so
+//! tests can build several. Names follow `stagecoach_<subsystem>_<name>[_total|_seconds]`; label
+//! values come from closed sets (source names from the job spec, job states).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus::{
+    Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use stagecoach_proto::v1;
+use tracing::{debug, warn};
+
+use crate::driver::Snapshot;
+use crate::plan::SampleId;
+
+/// The job states, each a value of the `state` label of `stagecoach_job_state`.
+const STATES: [(v1::JobState, &str); 5] = [
+    (v1::JobState::Waiting, "waiting"),
+    (v1::JobState::Running, "running"),
+    (v1::JobState::Paused, "paused"),
+    (v1::JobState::Finished, "finished"),
+    (v1::JobState::Failed, "failed"),
+];
+
+/// The coordinator's metrics. The driver updates them: [`Metrics::observe`] after every event,
+/// [`Metrics::step_committed`] and [`Metrics::generation_ended`] as those happen.
+pub struct Metrics {
+    registry: Registry,
+    step: IntGauge,
+    total_steps: IntGauge,
+    loss: Gauge,
+    tokens: IntCounterVec,
+    tokens_per_second: Gauge,
+    workers_alive: IntGauge,
+    world_size: IntGauge,
+    generation: IntGauge,
+    generations_ended: IntCounter,
+    state: IntGaugeVec,
+    throughput: Mutex<Throughput>,
+}
+
+/// Registers `metric` in `registry` and returns it.
+pub fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: Result<M, prometheus::Error>,
+) -> M {
+    let metric = metric.expect("a valid metric definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(format!("stagecoach_job_{name}"), help);
+        let m = Metrics {
+            step: register(
+                &r,
+                IntGauge::with_opts(opts("step", "Steps committed to the ledger")),
+            ),
+            total_steps: register(
+                &r,
+                IntGauge::with_opts(opts("total_steps", "Steps the job trains in all")),
+            ),
+            loss: register(
+                &r,
+                Gauge::with_opts(opts(
+                    "loss",
+                    "Global mean loss of the last committed step (NaN before the first)",
+                )),
+            ),
+            tokens: register(
+                &r,
+                IntCounterVec::new(
+                    opts(
+                        "tokens_total",
+                        "Tokens trained in committed steps (samples x seq_len), by source",
+                    ),
+                    &["source"],
+                ),
+            ),
+            tokens_per_second: register(
+                &r,
+                Gauge::with_opts(opts(
+                    "tokens_per_second",
+                    "Tokens trained per second over the recent committed steps of this generation",
+                )),
+            ),
+            workers_alive: register(
+                &r,
+                IntGauge::with_opts(opts("workers_alive", "Registered workers holding a lease")),
+            ),
+            world_size: register(
+                &r,
+                IntGauge::with_opts(opts("world_size", "Ranks in the current world (0: none)")),
+            ),
+            generation: register(
+                &r,
+                IntGauge::with_opts(opts("generation", "The latest world's generation")),
+            ),
+            generations_ended: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "generations_ended_total",
+                    "Generations ended by a lost or failed worker",
+                )),
+            ),
+            state: register(
+                &r,
+                IntGaugeVec::new(opts("state", "1 for the job's current state"), &["state"]),
+            ),
+            throughput: Mutex::new(Throughput::default()),
+            registry: r,
+        };
+        m.loss.set(f64::NAN);
+        for (_, name) in STATES {
+            m.state.with_label_values(&[name]).set(0);
+        }
+        m
+    }
+
+    /// The registry to serve.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Creates the per-source series of `job` at zero, so every source shows before it trains.
+    pub fn job(&self, job: &v1::JobSpec) {
+        for s in &job.sources {
+            self.tokens.with_label_values(&[&s.name]);
+        }
+    }
+
+    /// Sets the gauges from what a status query sees.
+    pub fn observe(&self, s: &Snapshot) {
+        self.step.set(s.step as i64);
+        self.total_steps.set(s.total_steps as i64);
+        self.loss.set(s.loss.unwrap_or(f64::NAN));
+        self.workers_alive.set(i64::from(s.workers_alive));
+        self.world_size.set(i64::from(s.world_size));
+        self.generation.set(s.generation as i64);
+        for (state, name) in STATES {
+            let current = s.state == state as i32;
+            self.state
+                .with_label_values(&[name])
+                .set(i64::from(current));
+        }
+    }
+
+    /// A step of `job` with these samples was committed.
+    pub fn step_committed(&self, job: &v1::JobSpec, samples: &[SampleId]) {
+        let mut per_source = vec![0u64; job.sources.len()];
+        for s in samples {
+            if let Some(n) = per_source.get_mut(s.source) {
+                *n += u64::from(job.seq_len);
+            }
+        }
+        for (source, n) in job.sources.iter().zip(&per_source) {
+            self.tokens.with_label_values(&[&source.name]).inc_by(*n);
+        }
+        let mut t = self.throughput.lock().expect("not poisoned");
+        if let Some(rate) = t.record(Instant::now(), per_source.iter().sum()) {
+            self.tokens_per_second.set(rate);
+        }
+    }
+
+    /// The current generation ended: nothing trains until the next world runs.
+    pub fn generation_ended(&self) {
+        self.generations_ended.inc();
+        self.throughput.lock().expect("not poisoned").clear();
+        self.tokens_per_second.set(0.0);
+    }
+}
+
+/// Tokens per second over a sliding window of recent steps, by wall clock.
+#[derive(Debug, Default)]
+pub struct Throughput {
+    steps: VecDeque<(Instant, u64)>,
+}
+
+impl Throughput {
+    /// Steps in the window.
+    const WINDOW: usize = 20;
+
+    /// Records a step of `tokens` that ended `at`; returns the rate once the window spans two
+    /// steps (the first step's tokens are not counted: the window starts as it ends).
+    pub fn record(&mut self, at: Instant, tokens: u64) -> Option<f64> {
+        if self.steps.len() == Self::WINDOW {
+            self.steps.pop_front();
+        }
+        self.steps.push_back((at, tokens));
+        let (first, _) = *self.steps.front()?;
+        let seconds = at.saturating_duration_since(first).as_secs_f64();
+        let tokens: u64 = self.steps.iter().skip(1).map(|(_, n)| n).sum();
+        (seconds > 0.0).then(|| tokens as f64 / seconds)
+    }
+
+    /// Forgets the window (training paused).
+    pub fn clear(&mut self) {
+        self.steps.clear();
+    }
+}
+
+/// Serves `registry` in the Prometheus text format on `GET /metrics` (anything else: 404),
+/// one task per connection, until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!(error = %e, "metrics endpoint: cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let response = respond(&registry, &req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                debug!(error = %e, "metrics endpoint: connection ended");
+            }
+        });
+    }
+}
+
+fn respond<B>(registry: &Registry, req: &Request<B>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header(hyper::header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response")
+    };
+    if req.method() != Method::GET || req.uri().path() != "/metrics" {
+        let body = "not found: metrics are at GET /metrics\n".to_owned();
+        return reply(StatusCode::NOT_FOUND, "text/plain", body);
+    }
+    match TextEncoder::new().encode_to_string(&registry.gather()) {
+        Ok(text) => reply(StatusCode::OK, prometheus::TEXT_FORMAT, text),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("cannot encode the metrics: {e}\n"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> v1::JobSpec {
+        let source = |name: &str| v1::SourceSpec {
+            name: name.into(),
+            path: String::new(),
+            weight: 1.0,
+        };
+        v1::JobSpec {
+            seq_len: 64,
+            sources: vec![source("prose"), source("code")],
+            ..Default::default()
+        }
+    }
+
+    fn text(m: &Metrics) -> String {
+        TextEncoder::new()
+            .encode_to_string(&m.registry().gather())
+            .unwrap()
+    }
+
+    #[test]
+    fn encodes_the_job_signals() {
+        let m = Metrics::new();
+        let job = job();
+        m.job(&job);
+        let before = text(&m);
+        assert!(before.contains("stagecoach_job_loss NaN"), "{before}");
+        assert!(
+            before.contains("stagecoach_job_tokens_total{source=\"code\"} 0"),
+            "{before}"
+        );
+
+        let sample = |source, index| SampleId { source, index };
+        m.step_committed(&job, &[sample(0, 4), sample(0, 9), sample(1, 2)]);
+        m.observe(&Snapshot {
+            state: v1::JobState::Running as i32,
+            generation: 2,
+            step: 1,
+            total_steps: 100,
+            loss: Some(3.5),
+            workers_alive: 2,
+            world_size: 2,
+            detail: String::new(),
+        });
+        m.generation_ended();
+        let t = text(&m);
+        for line in [
+            "stagecoach_job_step 1",
+            "stagecoach_job_total_steps 100",
+            "stagecoach_job_loss 3.5",
+            "stagecoach_job_tokens_total{source=\"prose\"} 128",
+            "stagecoach_job_tokens_total{source=\"code\"} 64",
+            "stagecoach_job_workers_alive 2",
+            "stagecoach_job_world_size 2",
+            "stagecoach_job_generation 2",
+            "stagecoach_job_generations_ended_total 1",
+            "stagecoach_job_state{state=\"running\"} 1",
+            "stagecoach_job_state{state=\"waiting\"} 0",
+            "stagecoach_job_tokens_per_second 0",
+            "# TYPE stagecoach_job_tokens_total counter",
+        ] {
+            assert!(t.lines().any(|l| l == line), "no {line:?} in\n{t}");
+        }
+        // Each Metrics has its own registry.
+        assert!(text(&Metrics::new()).contains("stagecoach_job_step 0"));
+    }
+
+    #[test]
+    fn throughput_over_a_window() {
+        let mut t = Throughput::default();
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        assert_eq!(t.record(at(0), 100), None);
+        assert_eq!(t.record(at(500), 100), Some(200.0));
+        assert_eq!(t.record(at(1000), 300), Some(400.0));
+        for i in 0..Throughput::WINDOW as u64 {
+            t.record(at(2000 + i * 100), 10);
+        }
+        // The window now holds 20 steps 100 ms apart: 19 steps of 10 tokens in 1.9 s.
+        let rate = t.record(at(2000 + 20 * 100), 10).unwrap();
+        assert!((rate - 100.0).abs() < 1e-9, "{rate}");
+        t.clear();
+        assert_eq!(t.record(at(5000), 10), None);
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_404() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let m = Metrics::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, m.registry().clone()));
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let ok = get("/metrics").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains("text/plain; version=0.0.4"), "{ok}");
+        assert!(ok.contains("\nstagecoach_job_workers_alive 0\n"), "{ok}");
+        let missing = get("/").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        server.abort();
+    }
+}

@@ -1,0 +1,175 @@
+//! Worker failure with real processes: kill -9 one worker of a two-worker job. The survivor
+//! leaves its collective with an error, the coordinator ends the generation and forms a new one
+//! with the survivor, the job completes, and the ledger still holds every step's samples once.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stagecoach_coordinator::ledger::StoreLedger;
+use stagecoach_e2e::{bin, coordinator, Proc};
+
+const STEPS: u64 = 40;
+const COLLECTIVE_TIMEOUT_MS: u64 = 5000;
+
+fn status(url: &str) -> serde_json::Value {
+    let out = Command::new(bin("stagecoach"))
+        .args(["--coordinator", url, "status", "--json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn killing_a_worker_moves_the_job_to_a_new_generation_and_it_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    let out = Command::new(bin("stagecoach-worker"))
+        .args([
+            "demo-corpus",
+            "--docs",
+            "300",
+            "--valid-docs",
+            "5",
+            "--output",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = d.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            r#"
+[job]
+name = "kill"
+[model]
+preset = "micro"
+[schedule]
+peak_lr = 3e-3
+[data]
+seq_len = 64
+global_batch = 8
+micro_batch_size = 4
+seed = 1
+sources = [{{ name = "prose", path = "{d}/prose/train", weight = 0.6 }}, {{ name = "code", path = "{d}/code/train", weight = 0.4 }}]
+[train]
+steps = {STEPS}
+threads = 1
+log_every = 5
+[workers]
+min = 1
+max = 2
+rendezvous_ms = 4000
+lease_ms = 3000
+heartbeat_ms = 200
+collective_timeout_ms = {COLLECTIVE_TIMEOUT_MS}
+"#,
+            d = data.display()
+        ),
+    )
+    .unwrap();
+    let state = d.join("state");
+    let (mut coord, url) = coordinator(&job, &state, &d.join("coordinator.log"));
+    let mut workers: Vec<Proc> = (0..2)
+        .map(|i| {
+            let mut cmd = Command::new(bin("stagecoach-worker"));
+            cmd.args(["join", "--coordinator", &url, "--metrics-out"])
+                .arg(d.join(format!("worker-{i}.jsonl")))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(d.join(format!("worker-{i}.log"))).unwrap());
+            Proc::spawn("stagecoach-worker", &mut cmd)
+        })
+        .collect();
+
+    // Let the two-worker world train a few steps, then kill -9 the second worker.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while lines(&d.join("worker-1.jsonl")) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the two-worker world did not train"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(status(&url)["world_size"], 2);
+    workers[1].child.kill().unwrap();
+    let killed = Instant::now();
+    // First the generation ends (the survivor's all-reduce fails on the dead peer), then, after
+    // the rendezvous wait for a replacement, generation 2 forms with the survivor.
+    let (mut ended, mut formed) = (None, None);
+    while formed.is_none() {
+        let s = status(&url);
+        let detail = s["detail"].as_str().unwrap_or_default();
+        if ended.is_none()
+            && (detail.contains("generation 1 ended") || s["generation"].as_u64() >= Some(2))
+        {
+            ended = Some(killed.elapsed());
+        }
+        if s["generation"].as_u64() >= Some(2) {
+            formed = Some(killed.elapsed());
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "no new generation after the kill: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ended, formed) = (ended.unwrap(), formed.unwrap());
+    println!("kill -9: generation 1 ended after {ended:?}, generation 2 formed after {formed:?}");
+    assert!(
+        ended < Duration::from_millis(COLLECTIVE_TIMEOUT_MS) + Duration::from_secs(5),
+        "the survivor should leave its collective within the collective timeout, took {ended:?}"
+    );
+
+    let finished = coord.wait(Duration::from_secs(180));
+    let log = std::fs::read_to_string(d.join("coordinator.log")).unwrap();
+    assert!(finished.success(), "the job did not complete:\n{log}");
+    assert!(
+        workers[0].wait(Duration::from_secs(30)).success(),
+        "the survivor failed"
+    );
+    let survivor = std::fs::read_to_string(d.join("worker-0.log")).unwrap();
+    assert!(
+        survivor.contains("leaving the collective") || survivor.contains("generation ended"),
+        "the survivor should report leaving generation 1:\n{survivor}"
+    );
+    assert!(
+        log.contains("generation ended") && log.contains("forming a world generation=2"),
+        "{log}"
+    );
+
+    // Every step committed once, each with a full batch, no sample twice.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let steps = rt.block_on(async {
+        let store = stagecoach_coordinator::store::open(state.to_str().unwrap())
+            .await
+            .unwrap();
+        StoreLedger::new(store, "kill").steps().await.unwrap()
+    });
+    assert_eq!(
+        steps.iter().map(|s| s.step).collect::<Vec<_>>(),
+        (0..STEPS).collect::<Vec<_>>()
+    );
+    assert!(steps.iter().all(|s| s.samples.len() == 8));
+    assert!(steps.last().unwrap().generation >= 2);
+    let mut all: Vec<(u32, u64)> = steps
+        .iter()
+        .flat_map(|s| s.samples.iter().map(|r| (r.source, r.index)))
+        .collect();
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "a sample was trained in two committed steps");
+}
