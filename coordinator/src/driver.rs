@@ -25,6 +25,9 @@ use crate::metrics::Metrics;
 use crate::plan::{rank_slice, Plan, SampleId};
 use crate::schedule::Wsd;
 
+/// Bytes of an NCCL unique id.
+const NCCL_ID_BYTES: usize = 128;
+
 /// Events the driver reacts to.
 #[derive(Debug)]
 pub enum Event {
@@ -91,6 +94,9 @@ pub struct Settings {
 
 struct Member {
     address: String,
+    backend: v1::CollectiveBackend,
+    /// An unused NCCL unique id from this worker, for a world where it is rank 0.
+    nccl_id: Vec<u8>,
     outbox: Option<mpsc::Sender<v1::CoordinatorMessage>>,
     lease_until: Instant,
 }
@@ -252,6 +258,19 @@ impl Driver {
                 request.collective_address
             )));
         }
+        let backend = request.backend();
+        if backend == v1::CollectiveBackend::Nccl && request.nccl_unique_id.len() != NCCL_ID_BYTES {
+            return Err(DriverError::InvalidArgument(format!(
+                "an NCCL worker must send a {NCCL_ID_BYTES}-byte unique id, got {} bytes",
+                request.nccl_unique_id.len()
+            )));
+        }
+        if let Some(other) = self.members.values().find(|m| m.backend != backend) {
+            return Err(DriverError::FailedPrecondition(format!(
+                "this job's workers use the {:?} backend, this one {backend:?}; start every worker on the same kind of device",
+                other.backend
+            )));
+        }
         if matches!(self.state, v1::JobState::Finished | v1::JobState::Failed) {
             return Err(DriverError::FailedPrecondition(format!(
                 "the job is over ({})",
@@ -265,6 +284,8 @@ impl Driver {
             id.clone(),
             Member {
                 address: request.collective_address,
+                backend,
+                nccl_id: request.nccl_unique_id,
                 outbox: None,
                 lease_until: Instant::now() + self.settings.lease,
             },
@@ -336,6 +357,15 @@ impl Driver {
                 ready.sources.len(),
                 self.job.sources.len()
             )));
+        }
+        let member = self.members.get_mut(worker_id).expect("checked by rank_in");
+        if member.backend == v1::CollectiveBackend::Nccl {
+            if ready.next_nccl_unique_id.len() != NCCL_ID_BYTES {
+                return Err(DriverError::InvalidArgument(format!(
+                    "an NCCL worker's Ready must carry a fresh {NCCL_ID_BYTES}-byte unique id"
+                )));
+            }
+            member.nccl_id = ready.next_nccl_unique_id.clone();
         }
         let world = self.world.as_mut().expect("checked by rank_in");
         world.ready.insert(worker_id.to_owned(), ready);
@@ -554,6 +584,10 @@ impl Driver {
             .iter()
             .map(|id| self.members[id].address.clone())
             .collect();
+        // NCCL: rank 0's unused unique id, for every rank; it is spent on this world (the next
+        // Ready brings a fresh one).
+        let nccl_id =
+            std::mem::take(&mut self.members.get_mut(&members[0]).expect("a member").nccl_id);
         info!(
             generation = self.generation,
             world_size = members.len(),
@@ -565,7 +599,7 @@ impl Driver {
                 rank: rank as u32,
                 world_size: members.len() as u32,
                 peers: peers.clone(),
-                nccl_unique_id: Vec::new(),
+                nccl_unique_id: nccl_id.clone(),
                 start_step: self.step,
             };
             send(

@@ -31,7 +31,7 @@
 //! [train]
 //! steps = 200
 //! log_every = 10
-//! device = "cpu"
+//! device = "cpu"               # for the standalone `train`; `join --device` for workers
 //! threads = 2                  # 0: libtorch's default
 //! init_seed = 0
 //!

@@ -77,6 +77,7 @@ impl Harness {
             name: "t".into(),
             backend: v1::CollectiveBackend::Tcp.into(),
             collective_address: addr.into(),
+            ..Default::default()
         };
         self.events
             .send(Event::Register { request, reply })
@@ -122,6 +123,7 @@ fn ready(generation: u64) -> Kind {
     Kind::Ready(v1::Ready {
         generation,
         step: 0,
+        next_nccl_unique_id: vec![],
         sources: vec![
             v1::SourceSize {
                 name: "a".into(),
@@ -231,6 +233,7 @@ async fn malformed_and_out_of_order_messages_are_refused_without_effect() {
         generation: 1,
         step: 0,
         sources: vec![],
+        next_nccl_unique_id: vec![],
     });
     assert!(matches!(
         h.send(&a, short).await,
@@ -354,4 +357,81 @@ async fn a_step_finished_by_a_survivor_is_committed_when_the_generation_ends() {
     );
     let snap = h.snapshot();
     assert_eq!((snap.step, snap.state), (1, v1::JobState::Waiting as i32));
+}
+
+#[tokio::test(start_paused = true)]
+async fn nccl_worlds_carry_rank_0s_unique_id_and_each_id_serves_one_world() {
+    use v1::coordinator_message::Kind as C;
+    let h = Harness::start();
+    let register = |id_byte: u8, len: usize| {
+        let events = h.events.clone();
+        async move {
+            let (reply, rx) = oneshot::channel();
+            let request = v1::RegisterRequest {
+                name: "gpu".into(),
+                backend: v1::CollectiveBackend::Nccl.into(),
+                collective_address: String::new(),
+                nccl_unique_id: vec![id_byte; len],
+            };
+            events
+                .send(Event::Register { request, reply })
+                .await
+                .unwrap();
+            rx.await.unwrap()
+        }
+    };
+    assert!(
+        matches!(register(1, 7).await, Err(DriverError::InvalidArgument(_))),
+        "a short id is refused"
+    );
+    let a = register(1, 128).await.unwrap().worker_id;
+    let b = register(2, 128).await.unwrap().worker_id;
+    // A TCP worker cannot join an NCCL job.
+    assert!(matches!(
+        h.register("127.0.0.1:5003").await,
+        Err(DriverError::FailedPrecondition(_))
+    ));
+    let mut ia = h.attach(&a).await;
+    let mut ib = h.attach(&b).await;
+    let (C::World(wa), C::World(wb)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected World")
+    };
+    assert_eq!(wa.nccl_unique_id, vec![1; 128]);
+    assert_eq!(
+        wb.nccl_unique_id,
+        vec![1; 128],
+        "every rank gets rank 0's id"
+    );
+    // Ready must bring a fresh id for a later world.
+    assert!(matches!(
+        h.send(&a, ready(1)).await,
+        Err(DriverError::InvalidArgument(_))
+    ));
+    let fresh = |byte: u8| {
+        let Kind::Ready(mut r) = ready(1) else {
+            unreachable!()
+        };
+        r.next_nccl_unique_id = vec![byte; 128];
+        Kind::Ready(r)
+    };
+    h.send(&a, fresh(3)).await.unwrap();
+    h.send(&b, fresh(4)).await.unwrap();
+    let (C::Work(_), C::Work(_)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected Work")
+    };
+    // b's collective fails; the next world (the same two workers) uses a's fresh id, not the
+    // spent one.
+    let failed = Kind::Failed(v1::Failed {
+        generation: 1,
+        reason: "NCCL error".into(),
+    });
+    h.send(&b, failed).await.unwrap();
+    let C::Stop(_) = next(&mut ia).await else {
+        panic!("expected Stop")
+    };
+    let C::World(w2) = next(&mut ia).await else {
+        panic!("expected World")
+    };
+    assert_eq!((w2.generation, w2.rank), (2, 0));
+    assert_eq!(w2.nccl_unique_id, vec![3; 128]);
 }

@@ -18,8 +18,9 @@ use stagecoach_proto::v1::workers_client::WorkersClient;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::collective::nccl::{self, Nccl};
 use crate::collective::tcp::{TcpConfig, TcpRing};
-use crate::collective::Collective;
+use crate::collective::{Collective, CollectiveError};
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::Metrics;
 use crate::train::Trainer;
@@ -99,11 +100,19 @@ async fn session(opts: JoinOptions) -> Result<()> {
     })?;
     let mut client = WorkersClient::new(channel);
     let name = format!("{}:{}", hostname(), std::process::id());
+    // The device decides the collective: NCCL between GPUs (its unique id travels through the
+    // coordinator), the TCP ring between CPU workers.
+    let device = crate::device::parse(opts.device.as_deref().unwrap_or("cpu"))?;
+    let (backend, nccl_unique_id) = match device {
+        tch::Device::Cuda(_) => (v1::CollectiveBackend::Nccl, fresh_nccl_id()?),
+        _ => (v1::CollectiveBackend::Tcp, Vec::new()),
+    };
     let reg = client
         .register(v1::RegisterRequest {
             name,
-            backend: v1::CollectiveBackend::Tcp.into(),
+            backend: backend.into(),
             collective_address: address.to_string(),
+            nccl_unique_id,
         })
         .await
         .map_err(|e| rpc("register", e))?
@@ -116,7 +125,6 @@ async fn session(opts: JoinOptions) -> Result<()> {
 
     let (up_tx, up_rx) = mpsc::channel::<v1::WorkerMessage>(64);
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(16);
-    let device = crate::device::parse(opts.device.as_deref().unwrap_or(&job.device))?;
     let trainer = {
         let (id, up, out) = (worker_id.clone(), up_tx.clone(), opts.metrics_out.clone());
         std::thread::Builder::new()
@@ -196,6 +204,52 @@ async fn session(opts: JoinOptions) -> Result<()> {
     outcome.and(trained)
 }
 
+fn fresh_nccl_id() -> Result<Vec<u8>> {
+    Ok(nccl::unique_id()
+        .map_err(|e| Error::Collective(e.to_string()))?
+        .to_vec())
+}
+
+/// Joins the world `w` with the backend of `device`.
+fn connect(
+    w: &v1::World,
+    device: tch::Device,
+    listener: &TcpListener,
+    timeout: Duration,
+) -> Result<Box<dyn Collective>> {
+    let collective = |e: CollectiveError| Error::Collective(e.to_string());
+    if let tch::Device::Cuda(index) = device {
+        let id: [u8; nccl::UNIQUE_ID_BYTES] =
+            w.nccl_unique_id.as_slice().try_into().map_err(|_| {
+                Error::Collective(format!(
+                    "the world carries a {}-byte NCCL id",
+                    w.nccl_unique_id.len()
+                ))
+            })?;
+        let comm = Nccl::new(w.rank as usize, w.world_size as usize, &id, index, timeout)
+            .map_err(collective)?;
+        return Ok(Box::new(comm));
+    }
+    let peers = w
+        .peers
+        .iter()
+        .map(|p| {
+            p.parse::<SocketAddr>()
+                .map_err(|e| Error::Collective(format!("peer address {p:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let l = listener.try_clone().at("collective listener")?;
+    let ring = TcpRing::connect(
+        w.rank as usize,
+        w.world_size as usize,
+        l,
+        &peers,
+        TcpConfig::new(w.generation, timeout),
+    )
+    .map_err(collective)?;
+    Ok(Box::new(ring))
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -245,33 +299,17 @@ fn trainer_thread(
         })
         .collect();
     let timeout = Duration::from_millis(job.collective_timeout_ms.max(100));
-    let mut ring: Option<(u64, TcpRing)> = None;
+    let mut ring: Option<(u64, Box<dyn Collective>)> = None;
     let mut steps_taken = 0u64;
     let mut synced = false;
     while let Some(cmd) = commands.blocking_recv() {
         match cmd {
             Command::World(w) => {
                 ring = None;
-                let joined = (|| -> Result<TcpRing> {
-                    let peers = w
-                        .peers
-                        .iter()
-                        .map(|p| {
-                            p.parse::<SocketAddr>()
-                                .map_err(|e| Error::Collective(format!("peer address {p:?}: {e}")))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    let l = listener.try_clone().at("collective listener")?;
-                    let mut r = TcpRing::connect(
-                        w.rank as usize,
-                        w.world_size as usize,
-                        l,
-                        &peers,
-                        TcpConfig::new(w.generation, timeout),
-                    )
-                    .map_err(|e| Error::Collective(e.to_string()))?;
+                let joined = (|| -> Result<Box<dyn Collective>> {
+                    let mut r = connect(&w, device, &listener, timeout)?;
                     if !synced {
-                        trainer.broadcast_parameters(&mut r)?;
+                        trainer.broadcast_parameters(r.as_mut())?;
                     }
                     Ok(r)
                 })();
@@ -286,10 +324,15 @@ fn trainer_thread(
                         );
                         ring = Some((w.generation, r));
                         prom.joined(w.generation, w.rank);
+                        let next_nccl_unique_id = match device {
+                            tch::Device::Cuda(_) => fresh_nccl_id()?,
+                            _ => Vec::new(),
+                        };
                         send(v1::worker_message::Kind::Ready(v1::Ready {
                             generation: w.generation,
                             sources: sizes.clone(),
                             step: steps_taken,
+                            next_nccl_unique_id,
                         }));
                     }
                     Err(e) => {
@@ -324,7 +367,7 @@ fn trainer_thread(
                     .map(|s| (s.source as usize, s.index))
                     .collect();
                 let rank = r.rank();
-                match trainer.step(&samples, work.global_batch as usize, work.lr, r) {
+                match trainer.step(&samples, work.global_batch as usize, work.lr, r.as_mut()) {
                     Ok(res) => {
                         steps_taken += 1;
                         prom.step_done(

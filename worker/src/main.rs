@@ -54,7 +54,8 @@ enum Command {
         /// Where to accept the collective's ring neighbour (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
-        /// cpu, cuda or cuda:N (overrides the job's device).
+        /// cpu (workers all-reduce over a TCP ring) or cuda / cuda:N (NCCL, its unique id
+        /// relayed by the coordinator).
         #[arg(long)]
         device: Option<String>,
         /// Write one JSON record per trained step (with its samples) to this file.
