@@ -97,3 +97,37 @@ pub fn coordinator_with_metrics(job: &Path, state: &Path, log: &Path) -> (Proc, 
     let metrics = line("metrics on ");
     (p, format!("http://{addr}"), metrics)
 }
+
+/// Writes a small demo corpus (300 training documents per domain) under `dir/data`.
+pub fn demo_corpus(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    let out = Command::new(bin("stagecoach-worker"))
+        .args([
+            "demo-corpus",
+            "--docs",
+            "300",
+            "--valid-docs",
+            "5",
+            "--output",
+        ])
+        .arg(&data)
+        .output()
+        .expect("run stagecoach-worker demo-corpus");
+    assert!(
+        out.status.success(),
+        "demo-corpus failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    data
+}
+
+/// Starts `stagecoach-worker join` against `url`, logging to `dir/NAME.log`, with `extra`
+/// arguments.
+pub fn join_worker(url: &str, dir: &Path, name: &str, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(bin("stagecoach-worker"));
+    cmd.args(["join", "--coordinator", url])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).expect("worker log"));
+    Proc::spawn("stagecoach-worker", &mut cmd)
+}

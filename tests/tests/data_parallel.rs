@@ -3,12 +3,11 @@
 //! ledger shows every sample of the plan's prefix trained exactly once.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use stagecoach_coordinator::ledger::StoreLedger;
 use stagecoach_coordinator::plan::Plan;
-use stagecoach_e2e::{bin, coordinator, Proc};
+use stagecoach_e2e::{coordinator, demo_corpus, join_worker, Proc};
 
 const STEPS: u64 = 20;
 
@@ -63,12 +62,13 @@ fn run(dir: &Path, data: &Path, n: u32) -> (Vec<LedgerStep>, Vec<Trained>) {
     let (mut coord, url) = coordinator(&job, &state, &dir.join(format!("coordinator-{n}.log")));
     let mut workers: Vec<Proc> = (0..n)
         .map(|i| {
-            let mut cmd = Command::new(bin("stagecoach-worker"));
-            cmd.args(["join", "--coordinator", &url, "--metrics-out"])
-                .arg(dir.join(format!("worker-{n}-{i}.jsonl")))
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join(format!("worker-{n}-{i}.log"))).unwrap());
-            Proc::spawn("stagecoach-worker", &mut cmd)
+            let metrics = dir.join(format!("worker-{n}-{i}.jsonl"));
+            join_worker(
+                &url,
+                dir,
+                &format!("worker-{n}-{i}"),
+                &["--metrics-out", metrics.to_str().unwrap()],
+            )
         })
         .collect();
     let status = coord.wait(Duration::from_secs(300));
@@ -117,24 +117,7 @@ fn run(dir: &Path, data: &Path, n: u32) -> (Vec<LedgerStep>, Vec<Trained>) {
 #[test]
 fn two_workers_match_one_and_the_ledger_is_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let out = Command::new(bin("stagecoach-worker"))
-        .args([
-            "demo-corpus",
-            "--docs",
-            "300",
-            "--valid-docs",
-            "5",
-            "--output",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let data = demo_corpus(dir.path());
 
     let (one, _) = run(dir.path(), &data, 1);
     let (two, trained) = run(dir.path(), &data, 2);

@@ -3,11 +3,11 @@
 //! with the survivor, the job completes, and the ledger still holds every step's samples once.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use stagecoach_coordinator::ledger::StoreLedger;
-use stagecoach_e2e::{bin, coordinator, Proc};
+use stagecoach_e2e::{bin, coordinator, demo_corpus, join_worker, Proc};
 
 const STEPS: u64 = 40;
 const COLLECTIVE_TIMEOUT_MS: u64 = 5000;
@@ -30,24 +30,7 @@ fn lines(path: &Path) -> usize {
 fn killing_a_worker_moves_the_job_to_a_new_generation_and_it_completes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let data = d.join("data");
-    let out = Command::new(bin("stagecoach-worker"))
-        .args([
-            "demo-corpus",
-            "--docs",
-            "300",
-            "--valid-docs",
-            "5",
-            "--output",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let data = demo_corpus(d);
     let job = d.join("job.toml");
     std::fs::write(
         &job,
@@ -85,12 +68,13 @@ collective_timeout_ms = {COLLECTIVE_TIMEOUT_MS}
     let (mut coord, url) = coordinator(&job, &state, &d.join("coordinator.log"));
     let mut workers: Vec<Proc> = (0..2)
         .map(|i| {
-            let mut cmd = Command::new(bin("stagecoach-worker"));
-            cmd.args(["join", "--coordinator", &url, "--metrics-out"])
-                .arg(d.join(format!("worker-{i}.jsonl")))
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(d.join(format!("worker-{i}.log"))).unwrap());
-            Proc::spawn("stagecoach-worker", &mut cmd)
+            let metrics = d.join(format!("worker-{i}.jsonl"));
+            join_worker(
+                &url,
+                d,
+                &format!("worker-{i}"),
+                &["--metrics-out", metrics.to_str().unwrap()],
+            )
         })
         .collect();
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use stagecoach_e2e::{bin, coordinator_with_metrics, Proc};
+use stagecoach_e2e::{coordinator_with_metrics, demo_corpus, join_worker, Proc};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 const PHASES: [&str; 4] = ["data", "forward_backward", "allreduce", "optimizer"];
@@ -190,24 +190,7 @@ fn prometheus_scrapes_the_job_and_both_workers() {
     );
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let data = d.join("data");
-    let out = Command::new(bin("stagecoach-worker"))
-        .args([
-            "demo-corpus",
-            "--docs",
-            "300",
-            "--valid-docs",
-            "5",
-            "--output",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let data = demo_corpus(d);
 
     let job = job_file(d, &data);
     let (_coord, url, coord_metrics) =
@@ -217,17 +200,12 @@ fn prometheus_scrapes_the_job_and_both_workers() {
     let mut worker_metrics = Vec::new();
     for i in 0..2 {
         let log = d.join(format!("worker-{i}.log"));
-        let mut cmd = Command::new(bin("stagecoach-worker"));
-        cmd.args([
-            "join",
-            "--coordinator",
+        workers.push(join_worker(
             &url,
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-        workers.push(Proc::spawn("stagecoach-worker", &mut cmd));
+            d,
+            &format!("worker-{i}"),
+            &["--metrics-listen", "127.0.0.1:0"],
+        ));
         worker_metrics.push(worker_metrics_url(&log, deadline));
     }
 
