@@ -31,7 +31,7 @@ done
 # Progress: what the coordinator decides, as it happens.
 tail -n +1 -f "$run/coordinator.log" --pid "$coord" \
   | grep --line-buffered -E "forming a world|world running|step committed|generation ended|job finished|job failed" \
-  | sed -u -E 's/^[^ ]+ +[A-Z]+ +[a-z_:]+: //' &
+  | sed -u -E 's/^[^ ]+ +[A-Z]+ +([a-z_]+\{[^}]*\}: )?[a-z_:]+: //' &
 pids+=("$!")
 status=0
 wait "$coord" || status=$?

@@ -268,6 +268,7 @@ fn trainer_thread(
     metrics_out: Option<PathBuf>,
     prom: Arc<Metrics>,
 ) -> Result<()> {
+    let _span = tracing::info_span!("trainer", job = %job.name, worker = %worker_id).entered();
     let send = |kind: v1::worker_message::Kind| {
         let _ = up.blocking_send(v1::WorkerMessage {
             worker_id: worker_id.clone(),

@@ -105,7 +105,8 @@ async fn main() -> anyhow::Result<()> {
         job.job.name.clone(),
         DriverHandle { events, snapshot },
     ));
-    let driver_task = tokio::spawn(driver.run(rx));
+    let span = tracing::info_span!("job", job = %job.job.name);
+    let driver_task = tokio::spawn(tracing::Instrument::instrument(driver.run(rx), span));
     // Serve until a signal, or until the job is over (after a moment for workers to hear it).
     let over = async move {
         let _ = finished
