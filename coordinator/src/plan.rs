@@ -62,13 +62,15 @@ impl Plan {
         if let Some(i) = (0..sizes.len()).find(|&i| weights[i] > 0.0 && sizes[i] == 0) {
             return Err(PlanError::EmptySource(i));
         }
-        let n = sizes.len();
+        // The weights have held since the start of the job, so the round-robin's counts are the
+        // cursors: a plan rebuilt from its cursors continues exactly where the old one was.
+        let taken = cursors.clone();
         Ok(Plan {
             weights,
             sizes,
             seed,
             cursors,
-            taken: vec![0; n],
+            taken,
         })
     }
 
@@ -188,6 +190,22 @@ mod tests {
         assert_eq!(sorted, (0..70).collect::<Vec<_>>());
         let mut again = Plan::new(vec![0.7, 0.3], vec![70, 50], 9, vec![0, 0]).unwrap();
         assert_eq!(again.take(100), picks);
+    }
+
+    #[test]
+    fn a_plan_rebuilt_from_its_cursors_continues_exactly() {
+        let mut whole = Plan::new(vec![0.5, 0.3, 0.2], vec![40, 30, 20], 5, vec![0; 3]).unwrap();
+        let mut first = Plan::new(vec![0.5, 0.3, 0.2], vec![40, 30, 20], 5, vec![0; 3]).unwrap();
+        let _ = whole.take(37);
+        let _ = first.take(37);
+        let mut resumed = Plan::new(
+            vec![0.5, 0.3, 0.2],
+            vec![40, 30, 20],
+            5,
+            first.cursors().to_vec(),
+        )
+        .unwrap();
+        assert_eq!(resumed.take(200), whole.take(200));
     }
 
     #[test]
