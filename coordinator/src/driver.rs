@@ -35,9 +35,10 @@ pub enum Event {
         request: v1::RegisterRequest,
         reply: oneshot::Sender<Result<v1::RegisterResponse, DriverError>>,
     },
-    /// A session opened for `worker_id`; messages for it go to `outbox`.
+    /// Session `session` opened for `worker_id`; messages for it go to `outbox`.
     Attach {
         worker_id: String,
+        session: u64,
         outbox: mpsc::Sender<v1::CoordinatorMessage>,
         reply: oneshot::Sender<Result<(), DriverError>>,
     },
@@ -46,8 +47,9 @@ pub enum Event {
         kind: v1::worker_message::Kind,
         reply: oneshot::Sender<Result<(), DriverError>>,
     },
-    /// The session stream of `worker_id` ended (its lease still decides whether it is dead).
-    Detach { worker_id: String },
+    /// Session `session` of `worker_id` ended (its lease still decides whether it is dead); a
+    /// newer session of the same worker is left alone.
+    Detach { worker_id: String, session: u64 },
 }
 
 /// Why the driver refused an event; the service maps these onto gRPC codes.
@@ -98,6 +100,8 @@ struct Member {
     /// An unused NCCL unique id from this worker, for a world where it is rank 0.
     nccl_id: Vec<u8>,
     outbox: Option<mpsc::Sender<v1::CoordinatorMessage>>,
+    /// The session `outbox` belongs to.
+    session: u64,
     lease_until: Instant,
 }
 
@@ -210,6 +214,7 @@ impl Driver {
             }
             Event::Attach {
                 worker_id,
+                session,
                 outbox,
                 reply,
             } => {
@@ -217,6 +222,7 @@ impl Driver {
                     None => Err(DriverError::UnknownWorker(worker_id)),
                     Some(m) => {
                         m.outbox = Some(outbox);
+                        m.session = session;
                         m.lease_until = Instant::now() + self.settings.lease;
                         Ok(())
                     }
@@ -235,8 +241,12 @@ impl Driver {
                 let r = self.message(&worker_id, kind).await;
                 let _ = reply.send(r);
             }
-            Event::Detach { worker_id } => {
-                if let Some(m) = self.members.get_mut(&worker_id) {
+            Event::Detach { worker_id, session } => {
+                if let Some(m) = self
+                    .members
+                    .get_mut(&worker_id)
+                    .filter(|m| m.session == session)
+                {
                     m.outbox = None;
                 }
             }
@@ -287,6 +297,7 @@ impl Driver {
                 backend,
                 nccl_id: request.nccl_unique_id,
                 outbox: None,
+                session: 0,
                 lease_until: Instant::now() + self.settings.lease,
             },
         );

@@ -19,11 +19,16 @@ const OUTBOX: usize = 256;
 #[derive(Clone)]
 pub struct WorkersService {
     events: mpsc::Sender<Event>,
+    /// Numbers sessions, so that the end of an old session never detaches a newer one.
+    sessions: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl WorkersService {
     pub fn new(events: mpsc::Sender<Event>) -> Self {
-        WorkersService { events }
+        WorkersService {
+            events,
+            sessions: Default::default(),
+        }
     }
 }
 
@@ -92,8 +97,12 @@ impl Workers for WorkersService {
         let (outbox, mut from_driver) = mpsc::channel(OUTBOX);
         let (out_tx, out_rx) = mpsc::channel::<Result<v1::CoordinatorMessage, Status>>(OUTBOX);
         let id = worker_id.clone();
+        let session = 1 + self
+            .sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ask(&self.events, |reply| Event::Attach {
             worker_id: id,
+            session,
             outbox,
             reply,
         })
@@ -135,7 +144,7 @@ impl Workers for WorkersService {
             if let Err(status) = result {
                 let _ = out_tx.send(Err(status)).await;
             }
-            let _ = events.send(Event::Detach { worker_id }).await;
+            let _ = events.send(Event::Detach { worker_id, session }).await;
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(out_rx),

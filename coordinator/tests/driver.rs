@@ -43,6 +43,8 @@ impl Ledger for MemLedger {
 
 struct Harness {
     events: mpsc::Sender<Event>,
+    /// The last session number used by `attach`.
+    sessions: std::cell::Cell<u64>,
     snapshot: watch::Receiver<Snapshot>,
     ledger: MemLedger,
 }
@@ -66,6 +68,7 @@ impl Harness {
         tokio::spawn(driver.run(rx));
         Harness {
             events,
+            sessions: Default::default(),
             snapshot,
             ledger,
         }
@@ -89,9 +92,11 @@ impl Harness {
     async fn attach(&self, id: &str) -> mpsc::Receiver<v1::CoordinatorMessage> {
         let (outbox, inbox) = mpsc::channel(64);
         let (reply, rx) = oneshot::channel();
+        self.sessions.set(self.sessions.get() + 1);
         self.events
             .send(Event::Attach {
                 worker_id: id.into(),
+                session: self.sessions.get(),
                 outbox,
                 reply,
             })
@@ -434,4 +439,28 @@ async fn nccl_worlds_carry_rank_0s_unique_id_and_each_id_serves_one_world() {
     };
     assert_eq!((w2.generation, w2.rank), (2, 0));
     assert_eq!(w2.nccl_unique_id, vec![3; 128]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_end_of_an_old_session_does_not_detach_a_newer_one() {
+    use v1::coordinator_message::Kind as C;
+    let h = Harness::start();
+    let a = h.register("127.0.0.1:5001").await.unwrap().worker_id;
+    let b = h.register("127.0.0.1:5002").await.unwrap().worker_id;
+    let _old = h.attach(&a).await; // session 1
+    let mut ia = h.attach(&a).await; // session 2 replaces it
+    let old_session = h.sessions.get() - 1;
+    h.events
+        .send(Event::Detach {
+            worker_id: a.clone(),
+            session: old_session,
+        })
+        .await
+        .unwrap();
+    let mut ib = h.attach(&b).await;
+    // a is still attached through its new session, so the world forms with both.
+    let (C::World(wa), C::World(wb)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected World")
+    };
+    assert_eq!((wa.world_size, wb.world_size), (2, 2));
 }
