@@ -696,7 +696,11 @@ impl Driver {
     }
 
     fn finish(&mut self) {
-        info!(step = self.step, loss = ?self.loss, "job finished");
+        info!(
+            step = self.step,
+            loss = self.loss.unwrap_or(f64::NAN),
+            "job finished"
+        );
         self.state = v1::JobState::Finished;
         self.detail = format!("finished at step {}", self.step);
         self.stop_all(v1::StopReason::JobFinished);
