@@ -131,3 +131,52 @@ pub fn join_worker(url: &str, dir: &Path, name: &str, extra: &[&str]) -> Proc {
         .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).expect("worker log"));
     Proc::spawn("stagecoach-worker", &mut cmd)
 }
+
+/// Writes `dir/FILE`: a job named `name` training the micro preset on the three-domain demo
+/// corpus at `data` for `steps` steps (global batch 8, micro-batches of 4, seq_len 64) with
+/// exactly `workers` workers.
+pub fn micro_job(
+    dir: &Path,
+    file: &str,
+    name: &str,
+    data: &Path,
+    steps: u64,
+    workers: u32,
+) -> PathBuf {
+    let text = format!(
+        r#"
+[job]
+name = "{name}"
+[model]
+preset = "micro"
+[schedule]
+peak_lr = 3e-3
+warmup_steps = 4
+decay_steps = 4
+[data]
+seq_len = 64
+global_batch = 8
+micro_batch_size = 4
+seed = 3
+sources = [
+  {{ name = "prose", path = "{d}/prose/train", weight = 0.5 }},
+  {{ name = "math", path = "{d}/math/train", weight = 0.3 }},
+  {{ name = "code", path = "{d}/code/train", weight = 0.2 }},
+]
+[train]
+steps = {steps}
+threads = 1
+log_every = 5
+[workers]
+min = {workers}
+max = {workers}
+lease_ms = 5000
+heartbeat_ms = 200
+collective_timeout_ms = 5000
+"#,
+        d = data.display()
+    );
+    let path = dir.join(file);
+    std::fs::write(&path, text).expect("write the job file");
+    path
+}

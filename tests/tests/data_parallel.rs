@@ -7,48 +7,9 @@ use std::time::Duration;
 
 use stagecoach_coordinator::ledger::StoreLedger;
 use stagecoach_coordinator::plan::Plan;
-use stagecoach_e2e::{coordinator, demo_corpus, join_worker, Proc};
+use stagecoach_e2e::{coordinator, demo_corpus, join_worker, micro_job, Proc};
 
 const STEPS: u64 = 20;
-
-fn job_file(dir: &Path, data: &Path, workers: u32) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-[job]
-name = "dp"
-[model]
-preset = "micro"
-[schedule]
-peak_lr = 3e-3
-warmup_steps = 4
-decay_steps = 4
-[data]
-seq_len = 64
-global_batch = 8
-micro_batch_size = 4
-seed = 3
-sources = [
-  {{ name = "prose", path = "{d}/prose/train", weight = 0.5 }},
-  {{ name = "math", path = "{d}/math/train", weight = 0.3 }},
-  {{ name = "code", path = "{d}/code/train", weight = 0.2 }},
-]
-[train]
-steps = {STEPS}
-threads = 1
-log_every = 5
-[workers]
-min = {workers}
-max = {workers}
-lease_ms = 5000
-heartbeat_ms = 200
-collective_timeout_ms = 5000
-"#,
-        d = data.display()
-    );
-    let path = dir.join(format!("job-{workers}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 /// A ledger step: its global loss and its samples (source, index).
 type LedgerStep = (f64, Vec<(u32, u64)>);
@@ -57,7 +18,7 @@ type Trained = Vec<(usize, u64)>;
 
 /// Runs the job with `n` workers; returns the ledger's steps and each worker's trained samples.
 fn run(dir: &Path, data: &Path, n: u32) -> (Vec<LedgerStep>, Vec<Trained>) {
-    let job = job_file(dir, data, n);
+    let job = micro_job(dir, &format!("job-{n}.toml"), "dp", data, STEPS, n);
     let state = dir.join(format!("state-{n}"));
     let (mut coord, url) = coordinator(&job, &state, &dir.join(format!("coordinator-{n}.log")));
     let mut workers: Vec<Proc> = (0..n)

@@ -9,50 +9,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use stagecoach_e2e::{coordinator_with_metrics, demo_corpus, join_worker, Proc};
+use stagecoach_e2e::{coordinator_with_metrics, demo_corpus, join_worker, micro_job, Proc};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 const PHASES: [&str; 4] = ["data", "forward_backward", "allreduce", "optimizer"];
-
-/// A job that outlasts the test (which kills it once Prometheus has seen what it needs).
-fn job_file(dir: &Path, data: &Path) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-[job]
-name = "prom"
-[model]
-preset = "micro"
-[schedule]
-peak_lr = 3e-3
-warmup_steps = 4
-decay_steps = 4
-[data]
-seq_len = 64
-global_batch = 8
-micro_batch_size = 4
-seed = 3
-sources = [
-  {{ name = "prose", path = "{d}/prose/train", weight = 0.5 }},
-  {{ name = "math", path = "{d}/math/train", weight = 0.3 }},
-  {{ name = "code", path = "{d}/code/train", weight = 0.2 }},
-]
-[train]
-steps = 100000
-threads = 1
-log_every = 1000
-[workers]
-min = 2
-max = 2
-lease_ms = 5000
-heartbeat_ms = 200
-collective_timeout_ms = 5000
-"#,
-        d = data.display()
-    );
-    let path = dir.join("job.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 /// `host:port` of a `http://host:port/metrics` URL.
 fn target(url: &str) -> String {
@@ -192,7 +152,8 @@ fn prometheus_scrapes_the_job_and_both_workers() {
     let d = dir.path();
     let data = demo_corpus(d);
 
-    let job = job_file(d, &data);
+    // A job that outlasts the test (which kills it once Prometheus has seen what it needs).
+    let job = micro_job(d, "job.toml", "prom", &data, 100_000, 2);
     let (_coord, url, coord_metrics) =
         coordinator_with_metrics(&job, &d.join("state"), &d.join("coordinator.log"));
     let deadline = Instant::now() + Duration::from_secs(60);
