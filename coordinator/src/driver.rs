@@ -21,9 +21,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::curriculum::{Curriculum, CurriculumError, StepPlan};
 use crate::metrics::Metrics;
-use crate::plan::{rank_slice, Plan, SampleId};
-use crate::schedule::Wsd;
+use crate::plan::{rank_slice, SampleId};
 
 /// Bytes of an NCCL unique id.
 const NCCL_ID_BYTES: usize = 128;
@@ -50,6 +50,47 @@ pub enum Event {
     /// Session `session` of `worker_id` ended (its lease still decides whether it is dead); a
     /// newer session of the same worker is left alone.
     Detach { worker_id: String, session: u64 },
+    /// A request from the control API.
+    Control {
+        request: ControlRequest,
+        reply: oneshot::Sender<Result<ControlReply, DriverError>>,
+    },
+}
+
+/// What the control API asks of the job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ControlRequest {
+    ListStages,
+    /// `stage: None`: the next stage.
+    ChangeStage {
+        stage: Option<String>,
+        requested_by: String,
+    },
+    SetMix {
+        stage: String,
+        weights: Vec<(String, f64)>,
+        requested_by: String,
+    },
+    Pause {
+        requested_by: String,
+    },
+    Resume {
+        requested_by: String,
+    },
+    Evaluate {
+        requested_by: String,
+    },
+}
+
+/// The driver's answer to a [`ControlRequest`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ControlReply {
+    Stages(v1::ListStagesResponse),
+    StageChanged(v1::ChangeStageResponse),
+    MixSet(v1::SetMixResponse),
+    Paused(v1::PauseResponse),
+    Resumed(v1::ResumeResponse),
+    Evaluating(v1::EvaluateResponse),
 }
 
 /// Why the driver refused an event; the service maps these onto gRPC codes.
@@ -61,12 +102,34 @@ pub enum DriverError {
     InvalidArgument(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    NotFound(String),
 }
 
-/// Where committed steps go (the sample ledger in the state store).
+impl From<CurriculumError> for DriverError {
+    fn from(e: CurriculumError) -> DriverError {
+        match e {
+            CurriculumError::NotFound(m) => DriverError::NotFound(m),
+            CurriculumError::Refused(m) => DriverError::FailedPrecondition(m),
+            e => DriverError::InvalidArgument(e.to_string()),
+        }
+    }
+}
+
+/// Where committed steps and the curriculum's record go (the state store).
 #[async_trait::async_trait]
 pub trait Ledger: Send + Sync {
     async fn commit(&self, step: &v1::LedgerStep) -> Result<(), String>;
+    /// Replaces the curriculum's durable record (mixture edits, transitions, evaluations).
+    async fn save_curriculum(&self, record: &v1::CurriculumRecord) -> Result<(), String>;
+}
+
+/// Where a restarted coordinator picks the job up: its last committed step and the
+/// curriculum's record.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    pub last: Option<v1::LedgerStep>,
+    pub record: Option<v1::CurriculumRecord>,
 }
 
 /// What a status query sees.
@@ -81,6 +144,18 @@ pub struct Snapshot {
     pub workers_alive: u32,
     pub world_size: u32,
     pub detail: String,
+    pub stage: String,
+    pub stage_index: u32,
+    pub stages: u32,
+    pub tokens: u64,
+    pub total_tokens: u64,
+    /// The stage the budget moves to next, and the step it starts at.
+    pub next_transition: Option<(String, u64)>,
+    pub seq_len: u32,
+    pub rope_theta: f64,
+    pub lr: f64,
+    /// Committed steps per second over the recent past.
+    pub steps_per_second: Option<f64>,
 }
 
 /// Membership and timing settings.
@@ -110,15 +185,52 @@ struct World {
     members: Vec<String>,
     ready: BTreeMap<String, v1::Ready>,
     running: bool,
-    /// The step in flight: its number, samples, and the reports received so far (by rank).
-    in_flight: Option<(u64, Vec<SampleId>, BTreeMap<u32, v1::StepDone>)>,
+    /// The step in flight: its plan and the reports received so far (by rank).
+    in_flight: Option<(StepPlan, BTreeMap<u32, v1::StepDone>)>,
+    /// The evaluation in flight.
+    eval: Option<EvalInFlight>,
+}
+
+struct EvalInFlight {
+    id: u64,
+    trigger: &'static str,
+    seq_len: u32,
+    /// Per rank, the samples it was sent (its report must cover exactly those).
+    sent: Vec<Vec<SampleId>>,
+    reports: BTreeMap<u32, v1::EvalDone>,
+}
+
+/// Committed steps per second over the last few commits.
+#[derive(Default)]
+struct StepRate {
+    times: std::collections::VecDeque<Instant>,
+}
+
+impl StepRate {
+    const WINDOW: usize = 20;
+
+    fn tick(&mut self) {
+        if self.times.len() == Self::WINDOW {
+            self.times.pop_front();
+        }
+        self.times.push_back(Instant::now());
+    }
+
+    fn reset(&mut self) {
+        self.times.clear();
+    }
+
+    fn per_second(&self) -> Option<f64> {
+        let (first, last) = (self.times.front()?, self.times.back()?);
+        let secs = last.duration_since(*first).as_secs_f64();
+        (self.times.len() >= 2 && secs > 0.0).then(|| (self.times.len() - 1) as f64 / secs)
+    }
 }
 
 /// The driver's state. Create with [`Driver::new`], run with [`Driver::run`].
 pub struct Driver {
     job: v1::JobSpec,
     settings: Settings,
-    schedule: Wsd,
     ledger: Box<dyn Ledger>,
     next_id: u64,
     members: BTreeMap<String, Member>,
@@ -130,11 +242,24 @@ pub struct Driver {
     forming_since: Option<Instant>,
     /// Why the last generation ended, shown while the next one forms.
     last_end: Option<String>,
-    /// The plan at the last committed step, and the one dispatching.
-    committed_plan: Option<Plan>,
-    plan: Option<Plan>,
-    /// Cursors to start the plan from once the sources' sizes are known.
-    resume_cursors: Option<Vec<u64>>,
+    /// The curriculum at the last committed step, and the one planning (built when the first
+    /// world is ready: it needs the sizes of the sources).
+    committed: Option<Curriculum>,
+    curriculum: Option<Curriculum>,
+    /// What to build it from after a restart.
+    resume: Option<Resume>,
+    /// Held-out tokens per source, from the workers.
+    eval_tokens: Vec<u64>,
+    /// Who paused the job, while it is paused.
+    paused: Option<String>,
+    /// Who asked for an evaluation that has not run yet.
+    eval_wanted: Option<String>,
+    /// The step of the last evaluation, so a boundary is evaluated once.
+    last_eval_step: Option<u64>,
+    next_eval_id: u64,
+    rate: StepRate,
+    lr: f64,
+    /// Steps committed (the next step to commit).
     step: u64,
     loss: Option<f64>,
     state: v1::JobState,
@@ -144,20 +269,30 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// A driver for `job`, resuming at `step` with per-source `cursors` (zeros for a new job).
+    /// A driver for `job`, picking it up where `resume` says (a new job without one).
     pub fn new(
         job: v1::JobSpec,
         settings: Settings,
         ledger: Box<dyn Ledger>,
-        step: u64,
-        cursors: Option<Vec<u64>>,
+        resume: Option<Resume>,
     ) -> Result<(Driver, watch::Receiver<Snapshot>), crate::spec::SpecError> {
-        let schedule = Wsd::from_job(&job)?;
+        crate::schedule::Wsd::from_job(&job)?;
+        if job.stages.is_empty() {
+            return Err(crate::spec::SpecError("the job has no stage".into()));
+        }
+        let step = resume
+            .as_ref()
+            .and_then(|r| r.last.as_ref())
+            .map_or(0, |l| l.step + 1);
+        let paused = resume
+            .as_ref()
+            .and_then(|r| r.record.as_ref())
+            .filter(|r| r.paused)
+            .map(|_| "a previous coordinator".to_owned());
         let (snapshot, rx) = watch::channel(Snapshot::default());
         let d = Driver {
             job,
             settings,
-            schedule,
             ledger,
             next_id: 1,
             members: BTreeMap::new(),
@@ -166,9 +301,16 @@ impl Driver {
             generation: 0,
             forming_since: None,
             last_end: None,
-            committed_plan: None,
-            plan: None,
-            resume_cursors: cursors,
+            committed: None,
+            curriculum: None,
+            resume,
+            eval_tokens: vec![],
+            paused,
+            eval_wanted: None,
+            last_eval_step: None,
+            next_eval_id: 1,
+            rate: StepRate::default(),
+            lr: 0.0,
             step,
             loss: None,
             state: v1::JobState::Waiting,
@@ -250,6 +392,10 @@ impl Driver {
                     m.outbox = None;
                 }
             }
+            Event::Control { request, reply } => {
+                let r = self.control(request).await;
+                let _ = reply.send(r);
+            }
         }
     }
 
@@ -323,8 +469,9 @@ impl Driver {
         member.lease_until = Instant::now() + self.settings.lease;
         match kind {
             Kind::Hello(_) | Kind::Heartbeat(_) => Ok(()),
-            Kind::Ready(ready) => self.ready(worker_id, ready),
+            Kind::Ready(ready) => self.ready(worker_id, ready).await,
             Kind::StepDone(done) => self.step_done(worker_id, done).await,
+            Kind::EvalDone(done) => self.eval_done(worker_id, done).await,
             Kind::Failed(f) => {
                 let current = self.world.as_ref().map(|w| w.generation);
                 if current == Some(f.generation) {
@@ -360,7 +507,7 @@ impl Driver {
             })
     }
 
-    fn ready(&mut self, worker_id: &str, ready: v1::Ready) -> Result<(), DriverError> {
+    async fn ready(&mut self, worker_id: &str, ready: v1::Ready) -> Result<(), DriverError> {
         self.rank_in(worker_id, ready.generation)?;
         if ready.sources.len() != self.job.sources.len() {
             return Err(DriverError::InvalidArgument(format!(
@@ -381,13 +528,13 @@ impl Driver {
         let world = self.world.as_mut().expect("checked by rank_in");
         world.ready.insert(worker_id.to_owned(), ready);
         if world.ready.len() == world.members.len() && !world.running {
-            self.start_world();
+            self.start_world().await;
         }
         Ok(())
     }
 
-    /// Everyone is ready: check they agree, build the plan, dispatch the first step.
-    fn start_world(&mut self) {
+    /// Everyone is ready: check they agree, build the curriculum, dispatch the first step.
+    async fn start_world(&mut self) {
         let world = self.world.as_ref().expect("a world");
         let first = world.ready.values().next().expect("members");
         for (id, r) in &world.ready {
@@ -406,19 +553,32 @@ impl Driver {
                 return self.fail(msg);
             }
         }
-        if self.plan.is_none() {
-            let weights = self.job.sources.iter().map(|s| s.weight).collect();
-            let sizes = first.sources.iter().map(|s| s.num_samples).collect();
-            let cursors = self
-                .resume_cursors
-                .take()
-                .unwrap_or_else(|| vec![0; self.job.sources.len()]);
-            match Plan::new(weights, sizes, self.job.data_seed, cursors) {
-                Ok(p) => {
-                    self.committed_plan = Some(p.clone());
-                    self.plan = Some(p);
+        if self.curriculum.is_none() {
+            let tokens: Vec<u64> = first.sources.iter().map(|s| s.num_tokens).collect();
+            self.eval_tokens = first.sources.iter().map(|s| s.eval_tokens).collect();
+            let built = match self.resume.take() {
+                Some(Resume {
+                    last: Some(last),
+                    record,
+                }) => Curriculum::resume(&self.job, &tokens, &last, record.as_ref()),
+                _ => Curriculum::new(&self.job, &tokens),
+            };
+            match built {
+                Ok(c) => {
+                    if let Some(m) = &self.metrics {
+                        let spec = c.current_spec();
+                        m.stage_changed(&spec.name, c.current() as u32);
+                        if let Some(t) = c.transitions().last() {
+                            m.transition(t.cause());
+                        }
+                    }
+                    self.committed = Some(c.clone());
+                    self.curriculum = Some(c);
+                    if !self.save_record().await {
+                        return;
+                    }
                 }
-                Err(e) => return self.fail(format!("data mixture: {e}")),
+                Err(e) => return self.fail(format!("curriculum: {e}")),
             }
         }
         let world = self.world.as_mut().expect("a world");
@@ -426,63 +586,422 @@ impl Driver {
         self.state = v1::JobState::Running;
         self.detail.clear();
         self.last_end = None;
+        self.rate.reset();
         info!(
             generation = world.generation,
             world_size = world.members.len(),
             step = self.step,
             "world running"
         );
-        self.dispatch();
+        self.dispatch().await;
     }
 
-    /// Sends the next step's slices to every rank.
-    fn dispatch(&mut self) {
-        if self.step >= self.job.total_steps {
-            return self.finish();
+    /// Writes the curriculum's record; false (and the job failed) if the store refuses.
+    async fn save_record(&mut self) -> bool {
+        let Some(c) = &self.curriculum else {
+            return true;
+        };
+        let record = c.record(self.paused.is_some());
+        if let Err(e) = self.ledger.save_curriculum(&record).await {
+            self.fail(format!("cannot write the curriculum record: {e}"));
+            return false;
         }
-        let (Some(world), Some(plan)) = (self.world.as_mut(), self.plan.as_mut()) else {
+        true
+    }
+
+    /// What comes next in a running world: nothing while a step or an evaluation is in flight
+    /// or the job is paused; else an evaluation (asked for, or at a stage's end), a stage change,
+    /// the next step, or the end of the job.
+    async fn dispatch(&mut self) {
+        let Some(world) = self.world.as_ref() else {
             return;
         };
-        let batch = self.job.global_batch as usize;
-        let samples = plan.take(batch);
-        let lr = self.schedule.lr(self.step);
+        if !world.running || world.in_flight.is_some() || world.eval.is_some() {
+            return;
+        }
+        let Some(c) = self.curriculum.as_ref() else {
+            return;
+        };
+        let (finished, due) = (c.finished(), c.due());
+        let at_boundary = finished
+            || due
+                .as_ref()
+                .is_some_and(|d| d.cause != v1::TransitionCause::MixChange);
+        let evaluated_here = self.last_eval_step == Some(self.step);
+        if self.job.eval_samples > 0 && !evaluated_here {
+            if at_boundary {
+                let trigger = if self.eval_wanted.is_some() {
+                    "stage end, on demand"
+                } else {
+                    "stage end"
+                };
+                return self.start_eval(trigger);
+            }
+            if self.eval_wanted.is_some() {
+                return self.start_eval("on demand");
+            }
+        }
+        if finished {
+            return self.finish();
+        }
+        if let Some(who) = &self.paused {
+            if self.state != v1::JobState::Paused {
+                info!(step = self.step, by = %who, "paused");
+            }
+            self.state = v1::JobState::Paused;
+            self.detail = format!("paused by {who} after step {}", self.step);
+            return;
+        }
+        if let Some(change) = due {
+            let c = self.curriculum.as_mut().expect("checked");
+            match c.apply(change) {
+                Ok(t) => {
+                    info!(step = t.step, from = %t.from, to = %t.to, cause = ?t.cause(), by = %t.requested_by, detail = %t.detail, "stage transition");
+                    if let Some(m) = &self.metrics {
+                        m.stage_changed(&t.to, c.current() as u32);
+                        m.transition(t.cause());
+                    }
+                }
+                Err(e) => return self.fail(format!("stage transition: {e}")),
+            }
+            if !self.save_record().await {
+                return;
+            }
+        }
+        let c = self.curriculum.as_mut().expect("checked");
+        let plan = c.plan_step();
+        self.lr = plan.lr;
+        let world = self.world.as_mut().expect("checked");
+        let batch = plan.samples.len();
         let n = world.members.len();
         for (rank, id) in world.members.iter().enumerate() {
-            let slice = &samples[rank_slice(batch, n, rank)];
             let work = v1::Work {
                 generation: world.generation,
-                step: self.step,
-                samples: slice
-                    .iter()
-                    .map(|s| v1::SampleRef {
-                        source: s.source as u32,
-                        index: s.index,
-                    })
-                    .collect(),
-                lr,
-                global_batch: batch as u32,
+                step: plan.step,
+                samples: refs(&plan.samples[rank_slice(batch, n, rank)]),
+                lr: plan.lr,
+                global_batch: plan.global_batch,
+                stage: Some(plan.stage),
             };
             send(&self.members, id, v1::coordinator_message::Kind::Work(work));
         }
-        world.in_flight = Some((self.step, samples, BTreeMap::new()));
+        world.in_flight = Some((plan, BTreeMap::new()));
+    }
+
+    /// Sends every rank its share of the held-out samples (the first `eval_samples` windows of
+    /// each source's eval folder, the same every time so evaluations compare).
+    fn start_eval(&mut self, trigger: &'static str) {
+        let c = self.curriculum.as_ref().expect("a curriculum");
+        let seq_len = if self.job.eval_seq_len > 0 {
+            self.job.eval_seq_len
+        } else {
+            c.current_spec().seq_len
+        };
+        let len = u64::from(seq_len);
+        let mut samples = vec![];
+        for (source, &tokens) in self.eval_tokens.iter().enumerate() {
+            let n = (tokens.saturating_sub(1) / len).min(u64::from(self.job.eval_samples));
+            samples.extend((0..n).map(|k| SampleId {
+                source,
+                index: k * len,
+            }));
+        }
+        if samples.is_empty() {
+            warn!("no source has held-out data of {seq_len} tokens or more; not evaluating");
+            self.last_eval_step = Some(self.step);
+            self.eval_wanted = None;
+            return;
+        }
+        let world = self.world.as_mut().expect("a running world");
+        let id = self.next_eval_id;
+        self.next_eval_id += 1;
+        let n = world.members.len();
+        let micro = (self.job.micro_batch_tokens / len).max(1) as u32;
+        let sent: Vec<Vec<SampleId>> = (0..n)
+            .map(|rank| samples[rank_slice(samples.len(), n, rank)].to_vec())
+            .collect();
+        for (rank, id_) in world.members.iter().enumerate() {
+            let eval = v1::Evaluate {
+                generation: world.generation,
+                id,
+                seq_len,
+                rope_theta: c.current_spec().rope_theta,
+                micro_batch_size: micro,
+                samples: refs(&sent[rank]),
+            };
+            send(
+                &self.members,
+                id_,
+                v1::coordinator_message::Kind::Evaluate(eval),
+            );
+        }
+        info!(
+            step = self.step,
+            trigger,
+            samples = samples.len(),
+            "evaluating"
+        );
+        world.eval = Some(EvalInFlight {
+            id,
+            trigger,
+            seq_len,
+            sent,
+            reports: BTreeMap::new(),
+        });
+    }
+
+    async fn eval_done(&mut self, worker_id: &str, done: v1::EvalDone) -> Result<(), DriverError> {
+        let rank = self.rank_in(worker_id, done.generation)?;
+        let world = self.world.as_mut().expect("checked by rank_in");
+        let Some(eval) = world.eval.as_mut().filter(|e| e.id == done.id) else {
+            return Err(DriverError::FailedPrecondition(format!(
+                "no evaluation {} is in flight",
+                done.id
+            )));
+        };
+        if eval.reports.contains_key(&rank) {
+            return Err(DriverError::FailedPrecondition(format!(
+                "rank {rank} reported evaluation {} twice",
+                done.id
+            )));
+        }
+        let sent = &eval.sent[rank as usize];
+        let mut expected: BTreeMap<u32, u32> = BTreeMap::new();
+        for s in sent {
+            *expected.entry(s.source as u32).or_default() += 1;
+        }
+        let mut got: BTreeMap<u32, u32> = BTreeMap::new();
+        for l in &done.losses {
+            if !l.loss_sum.is_finite() {
+                return Err(DriverError::InvalidArgument(format!(
+                    "rank {rank} reports a validation loss of {} for source {}",
+                    l.loss_sum, l.source
+                )));
+            }
+            *got.entry(l.source).or_default() += l.samples;
+        }
+        got.retain(|_, n| *n > 0);
+        if got != expected {
+            return Err(DriverError::InvalidArgument(format!(
+                "rank {rank} reports samples per source {got:?} for evaluation {}, it was sent {expected:?}",
+                done.id
+            )));
+        }
+        eval.reports.insert(rank, done);
+        if eval.reports.len() < world.members.len() {
+            return Ok(());
+        }
+        let eval = world.eval.take().expect("in flight");
+        let mut sums = vec![(0.0f64, 0u32); self.job.sources.len()];
+        for r in eval.reports.values() {
+            for l in &r.losses {
+                if let Some(s) = sums.get_mut(l.source as usize) {
+                    s.0 += l.loss_sum;
+                    s.1 += l.samples;
+                }
+            }
+        }
+        let c = self.curriculum.as_mut().expect("a curriculum");
+        let losses: Vec<v1::SourceLoss> = sums
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, n))| *n > 0)
+            .map(|(i, (sum, n))| v1::SourceLoss {
+                source: self.job.sources[i].name.clone(),
+                loss: sum / f64::from(*n),
+                samples: *n,
+            })
+            .collect();
+        let evaluation = v1::Evaluation {
+            step: self.step,
+            stage: c.current_spec().name.clone(),
+            trigger: eval.trigger.into(),
+            seq_len: eval.seq_len,
+            losses,
+            unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        let summary: Vec<String> = evaluation
+            .losses
+            .iter()
+            .map(|l| format!("{}={:.4}", l.source, l.loss))
+            .collect();
+        info!(step = self.step, stage = %evaluation.stage, trigger = eval.trigger, losses = %summary.join(" "), "validation loss");
+        if let Some(m) = &self.metrics {
+            for l in &evaluation.losses {
+                m.validation_loss(&l.source, l.loss);
+            }
+        }
+        c.record_evaluation(evaluation.clone());
+        if let Some(committed) = self.committed.as_mut() {
+            committed.record_evaluation(evaluation);
+        }
+        self.last_eval_step = Some(self.step);
+        self.eval_wanted = None;
+        if self.save_record().await {
+            self.dispatch().await;
+        }
+        Ok(())
+    }
+
+    async fn control(&mut self, request: ControlRequest) -> Result<ControlReply, DriverError> {
+        if matches!(self.state, v1::JobState::Finished | v1::JobState::Failed)
+            && request != ControlRequest::ListStages
+        {
+            return Err(DriverError::FailedPrecondition(format!(
+                "the job is over ({})",
+                self.detail
+            )));
+        }
+        let reply = match request {
+            ControlRequest::ListStages => {
+                // The committed copy: what it shows matches the committed steps.
+                let stages = match &self.committed {
+                    Some(c) => v1::ListStagesResponse {
+                        stages: c.stage_infos(),
+                        transitions: c.transitions().to_vec(),
+                        evaluations: c.evaluations().to_vec(),
+                        current: c.current() as u32,
+                        step: self.step,
+                    },
+                    // Not started yet: the plan as the job file gives it.
+                    None => v1::ListStagesResponse {
+                        stages: crate::curriculum::planned_stages(&self.job),
+                        current: 0,
+                        step: self.step,
+                        ..Default::default()
+                    },
+                };
+                return Ok(ControlReply::Stages(stages));
+            }
+            ControlRequest::ChangeStage {
+                stage,
+                requested_by,
+            } => {
+                self.started()?;
+                let c = self.curriculum.as_mut().expect("started");
+                let (from, to) = c.request_stage(stage.as_deref(), &requested_by)?;
+                let effective_step = c.step();
+                if let Some(committed) = self.committed.as_mut() {
+                    // Keeps the request if the step in flight is abandoned and planned again.
+                    let _ = committed.request_stage(stage.as_deref(), &requested_by);
+                }
+                info!(%from, %to, effective_step, by = %requested_by, "stage change requested");
+                ControlReply::StageChanged(v1::ChangeStageResponse {
+                    from,
+                    to,
+                    effective_step,
+                })
+            }
+            ControlRequest::SetMix {
+                stage,
+                weights,
+                requested_by,
+            } => {
+                self.started()?;
+                let c = self.curriculum.as_mut().expect("started");
+                let (index, aligned) = c.check_mix(&stage, &weights)?;
+                let effective = c.set_mix(index, aligned.clone(), &requested_by)?;
+                if let Some(committed) = self.committed.as_mut() {
+                    let _ = committed.set_mix(index, aligned, &requested_by);
+                }
+                if effective.is_some() {
+                    if let Some(m) = &self.metrics {
+                        m.transition(v1::TransitionCause::MixChange);
+                    }
+                }
+                info!(%stage, ?weights, by = %requested_by, "mixture changed");
+                if !self.save_record().await {
+                    return Err(DriverError::FailedPrecondition(self.detail.clone()));
+                }
+                ControlReply::MixSet(v1::SetMixResponse {
+                    effective_step: effective.unwrap_or(0),
+                })
+            }
+            ControlRequest::Pause { requested_by } => {
+                if self.paused.is_none() {
+                    info!(by = %requested_by, "pause requested");
+                    self.paused = Some(requested_by);
+                    if !self.save_record().await {
+                        return Err(DriverError::FailedPrecondition(self.detail.clone()));
+                    }
+                }
+                let in_flight = self.world.as_ref().is_some_and(|w| w.in_flight.is_some());
+                self.dispatch().await;
+                ControlReply::Paused(v1::PauseResponse {
+                    step: self.step + u64::from(in_flight),
+                })
+            }
+            ControlRequest::Resume { requested_by } => {
+                if self.paused.take().is_none() {
+                    return Err(DriverError::FailedPrecondition(
+                        "the job is not paused".into(),
+                    ));
+                }
+                info!(by = %requested_by, step = self.step, "resumed");
+                if self.state == v1::JobState::Paused {
+                    self.state = v1::JobState::Running;
+                    self.detail.clear();
+                }
+                self.rate.reset();
+                if !self.save_record().await {
+                    return Err(DriverError::FailedPrecondition(self.detail.clone()));
+                }
+                self.dispatch().await;
+                ControlReply::Resumed(v1::ResumeResponse { step: self.step })
+            }
+            ControlRequest::Evaluate { requested_by } => {
+                self.started()?;
+                if self.job.eval_samples == 0 {
+                    return Err(DriverError::FailedPrecondition(
+                        "the job has no held-out data: give sources an eval folder and [data] eval_samples".into(),
+                    ));
+                }
+                info!(by = %requested_by, "evaluation requested");
+                self.eval_wanted = Some(requested_by);
+                if self.last_eval_step == Some(self.step) {
+                    // A fresh evaluation of the same weights gives the same numbers; still, the
+                    // user asked: run it again.
+                    self.last_eval_step = None;
+                }
+                let busy = self.world.as_ref().is_some_and(|w| w.in_flight.is_some());
+                self.dispatch().await;
+                ControlReply::Evaluating(v1::EvaluateResponse {
+                    step: self.step + u64::from(busy),
+                })
+            }
+        };
+        Ok(reply)
+    }
+
+    /// The curriculum, or why there is none yet.
+    fn started(&self) -> Result<&Curriculum, DriverError> {
+        self.curriculum.as_ref().ok_or_else(|| {
+            DriverError::FailedPrecondition(format!(
+                "the curriculum starts when the first world is ready ({}); try again then",
+                self.detail
+            ))
+        })
     }
 
     async fn step_done(&mut self, worker_id: &str, done: v1::StepDone) -> Result<(), DriverError> {
         let rank = self.rank_in(worker_id, done.generation)?;
         let world = self.world.as_mut().expect("checked by rank_in");
         let n = world.members.len();
-        let Some((step, samples, reports)) = world.in_flight.as_mut() else {
+        let Some((plan, reports)) = world.in_flight.as_mut() else {
             return Err(DriverError::FailedPrecondition(
                 "no step is in flight".into(),
             ));
         };
-        if done.step != *step {
+        let step = plan.step;
+        if done.step != step {
             return Err(DriverError::FailedPrecondition(format!(
                 "report for step {}, but step {step} is in flight",
                 done.step
             )));
         }
-        let expected = rank_slice(samples.len(), n, rank as usize).len() as u32;
+        let expected = rank_slice(plan.samples.len(), n, rank as usize).len() as u32;
         if done.samples != expected {
             return Err(DriverError::InvalidArgument(format!(
                 "rank {rank} reports {} samples for step {step}, it was given {expected}",
@@ -505,51 +1024,54 @@ impl Driver {
             return Ok(());
         }
         let generation = world.generation;
-        let (step, samples, reports) = world.in_flight.take().expect("in flight");
-        if self.commit(generation, step, samples, &reports).await {
-            self.dispatch();
+        let (plan, reports) = world.in_flight.take().expect("in flight");
+        if self.commit(generation, plan, &reports).await {
+            self.dispatch().await;
         }
         Ok(())
     }
 
-    /// Commits `step` to the ledger with the loss over the reported samples; false (and the job
+    /// Commits a step to the ledger with the loss over the reported samples; false (and the job
     /// failed) if the ledger cannot be written.
     async fn commit(
         &mut self,
         generation: u64,
-        step: u64,
-        samples: Vec<SampleId>,
+        plan: StepPlan,
         reports: &BTreeMap<u32, v1::StepDone>,
     ) -> bool {
         let reported: u32 = reports.values().map(|r| r.samples).sum();
         let loss = reports.values().map(|r| r.loss_sum).sum::<f64>() / f64::from(reported.max(1));
-        let plan = self.plan.as_ref().expect("a plan while running");
+        let grad_norm = reports.values().next().map_or(0.0, |r| r.grad_norm);
+        let c = self
+            .curriculum
+            .as_ref()
+            .expect("a curriculum while running");
         let entry = v1::LedgerStep {
-            step,
-            samples: samples
-                .iter()
-                .map(|s| v1::SampleRef {
-                    source: s.source as u32,
-                    index: s.index,
-                })
-                .collect(),
-            cursors: plan.cursors().to_vec(),
+            step: plan.step,
+            samples: refs(&plan.samples),
+            cursors: c.cursors().to_vec(),
             loss,
             generation,
+            stage: plan.stage.index,
+            seq_len: plan.stage.seq_len,
+            stage_taken: c.taken().to_vec(),
+            grad_norm,
+            lr: plan.lr,
         };
         if let Err(e) = self.ledger.commit(&entry).await {
             self.fail(format!("cannot write the ledger: {e}"));
             return false;
         }
         if let Some(m) = &self.metrics {
-            m.step_committed(&self.job, &samples);
+            m.step_committed(&self.job, &plan.samples, plan.stage.seq_len);
         }
-        self.committed_plan = Some(plan.clone());
-        self.step = step + 1;
+        self.committed = Some(c.clone());
+        self.step = plan.step + 1;
         self.loss = Some(loss);
+        self.rate.tick();
         if self.step.is_multiple_of(self.job.log_every.max(1)) || self.step == self.job.total_steps
         {
-            info!(step = self.step, loss, generation, "step committed");
+            info!(step = self.step, loss, stage = %plan.stage_name, lr = plan.lr, generation, "step committed");
         }
         true
     }
@@ -625,6 +1147,7 @@ impl Driver {
             ready: BTreeMap::new(),
             running: false,
             in_flight: None,
+            eval: None,
         });
     }
 
@@ -655,17 +1178,20 @@ impl Driver {
         let Some(mut world) = self.world.take() else {
             return;
         };
-        if let Some((step, samples, reports)) = world.in_flight.take() {
+        if let Some((plan, reports)) = world.in_flight.take() {
             if !reports.is_empty() {
                 warn!(
-                    step,
+                    step = plan.step,
                     reported = reports.len(),
                     "committing the step in flight: a rank finished it"
                 );
-                if !self.commit(world.generation, step, samples, &reports).await {
+                if !self.commit(world.generation, plan, &reports).await {
                     return;
                 }
             }
+        }
+        if world.eval.take().is_some() {
+            warn!("the evaluation in flight is abandoned; it runs again in the next world");
         }
         warn!(generation = world.generation, reason, "generation ended");
         if let Some(m) = &self.metrics {
@@ -679,7 +1205,7 @@ impl Driver {
             };
             send(&self.members, id, v1::coordinator_message::Kind::Stop(stop));
         }
-        self.plan = self.committed_plan.clone();
+        self.curriculum = self.committed.clone();
         if !matches!(self.state, v1::JobState::Finished | v1::JobState::Failed) {
             self.state = v1::JobState::Waiting;
             self.detail = format!("generation {} ended: {reason}", world.generation);
@@ -734,6 +1260,8 @@ impl Driver {
     }
 
     fn publish(&self) {
+        let c = self.committed.as_ref();
+        let stage = c.map_or(&self.job.stages[0], |c| c.current_spec());
         let snapshot = Snapshot {
             state: self.state.into(),
             generation: self.generation,
@@ -743,6 +1271,24 @@ impl Driver {
             workers_alive: self.members.len() as u32,
             world_size: self.world.as_ref().map_or(0, |w| w.members.len() as u32),
             detail: self.detail.clone(),
+            stage: stage.name.clone(),
+            stage_index: c.map_or(0, |c| c.current() as u32),
+            stages: self.job.stages.len() as u32,
+            tokens: self.step * self.job.global_batch_tokens,
+            total_tokens: self.job.total_steps * self.job.global_batch_tokens,
+            next_transition: c.map_or_else(
+                || {
+                    self.job
+                        .stages
+                        .get(1)
+                        .map(|s| (s.name.clone(), self.job.stages[0].until_step))
+                },
+                |c| c.next_transition(),
+            ),
+            seq_len: stage.seq_len,
+            rope_theta: stage.rope_theta,
+            lr: self.lr,
+            steps_per_second: self.rate.per_second(),
         };
         if let Some(m) = &self.metrics {
             m.observe(&snapshot);
@@ -753,6 +1299,16 @@ impl Driver {
             changed
         });
     }
+}
+
+fn refs(samples: &[SampleId]) -> Vec<v1::SampleRef> {
+    samples
+        .iter()
+        .map(|s| v1::SampleRef {
+            source: s.source as u32,
+            index: s.index,
+        })
+        .collect()
 }
 
 /// Queues a message for a member; a full or closed outbox is logged (its lease decides its fate).

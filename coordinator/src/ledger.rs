@@ -34,6 +34,20 @@ impl StoreLedger {
         Ok(Some(decode(&key, &v.value)?))
     }
 
+    /// The curriculum's record, if one was written.
+    pub async fn curriculum(&self) -> Result<Option<v1::CurriculumRecord>, StoreError> {
+        let key = keys::curriculum(&self.job);
+        let Some(v) = self.store.get(&key).await? else {
+            return Ok(None);
+        };
+        v1::CurriculumRecord::decode(v.value.as_slice())
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                path: key.into(),
+                reason: format!("the curriculum record does not decode: {e}"),
+            })
+    }
+
     /// Every committed step, in order.
     pub async fn steps(&self) -> Result<Vec<v1::LedgerStep>, StoreError> {
         let entries = self.store.range(&keys::ledger_steps(&self.job)).await?;
@@ -67,5 +81,13 @@ impl Ledger for StoreLedger {
             Ok(false) => Err("the ledger transaction was refused".into()),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    async fn save_curriculum(&self, record: &v1::CurriculumRecord) -> Result<(), String> {
+        self.store
+            .put(&keys::curriculum(&self.job), record.encode_to_vec())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }

@@ -20,6 +20,7 @@
 //! (the user CLI).
 
 pub mod cli;
+pub mod curriculum;
 pub mod driver;
 pub mod error;
 pub mod keys;

@@ -1,17 +1,31 @@
 //! The deterministic global sample plan over a weighted mixture of sources.
 //!
+//! A source is one token stream (its `.ds` files in name order). It is cut into *blocks* of
+//! `block` tokens (the job's largest sequence length) and a sample of sequence length `L` is the
+//! `L + 1` tokens from a token offset; consecutive samples of a source advance by `L` (the
+//! windows overlap by one token, the target of one is the first input of the next). Because every
+//! stage's `L` divides `block`, a block tiles exactly into windows of any stage.
+//!
 //! Two decisions are made for each position of the global sample sequence:
 //! 1. *which source*: smooth weighted round-robin: the source whose count lags its share the
-//!    most (`weight * (n + 1) - taken`) goes next, so after `n` samples each source has had its
-//!    share to within one sample, with no randomness to drift;
-//! 2. *which sample of that source*: the source's cursor `c` maps through a seeded bijection of
-//!    `0..num_samples` (a Feistel network, re-keyed each epoch), so the order looks random, needs
-//!    no memory proportional to the corpus, and a cursor is all a resume needs.
+//!    most (`weight * (n + 1) - taken`) goes next, so after `n` samples of a mixture each source
+//!    has had its share to within one sample, with no randomness to drift;
+//! 2. *where in that source*: the source's cursor `c` (tokens consumed) names block `c / block`
+//!    of the source's shuffled block order (a Feistel bijection of the block indices, re-keyed
+//!    each epoch), and the offset `c % block` inside it. The order looks random, needs no memory
+//!    proportional to the corpus, and the cursor is all a resume needs.
 //!
-//! The state is the per-source cursors (and the counts under the current weights); identical
-//! state gives an identical future, whatever the world size that consumes it.
+//! Cursors are tokens, not samples, so they mean the same thing at every sequence length: a
+//! source used again in a later stage, at any `L`, continues where it stopped and never repeats
+//! a token within an epoch. When `L` grows and a cursor sits inside a block at an offset that is
+//! not a multiple of the new `L`, the rest of that block is skipped (at most `block - L` tokens
+//! per source per change of sequence length; never trained, never repeated).
+//!
+//! The state is the per-source cursors and the round-robin's counts under the current mixture;
+//! identical state gives an identical future, whatever the world size that consumes it.
 
-/// A sample of the plan: which source (index into the job's sources), which sample of it.
+/// A sample of the plan: which source (index into the job's sources) and the token offset it
+/// starts at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SampleId {
     pub source: usize,
@@ -19,64 +33,109 @@ pub struct SampleId {
 }
 
 /// The sample order over the sources, with per-source cursors.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    weights: Vec<f64>,
-    sizes: Vec<u64>,
     seed: u64,
-    /// Samples taken from each source since the start of the job.
+    /// Tokens per block (the largest sequence length of the job).
+    block: u64,
+    /// Whole blocks per source (the last window of a block reads one token past it).
+    blocks: Vec<u64>,
+    /// Tokens consumed from each source's shuffled stream since the start of the job.
     cursors: Vec<u64>,
-    /// Samples taken from each source under the current weights (the round-robin's state).
+    /// The current mixture and sequence length.
+    weights: Vec<f64>,
+    seq_len: u64,
+    /// Samples taken from each source under the current mixture (the round-robin's state).
     taken: Vec<u64>,
 }
 
-/// Why a plan cannot be built.
+/// Why a plan cannot be built or a mixture set.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlanError {
     #[error("the mixture has no source with a positive weight")]
     NoWeight,
-    #[error("source {0} has a positive weight but no sample")]
+    #[error("source {0} has a positive weight but fewer than one block of tokens")]
     EmptySource(usize),
-    #[error("{weights} weights for {sizes} sources")]
-    Mismatch { weights: usize, sizes: usize },
+    #[error("{got} values for {sources} sources")]
+    Mismatch { got: usize, sources: usize },
+    #[error("sequence length {seq_len} does not divide the block of {block} tokens")]
+    SeqLen { seq_len: u64, block: u64 },
 }
 
 impl Plan {
-    /// A plan over sources of `sizes` samples with `weights` (normalised here), starting at
-    /// `cursors` (all zero for a new job).
+    /// A plan over sources of `source_tokens` tokens, cut in blocks of `block` tokens, starting
+    /// at `cursors` (all zero for a new job). Set a mixture before drawing samples.
     pub fn new(
-        weights: Vec<f64>,
-        sizes: Vec<u64>,
         seed: u64,
+        block: u64,
+        source_tokens: &[u64],
         cursors: Vec<u64>,
     ) -> Result<Plan, PlanError> {
-        if weights.len() != sizes.len() || cursors.len() != sizes.len() {
+        if cursors.len() != source_tokens.len() {
             return Err(PlanError::Mismatch {
-                weights: weights.len(),
-                sizes: sizes.len(),
+                got: cursors.len(),
+                sources: source_tokens.len(),
             });
+        }
+        let block = block.max(1);
+        Ok(Plan {
+            seed,
+            block,
+            blocks: source_tokens
+                .iter()
+                .map(|&t| t.saturating_sub(1) / block)
+                .collect(),
+            weights: vec![0.0; cursors.len()],
+            seq_len: block,
+            taken: vec![0; cursors.len()],
+            cursors,
+        })
+    }
+
+    /// Draws from now on with `weights` (normalised here) at `seq_len`, the round-robin's counts
+    /// starting at `taken` (zeros for a new mixture; a resume passes the recorded counts).
+    pub fn set_mix(
+        &mut self,
+        weights: Vec<f64>,
+        seq_len: u64,
+        taken: Vec<u64>,
+    ) -> Result<(), PlanError> {
+        let n = self.cursors.len();
+        for got in [weights.len(), taken.len()] {
+            if got != n {
+                return Err(PlanError::Mismatch { got, sources: n });
+            }
         }
         if !weights.iter().any(|&w| w > 0.0) {
             return Err(PlanError::NoWeight);
         }
-        if let Some(i) = (0..sizes.len()).find(|&i| weights[i] > 0.0 && sizes[i] == 0) {
+        if let Some(i) = (0..n).find(|&i| weights[i] > 0.0 && self.blocks[i] == 0) {
             return Err(PlanError::EmptySource(i));
         }
-        // The weights have held since the start of the job, so the round-robin's counts are the
-        // cursors: a plan rebuilt from its cursors continues exactly where the old one was.
-        let taken = cursors.clone();
-        Ok(Plan {
-            weights,
-            sizes,
-            seed,
-            cursors,
-            taken,
-        })
+        if seq_len == 0 || !self.block.is_multiple_of(seq_len) {
+            return Err(PlanError::SeqLen {
+                seq_len,
+                block: self.block,
+            });
+        }
+        self.weights = weights;
+        self.seq_len = seq_len;
+        self.taken = taken;
+        Ok(())
     }
 
-    /// Samples consumed per source.
+    /// Tokens consumed per source.
     pub fn cursors(&self) -> &[u64] {
         &self.cursors
+    }
+
+    /// Samples drawn per source under the current mixture.
+    pub fn taken(&self) -> &[u64] {
+        &self.taken
+    }
+
+    pub fn seq_len(&self) -> u64 {
+        self.seq_len
     }
 
     /// The next sample of the plan.
@@ -95,11 +154,17 @@ impl Plan {
                 best_lag = lag;
             }
         }
-        let n = self.sizes[best];
-        let c = self.cursors[best];
-        let key = mix(mix(self.seed ^ best as u64) ^ (c / n));
-        let index = permute(c % n, n, key);
-        self.cursors[best] += 1;
+        let (block, len) = (self.block, self.seq_len);
+        let mut c = self.cursors[best];
+        if !c.is_multiple_of(len) {
+            // The sequence length grew mid-block: skip to the next block.
+            c = c.div_ceil(block) * block;
+        }
+        let n = self.blocks[best];
+        let b = c / block;
+        let key = mix(mix(self.seed ^ best as u64) ^ (b / n));
+        let index = permute(b % n, n, key) * block + c % block;
+        self.cursors[best] = c + len;
         self.taken[best] += 1;
         SampleId {
             source: best,
@@ -170,42 +235,88 @@ mod tests {
         assert_ne!(a, (0..100).collect::<Vec<_>>(), "not the identity");
     }
 
+    /// A plan over sources of `tokens`, blocks of 8 tokens, drawing windows of `seq_len`.
+    fn plan(weights: &[f64], tokens: &[u64], seq_len: u64) -> Plan {
+        let mut p = Plan::new(9, 8, tokens, vec![0; tokens.len()]).unwrap();
+        p.set_mix(weights.to_vec(), seq_len, vec![0; tokens.len()])
+            .unwrap();
+        p
+    }
+
     #[test]
     fn shares_are_exact_and_each_epoch_covers_a_source_once() {
-        let mut plan = Plan::new(vec![0.7, 0.3], vec![70, 50], 9, vec![0, 0]).unwrap();
-        let picks = plan.take(100);
-        let from_a: Vec<u64> = picks
-            .iter()
-            .filter(|s| s.source == 0)
-            .map(|s| s.index)
-            .collect();
-        assert_eq!(from_a.len(), 70);
-        assert_eq!(plan.cursors(), [70, 30]);
+        // Source 0: 71 tokens = 8 whole blocks (the last window needs one token past its block).
+        let mut p = plan(&[0.7, 0.3], &[71, 1000], 4);
+        let picks = p.take(100);
         for n in 1..=100usize {
             let a = picks[..n].iter().filter(|s| s.source == 0).count() as f64;
             assert!((a - 0.7 * n as f64).abs() <= 1.0, "prefix {n}: {a}");
         }
-        let mut sorted = from_a.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..70).collect::<Vec<_>>());
-        let mut again = Plan::new(vec![0.7, 0.3], vec![70, 50], 9, vec![0, 0]).unwrap();
-        assert_eq!(again.take(100), picks);
+        // The first 16 windows of source 0 (one epoch: 8 blocks x 2 windows) tile 0..64.
+        let mut first: Vec<u64> = picks
+            .iter()
+            .filter(|s| s.source == 0)
+            .take(16)
+            .map(|s| s.index)
+            .collect();
+        first.sort();
+        assert_eq!(first, (0..16).map(|i| i * 4).collect::<Vec<_>>());
+        assert_eq!(p.cursors(), [70 * 4, 30 * 4]);
+        let again = plan(&[0.7, 0.3], &[71, 1000], 4).take(100);
+        assert_eq!(again, picks);
     }
 
     #[test]
     fn a_plan_rebuilt_from_its_cursors_continues_exactly() {
-        let mut whole = Plan::new(vec![0.5, 0.3, 0.2], vec![40, 30, 20], 5, vec![0; 3]).unwrap();
-        let mut first = Plan::new(vec![0.5, 0.3, 0.2], vec![40, 30, 20], 5, vec![0; 3]).unwrap();
+        let tokens = [400, 300, 200];
+        let mut whole = plan(&[0.5, 0.3, 0.2], &tokens, 4);
+        let mut first = plan(&[0.5, 0.3, 0.2], &tokens, 4);
         let _ = whole.take(37);
         let _ = first.take(37);
-        let mut resumed = Plan::new(
-            vec![0.5, 0.3, 0.2],
-            vec![40, 30, 20],
-            5,
-            first.cursors().to_vec(),
-        )
-        .unwrap();
+        let mut resumed = Plan::new(9, 8, &tokens, first.cursors().to_vec()).unwrap();
+        resumed
+            .set_mix(vec![0.5, 0.3, 0.2], 4, first.taken().to_vec())
+            .unwrap();
         assert_eq!(resumed.take(200), whole.take(200));
+    }
+
+    #[test]
+    fn a_source_continues_across_sequence_lengths_without_repeating_a_token() {
+        // 16 blocks of 8 tokens; windows of 2, then 8 (the block), then 4.
+        let mut p = plan(&[1.0], &[129], 2);
+        let mut covered = vec![0u32; 129];
+        let mut mark = |p: &mut Plan, n: usize| {
+            let len = p.seq_len();
+            for s in p.take(n) {
+                // The L target tokens of the window (its first token is the last one's target).
+                for t in s.index + 1..=s.index + len {
+                    covered[t as usize] += 1;
+                }
+            }
+        };
+        mark(&mut p, 5); // 10 tokens: a whole block and a quarter of the next
+        p.set_mix(vec![1.0], 8, vec![0]).unwrap();
+        assert_eq!(p.cursors(), [10]);
+        mark(&mut p, 3); // skips to the next block boundary (16), then 3 whole blocks
+        assert_eq!(p.cursors(), [16 + 24]);
+        p.set_mix(vec![1.0], 4, vec![0]).unwrap();
+        mark(&mut p, 20); // 80 tokens, aligned
+        assert_eq!(p.cursors(), [120]);
+        assert!(covered.iter().all(|&c| c <= 1), "a token was trained twice");
+        let trained: u32 = covered.iter().sum();
+        assert_eq!(trained, 10 + 24 + 80);
+    }
+
+    #[test]
+    fn a_new_mixture_keeps_the_cursors() {
+        let mut p = plan(&[0.5, 0.5], &[1000, 1000], 4);
+        let _ = p.take(10);
+        let before = p.cursors().to_vec();
+        p.set_mix(vec![0.0, 1.0], 4, vec![0, 0]).unwrap();
+        let next = p.take(3);
+        assert!(next.iter().all(|s| s.source == 1));
+        assert_eq!(p.cursors(), [before[0], before[1] + 12]);
+        assert_eq!(p.taken(), [0, 3]);
     }
 
     #[test]
@@ -222,14 +333,26 @@ mod tests {
     }
 
     #[test]
-    fn bad_plans_are_refused() {
+    fn bad_mixtures_are_refused() {
+        let mut p = Plan::new(0, 8, &[100, 5], vec![0, 0]).unwrap();
         assert_eq!(
-            Plan::new(vec![0.0], vec![5], 0, vec![0]).unwrap_err(),
-            PlanError::NoWeight
+            p.set_mix(vec![0.0, 0.0], 4, vec![0, 0]),
+            Err(PlanError::NoWeight)
         );
         assert_eq!(
-            Plan::new(vec![1.0, 0.0], vec![0, 5], 0, vec![0, 0]).unwrap_err(),
-            PlanError::EmptySource(0)
+            p.set_mix(vec![0.5, 0.5], 4, vec![0, 0]),
+            Err(PlanError::EmptySource(1))
+        );
+        assert_eq!(
+            p.set_mix(vec![1.0, 0.0], 3, vec![0, 0]),
+            Err(PlanError::SeqLen {
+                seq_len: 3,
+                block: 8
+            })
+        );
+        assert_eq!(
+            p.set_mix(vec![1.0], 4, vec![0, 0]),
+            Err(PlanError::Mismatch { got: 1, sources: 2 })
         );
     }
 }

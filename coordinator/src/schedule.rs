@@ -44,7 +44,7 @@ impl Wsd {
             peak_lr: s.peak_lr,
             warmup_steps: s.warmup_steps,
             total_steps: job.total_steps,
-            decay_steps: s.decay_steps,
+            decay_steps: job.total_steps.saturating_sub(s.decay_start_step),
             decay,
             min_lr: s.min_lr,
         };
@@ -79,6 +79,18 @@ impl Wsd {
         self.total_steps - self.decay_steps
     }
 
+    /// The learning rate of step `step` in a decay that runs over steps `start..end` from
+    /// `from` down to the floor, in this schedule's shape.
+    pub fn decay_over(&self, from: f64, start: u64, end: u64, step: u64) -> f64 {
+        let len = end.saturating_sub(start).max(1);
+        let p = ((step.saturating_sub(start) + 1) as f64 / len as f64).min(1.0);
+        let factor = match self.decay {
+            DecayShape::Linear => 1.0 - p,
+            DecayShape::OneMinusSqrt => 1.0 - p.sqrt(),
+        };
+        self.min_lr + (from - self.min_lr) * factor
+    }
+
     /// The learning rate of optimizer step `step` (0-based).
     pub fn lr(&self, step: u64) -> f64 {
         if step < self.warmup_steps {
@@ -88,12 +100,7 @@ impl Wsd {
         if step < start || self.decay_steps == 0 {
             return self.peak_lr;
         }
-        let p = (((step - start + 1) as f64) / self.decay_steps as f64).min(1.0);
-        let factor = match self.decay {
-            DecayShape::Linear => 1.0 - p,
-            DecayShape::OneMinusSqrt => 1.0 - p.sqrt(),
-        };
-        self.min_lr + (self.peak_lr - self.min_lr) * factor
+        self.decay_over(self.peak_lr, start, self.total_steps, step)
     }
 }
 

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use stagecoach_proto::v1;
 use stagecoach_proto::v1::control_server::{Control, ControlServer};
 use stagecoach_proto::v1::{GetStatusRequest, GetStatusResponse, JobState};
 use tokio::net::TcpListener;
@@ -13,7 +14,8 @@ use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::workers::WorkersService;
+use crate::driver::{ControlReply, ControlRequest, Event};
+use crate::workers::{ask, WorkersService};
 use crate::Error;
 use stagecoach_proto::v1::workers_server::WorkersServer;
 
@@ -75,6 +77,29 @@ impl Coordinator {
     pub fn uptime_seconds(&self) -> u64 {
         self.started.elapsed().as_secs()
     }
+
+    /// Passes a control request to the driver and returns its answer.
+    async fn control(&self, request: ControlRequest) -> Result<ControlReply, Status> {
+        let Some(d) = &self.driver else {
+            return Err(Status::failed_precondition(
+                "this coordinator runs no job (start it with --job FILE)",
+            ));
+        };
+        ask(&d.events, |reply| Event::Control { request, reply }).await
+    }
+}
+
+/// The reply of the kind a request expects (the driver answers each request with its own kind).
+macro_rules! expect_reply {
+    ($reply:expr, $kind:ident) => {
+        match $reply {
+            ControlReply::$kind(r) => Ok(Response::new(r)),
+            other => Err(Status::internal(format!(
+                "the driver answered {other:?} to a {} request",
+                stringify!($kind)
+            ))),
+        }
+    };
 }
 
 #[tonic::async_trait]
@@ -100,8 +125,119 @@ impl Control for Coordinator {
             status.workers_alive = s.workers_alive;
             status.world_size = s.world_size;
             status.detail = s.detail;
+            status.stage = s.stage;
+            status.stage_index = s.stage_index;
+            status.stages = s.stages;
+            status.tokens = s.tokens;
+            status.total_tokens = s.total_tokens;
+            status.seq_len = s.seq_len;
+            status.rope_theta = s.rope_theta;
+            status.lr = s.lr;
+            status.steps_per_second = s.steps_per_second.unwrap_or(0.0);
+            status.next_transition = s.next_transition.map(|(to, at_step)| {
+                let tokens_per_step = s.total_tokens / s.total_steps.max(1);
+                let running = s.state == JobState::Running as i32;
+                let eta_seconds = match s.steps_per_second {
+                    Some(rate) if running && rate > 0.0 => {
+                        at_step.saturating_sub(s.step) as f64 / rate
+                    }
+                    _ => -1.0,
+                };
+                v1::NextTransition {
+                    to,
+                    at_step,
+                    at_tokens: at_step * tokens_per_step,
+                    eta_seconds,
+                }
+            });
         }
         Ok(Response::new(status))
+    }
+
+    async fn list_stages(
+        &self,
+        _request: Request<v1::ListStagesRequest>,
+    ) -> Result<Response<v1::ListStagesResponse>, Status> {
+        expect_reply!(self.control(ControlRequest::ListStages).await?, Stages)
+    }
+
+    async fn change_stage(
+        &self,
+        request: Request<v1::ChangeStageRequest>,
+    ) -> Result<Response<v1::ChangeStageResponse>, Status> {
+        let r = request.into_inner();
+        let stage = (!r.stage.is_empty()).then_some(r.stage);
+        let request = ControlRequest::ChangeStage {
+            stage,
+            requested_by: requester(r.requested_by),
+        };
+        expect_reply!(self.control(request).await?, StageChanged)
+    }
+
+    async fn set_mix(
+        &self,
+        request: Request<v1::SetMixRequest>,
+    ) -> Result<Response<v1::SetMixResponse>, Status> {
+        let r = request.into_inner();
+        if r.weights.is_empty() {
+            return Err(Status::invalid_argument(
+                "no weights: give at least one source=weight",
+            ));
+        }
+        let request = ControlRequest::SetMix {
+            stage: r.stage,
+            weights: r
+                .weights
+                .into_iter()
+                .map(|w| (w.source, w.weight))
+                .collect(),
+            requested_by: requester(r.requested_by),
+        };
+        expect_reply!(self.control(request).await?, MixSet)
+    }
+
+    async fn pause(
+        &self,
+        request: Request<v1::PauseRequest>,
+    ) -> Result<Response<v1::PauseResponse>, Status> {
+        let requested_by = requester(request.into_inner().requested_by);
+        expect_reply!(
+            self.control(ControlRequest::Pause { requested_by }).await?,
+            Paused
+        )
+    }
+
+    async fn resume(
+        &self,
+        request: Request<v1::ResumeRequest>,
+    ) -> Result<Response<v1::ResumeResponse>, Status> {
+        let requested_by = requester(request.into_inner().requested_by);
+        expect_reply!(
+            self.control(ControlRequest::Resume { requested_by })
+                .await?,
+            Resumed
+        )
+    }
+
+    async fn evaluate(
+        &self,
+        request: Request<v1::EvaluateRequest>,
+    ) -> Result<Response<v1::EvaluateResponse>, Status> {
+        let requested_by = requester(request.into_inner().requested_by);
+        expect_reply!(
+            self.control(ControlRequest::Evaluate { requested_by })
+                .await?,
+            Evaluating
+        )
+    }
+}
+
+/// Who asked, for the record: what the client said, or "unknown".
+fn requester(given: String) -> String {
+    if given.trim().is_empty() {
+        "unknown".into()
+    } else {
+        given.chars().take(128).collect()
     }
 }
 

@@ -38,11 +38,13 @@ impl From<DriverError> for Status {
             DriverError::UnknownWorker(_) => Status::not_found(e.to_string()),
             DriverError::InvalidArgument(m) => Status::invalid_argument(m),
             DriverError::FailedPrecondition(m) => Status::failed_precondition(m),
+            DriverError::NotFound(m) => Status::not_found(m),
         }
     }
 }
 
-async fn ask<T>(
+/// Sends the driver an event made around a reply channel and waits for its answer.
+pub(crate) async fn ask<T>(
     events: &mpsc::Sender<Event>,
     make: impl FnOnce(oneshot::Sender<Result<T, DriverError>>) -> Event,
 ) -> Result<T, Status> {

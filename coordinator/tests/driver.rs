@@ -1,28 +1,79 @@
 //! The job driver at the event level, on tokio's paused clock: world formation, step dispatch
 //! and commit, refusal of malformed or out-of-order messages (with no state change), and lease
-//! expiry ending a generation.
+//! expiry ending a generation; the curriculum: budget and manual stage transitions, evaluations at
+//! stage ends, pause and resume.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use stagecoach_coordinator::driver::{Driver, DriverError, Event, Ledger, Settings, Snapshot};
+use stagecoach_coordinator::driver::{
+    ControlReply, ControlRequest, Driver, DriverError, Event, Ledger, Settings, Snapshot,
+};
 use stagecoach_coordinator::spec::JobFile;
 use stagecoach_proto::v1;
 use stagecoach_proto::v1::worker_message::Kind;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// One stage of 3 steps, 4 samples of 16 tokens per step.
 const JOB: &str = r#"
     [model]
     preset = "micro"
     [schedule]
     peak_lr = 1e-3
     [data]
+    global_batch_tokens = 64
+    micro_batch_tokens = 32
+    [[sources]]
+    name = "a"
+    path = "x"
+    [[sources]]
+    name = "b"
+    path = "y"
+    [[stages]]
+    name = "only"
+    until = { steps = 3 }
     seq_len = 16
-    global_batch = 4
-    micro_batch_size = 2
-    sources = [{ name = "a", path = "x", weight = 0.5 }, { name = "b", path = "y", weight = 0.5 }]
+    mix = { a = 0.5, b = 0.5 }
     [train]
-    steps = 3
+    [workers]
+    min = 2
+    max = 2
+    lease_ms = 1000
+    heartbeat_ms = 100
+"#;
+
+/// Two stages: 2 steps of a alone at seq_len 16, then 2 steps of an even mix at seq_len 32
+/// with a new RoPE θ; 2 held-out samples per source evaluated at each stage's end.
+const CURRICULUM: &str = r#"
+    [model]
+    preset = "micro"
+    [schedule]
+    peak_lr = 1e-3
+    [data]
+    global_batch_tokens = 64
+    micro_batch_tokens = 32
+    eval_samples = 2
+    eval_seq_len = 16
+    [[sources]]
+    name = "a"
+    path = "x"
+    eval = "xv"
+    [[sources]]
+    name = "b"
+    path = "y"
+    eval = "yv"
+    [[stages]]
+    name = "one"
+    until = { steps = 2 }
+    seq_len = 16
+    mix = { a = 1.0 }
+    [[stages]]
+    name = "two"
+    until = { steps = 4 }
+    seq_len = 32
+    rope_theta = 40000.0
+    mix = { a = 0.5, b = 0.5 }
+    [train]
     [workers]
     min = 2
     max = 2
@@ -31,12 +82,20 @@ const JOB: &str = r#"
 "#;
 
 #[derive(Clone, Default)]
-struct MemLedger(Arc<Mutex<Vec<v1::LedgerStep>>>);
+struct MemLedger(
+    Arc<Mutex<Vec<v1::LedgerStep>>>,
+    Arc<Mutex<Option<v1::CurriculumRecord>>>,
+);
 
 #[async_trait::async_trait]
 impl Ledger for MemLedger {
     async fn commit(&self, step: &v1::LedgerStep) -> Result<(), String> {
         self.0.lock().unwrap().push(step.clone());
+        Ok(())
+    }
+
+    async fn save_curriculum(&self, record: &v1::CurriculumRecord) -> Result<(), String> {
+        *self.1.lock().unwrap() = Some(record.clone());
         Ok(())
     }
 }
@@ -51,7 +110,11 @@ struct Harness {
 
 impl Harness {
     fn start() -> Harness {
-        let job: JobFile = toml::from_str(JOB).unwrap();
+        Harness::with_job(JOB)
+    }
+
+    fn with_job(text: &str) -> Harness {
+        let job: JobFile = toml::from_str(text).unwrap();
         job.validate().unwrap();
         let w = &job.workers;
         let settings = Settings {
@@ -63,7 +126,7 @@ impl Harness {
         };
         let ledger = MemLedger::default();
         let (driver, snapshot) =
-            Driver::new(job.to_proto(), settings, Box::new(ledger.clone()), 0, None).unwrap();
+            Driver::new(job.to_proto(), settings, Box::new(ledger.clone()), None).unwrap();
         let (events, rx) = mpsc::channel(64);
         tokio::spawn(driver.run(rx));
         Harness {
@@ -122,6 +185,22 @@ impl Harness {
     fn snapshot(&self) -> Snapshot {
         self.snapshot.borrow().clone()
     }
+
+    async fn control(&self, request: ControlRequest) -> Result<ControlReply, DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.events
+            .send(Event::Control { request, reply })
+            .await
+            .unwrap();
+        rx.await.unwrap()
+    }
+
+    async fn stages(&self) -> v1::ListStagesResponse {
+        match self.control(ControlRequest::ListStages).await.unwrap() {
+            ControlReply::Stages(s) => s,
+            other => panic!("expected Stages, got {other:?}"),
+        }
+    }
 }
 
 fn ready(generation: u64) -> Kind {
@@ -132,11 +211,13 @@ fn ready(generation: u64) -> Kind {
         sources: vec![
             v1::SourceSize {
                 name: "a".into(),
-                num_samples: 50,
+                num_tokens: 50 * 16 + 1,
+                eval_tokens: 100,
             },
             v1::SourceSize {
                 name: "b".into(),
-                num_samples: 30,
+                num_tokens: 30 * 16 + 1,
+                eval_tokens: 100,
             },
         ],
     })
@@ -200,7 +281,12 @@ async fn a_world_forms_trains_and_commits_every_step() {
     assert!(ledger
         .iter()
         .all(|s| s.samples.len() == 4 && (s.loss - 2.0).abs() < 1e-12));
-    assert_eq!(ledger[2].cursors.iter().sum::<u64>(), 12);
+    assert_eq!(
+        ledger[2].cursors.iter().sum::<u64>(),
+        12 * 16,
+        "tokens consumed"
+    );
+    assert!(ledger.iter().all(|s| s.stage == 0 && s.seq_len == 16));
     assert_eq!(h.snapshot().state, v1::JobState::Finished as i32);
 }
 
@@ -463,4 +549,296 @@ async fn the_end_of_an_old_session_does_not_detach_a_newer_one() {
         panic!("expected World")
     };
     assert_eq!((wa.world_size, wb.world_size), (2, 2));
+}
+
+/// Answers an Evaluate with a loss of 3.0 per sample (per source it was sent).
+fn eval_done(generation: u64, e: &v1::Evaluate) -> Kind {
+    let mut per: std::collections::BTreeMap<u32, u32> = Default::default();
+    for s in &e.samples {
+        *per.entry(s.source).or_default() += 1;
+    }
+    Kind::EvalDone(v1::EvalDone {
+        generation,
+        id: e.id,
+        losses: per
+            .into_iter()
+            .map(|(source, n)| v1::EvalLoss {
+                source,
+                loss_sum: 3.0 * n as f64,
+                samples: n,
+            })
+            .collect(),
+    })
+}
+
+/// Registers two workers, forms generation 1, and sends both Ready.
+async fn two_ready(
+    h: &Harness,
+) -> (
+    String,
+    String,
+    mpsc::Receiver<v1::CoordinatorMessage>,
+    mpsc::Receiver<v1::CoordinatorMessage>,
+) {
+    let a = h.register("127.0.0.1:5001").await.unwrap().worker_id;
+    let b = h.register("127.0.0.1:5002").await.unwrap().worker_id;
+    let mut ia = h.attach(&a).await;
+    let mut ib = h.attach(&b).await;
+    next(&mut ia).await;
+    next(&mut ib).await;
+    h.send(&a, ready(1)).await.unwrap();
+    h.send(&b, ready(1)).await.unwrap();
+    (a, b, ia, ib)
+}
+
+#[tokio::test(start_paused = true)]
+async fn stages_change_on_budget_with_an_evaluation_at_each_end_and_pause_holds_steps() {
+    use v1::coordinator_message::Kind as C;
+    let h = Harness::with_job(CURRICULUM);
+    let (a, b, mut ia, mut ib) = two_ready(&h).await;
+    for step in 0..2 {
+        let (C::Work(x), C::Work(y)) = (next(&mut ia).await, next(&mut ib).await) else {
+            panic!("expected Work")
+        };
+        let stage = x.stage.unwrap();
+        assert_eq!(
+            (x.step, stage.index, stage.seq_len, stage.micro_batch_size),
+            (step, 0, 16, 2)
+        );
+        assert_eq!(y.stage, x.stage, "every rank trains the same stage");
+        assert!(
+            x.samples.iter().chain(&y.samples).all(|s| s.source == 0),
+            "stage one is a alone"
+        );
+        h.send(&a, done(1, step, 2)).await.unwrap();
+        h.send(&b, done(1, step, 2)).await.unwrap();
+    }
+    // Stage one's budget is spent: first its evaluation, on both ranks.
+    let (C::Evaluate(ea), C::Evaluate(eb)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected Evaluate")
+    };
+    assert_eq!((ea.seq_len, ea.samples.len() + eb.samples.len()), (16, 4));
+    let offsets: Vec<(u32, u64)> = ea
+        .samples
+        .iter()
+        .chain(&eb.samples)
+        .map(|s| (s.source, s.index))
+        .collect();
+    assert_eq!(offsets, [(0, 0), (0, 16), (1, 0), (1, 16)]);
+    // A report that does not match what the rank was sent is refused.
+    let wrong = Kind::EvalDone(v1::EvalDone {
+        generation: 1,
+        id: ea.id,
+        losses: vec![v1::EvalLoss {
+            source: 1,
+            loss_sum: 1.0,
+            samples: 2,
+        }],
+    });
+    assert!(matches!(
+        h.send(&a, wrong).await,
+        Err(DriverError::InvalidArgument(_))
+    ));
+    h.send(&a, eval_done(1, &ea)).await.unwrap();
+    h.send(&b, eval_done(1, &eb)).await.unwrap();
+    // Then stage two: twice the sequence length, half the samples, a new θ.
+    let (C::Work(x), C::Work(_)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected Work")
+    };
+    let stage = x.stage.unwrap();
+    assert_eq!(
+        (x.step, stage.index, stage.seq_len, stage.rope_theta),
+        (2, 1, 32, 40000.0)
+    );
+    assert_eq!(
+        (x.global_batch, x.samples.len(), stage.micro_batch_size),
+        (2, 1, 1)
+    );
+    // Pause with step 2 in flight: it completes, nothing more is sent.
+    let ControlReply::Paused(p) = h
+        .control(ControlRequest::Pause {
+            requested_by: "ana@h".into(),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(p.step, 3);
+    h.send(&a, done(1, 2, 1)).await.unwrap();
+    h.send(&b, done(1, 2, 1)).await.unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        h.send(&a, Kind::Heartbeat(v1::Heartbeat {})).await.unwrap();
+        h.send(&b, Kind::Heartbeat(v1::Heartbeat {})).await.unwrap();
+    }
+    assert!(ia.try_recv().is_err(), "no work while paused");
+    let snap = h.snapshot();
+    assert_eq!((snap.state, snap.step), (v1::JobState::Paused as i32, 3));
+    assert!(snap.detail.contains("ana@h"), "{}", snap.detail);
+    h.control(ControlRequest::Resume {
+        requested_by: "ana@h".into(),
+    })
+    .await
+    .unwrap();
+    let (C::Work(x), C::Work(_)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected Work")
+    };
+    assert_eq!(x.step, 3);
+    h.send(&a, done(1, 3, 1)).await.unwrap();
+    h.send(&b, done(1, 3, 1)).await.unwrap();
+    // The last stage ends with the job: one more evaluation, then the end.
+    let (C::Evaluate(ea), C::Evaluate(eb)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected Evaluate")
+    };
+    h.send(&a, eval_done(1, &ea)).await.unwrap();
+    h.send(&b, eval_done(1, &eb)).await.unwrap();
+    let C::Stop(s) = next(&mut ia).await else {
+        panic!("expected Stop")
+    };
+    assert_eq!(s.reason(), v1::StopReason::JobFinished);
+
+    let stages = h.stages().await;
+    let causes: Vec<_> = stages
+        .transitions
+        .iter()
+        .map(|t| (t.step, t.tokens, t.cause()))
+        .collect();
+    assert_eq!(
+        causes,
+        [
+            (0, 0, v1::TransitionCause::Start),
+            (2, 128, v1::TransitionCause::Budget)
+        ]
+    );
+    assert_eq!(stages.evaluations.len(), 2);
+    assert_eq!(
+        (
+            stages.evaluations[0].step,
+            stages.evaluations[0].stage.as_str(),
+            stages.evaluations[0].trigger.as_str()
+        ),
+        (2, "one", "stage end")
+    );
+    assert!(stages.evaluations[1]
+        .losses
+        .iter()
+        .all(|l| l.loss == 3.0 && l.samples == 2));
+    assert_eq!(
+        (stages.stages[0].end_step, stages.stages[1].start_step),
+        (2, 2)
+    );
+    let tokens: Vec<u64> = stages.stages[0].tokens.iter().map(|t| t.tokens).collect();
+    assert_eq!(
+        tokens,
+        [128, 0],
+        "stage one trained 8 samples of 16 tokens of a"
+    );
+    let ledger = h.ledger.0.lock().unwrap().clone();
+    let shape: Vec<(u32, u32, usize)> = ledger
+        .iter()
+        .map(|s| (s.stage, s.seq_len, s.samples.len()))
+        .collect();
+    assert_eq!(shape, [(0, 16, 4), (0, 16, 4), (1, 32, 2), (1, 32, 2)]);
+    let record = h
+        .ledger
+        .1
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the record is saved");
+    assert_eq!(
+        (
+            record.transitions.len(),
+            record.evaluations.len(),
+            record.paused
+        ),
+        (2, 2, false)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stage_next_from_the_api_switches_every_rank_at_the_next_step() {
+    use v1::coordinator_message::Kind as C;
+    let h = Harness::with_job(CURRICULUM);
+    // Before any world, there is no curriculum to change.
+    assert!(matches!(
+        h.control(ControlRequest::ChangeStage {
+            stage: None,
+            requested_by: "x".into()
+        })
+        .await,
+        Err(DriverError::FailedPrecondition(_))
+    ));
+    let (a, b, mut ia, mut ib) = two_ready(&h).await;
+    let (C::Work(_), C::Work(_)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected Work")
+    };
+    let ControlReply::StageChanged(c) = h
+        .control(ControlRequest::ChangeStage {
+            stage: None,
+            requested_by: "ana@h".into(),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (c.from.as_str(), c.to.as_str(), c.effective_step),
+        ("one", "two", 1)
+    );
+    assert!(matches!(
+        h.control(ControlRequest::ChangeStage {
+            stage: Some("nine".into()),
+            requested_by: "x".into()
+        })
+        .await,
+        Err(DriverError::NotFound(_))
+    ));
+    h.send(&a, done(1, 0, 2)).await.unwrap();
+    h.send(&b, done(1, 0, 2)).await.unwrap();
+    let (C::Evaluate(ea), C::Evaluate(eb)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("the stage ends with its evaluation")
+    };
+    h.send(&a, eval_done(1, &ea)).await.unwrap();
+    h.send(&b, eval_done(1, &eb)).await.unwrap();
+    let (C::Work(x), C::Work(y)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected Work")
+    };
+    assert_eq!(
+        (x.step, x.stage.unwrap().index, y.stage.unwrap().index),
+        (1, 1, 1)
+    );
+    // A mixture for an ended stage is refused; for the current one it applies at the next step.
+    let mix = |stage: &str, w: &[(&str, f64)]| ControlRequest::SetMix {
+        stage: stage.into(),
+        weights: w.iter().map(|(n, w)| (n.to_string(), *w)).collect(),
+        requested_by: "ana@h".into(),
+    };
+    assert!(matches!(
+        h.control(mix("one", &[("a", 1.0)])).await,
+        Err(DriverError::FailedPrecondition(_))
+    ));
+    assert!(matches!(
+        h.control(mix("two", &[("a", 0.7)])).await,
+        Err(DriverError::FailedPrecondition(_))
+    ));
+    let ControlReply::MixSet(m) = h.control(mix("two", &[("b", 1.0)])).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(m.effective_step, 2);
+    h.send(&a, done(1, 1, 1)).await.unwrap();
+    h.send(&b, done(1, 1, 1)).await.unwrap();
+    // Once step 1 is committed, the history shows who moved the job on, and when.
+    let stages = h.stages().await;
+    let t = stages.transitions.get(1).cloned().unwrap();
+    assert_eq!(
+        (t.step, t.cause(), t.requested_by.as_str()),
+        (1, v1::TransitionCause::ManualNext, "ana@h")
+    );
+    let (C::Work(x), C::Work(y)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected Work")
+    };
+    assert!(x.samples.iter().chain(&y.samples).all(|s| s.source == 1));
 }

@@ -20,6 +20,10 @@ impl Ledger for NoLedger {
     async fn commit(&self, _: &v1::LedgerStep) -> Result<(), String> {
         Ok(())
     }
+
+    async fn save_curriculum(&self, _: &v1::CurriculumRecord) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 const JOB: &str = r#"
@@ -28,12 +32,17 @@ const JOB: &str = r#"
     [schedule]
     peak_lr = 1e-3
     [data]
+    global_batch_tokens = 64
+    micro_batch_tokens = 32
+    [[sources]]
+    name = "a"
+    path = "x"
+    [[stages]]
+    name = "only"
+    until = { steps = 3 }
     seq_len = 16
-    global_batch = 4
-    micro_batch_size = 2
-    sources = [{ name = "a", path = "x", weight = 1.0 }]
+    mix = { a = 1.0 }
     [train]
-    steps = 3
     [workers]
     min = 2
     max = 2
@@ -49,7 +58,7 @@ async fn start() -> String {
         rendezvous: Duration::from_secs(1),
     };
     let (driver, snapshot) =
-        Driver::new(job.to_proto(), settings, Box::new(NoLedger), 0, None).unwrap();
+        Driver::new(job.to_proto(), settings, Box::new(NoLedger), None).unwrap();
     let (events, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(driver.run(rx));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use stagecoach_coordinator::driver::{Driver, Settings};
+use stagecoach_coordinator::driver::{Driver, Resume, Settings};
 use stagecoach_coordinator::ledger::StoreLedger;
 use stagecoach_coordinator::metrics::{self, Metrics};
 use stagecoach_coordinator::server::DriverHandle;
@@ -82,11 +82,10 @@ async fn main() -> anyhow::Result<()> {
     let job = JobFile::load(&job_path)?;
     let store = stagecoach_coordinator::store::open(&args.state).await?;
     let ledger = StoreLedger::new(store, job.job.name.clone());
-    // Resume where the ledger ends.
-    let last = ledger.last().await?;
-    let (step, cursors) = match &last {
-        Some(l) => (l.step + 1, Some(l.cursors.clone())),
-        None => (0, None),
+    // Resume where the ledger ends, with the curriculum's record.
+    let resume = Resume {
+        last: ledger.last().await?,
+        record: ledger.curriculum().await?,
     };
     let w = &job.workers;
     let settings = Settings {
@@ -96,8 +95,7 @@ async fn main() -> anyhow::Result<()> {
         heartbeat: Duration::from_millis(w.heartbeat_ms),
         rendezvous: Duration::from_millis(w.rendezvous_ms),
     };
-    let (driver, snapshot) =
-        Driver::new(job.to_proto(), settings, Box::new(ledger), step, cursors)?;
+    let (driver, snapshot) = Driver::new(job.to_proto(), settings, Box::new(ledger), Some(resume))?;
     let driver = driver.with_metrics(metrics);
     let (events, rx) = tokio::sync::mpsc::channel(1024);
     let mut finished = snapshot.clone();
