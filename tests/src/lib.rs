@@ -133,8 +133,8 @@ pub fn join_worker(url: &str, dir: &Path, name: &str, extra: &[&str]) -> Proc {
 }
 
 /// Writes `dir/FILE`: a job named `name` training the micro preset on the three-domain demo
-/// corpus at `data` for `steps` steps (global batch 8, micro-batches of 4, seq_len 64) with
-/// exactly `workers` workers.
+/// corpus at `data` for `steps` steps, in one stage (global batch 8 samples, micro-batches of 4,
+/// seq_len 64; the LR decays over the last 4 steps) with exactly `workers` workers.
 pub fn micro_job(
     dir: &Path,
     file: &str,
@@ -143,6 +143,8 @@ pub fn micro_job(
     steps: u64,
     workers: u32,
 ) -> PathBuf {
+    // The decay must start after the 4 warmup steps and before the end.
+    let decay_start = steps.saturating_sub(4).max(4);
     let text = format!(
         r#"
 [job]
@@ -152,19 +154,26 @@ preset = "micro"
 [schedule]
 peak_lr = 3e-3
 warmup_steps = 4
-decay_steps = 4
+decay_start = {{ step = {decay_start} }}
 [data]
-seq_len = 64
-global_batch = 8
-micro_batch_size = 4
 seed = 3
-sources = [
-  {{ name = "prose", path = "{d}/prose/train", weight = 0.5 }},
-  {{ name = "math", path = "{d}/math/train", weight = 0.3 }},
-  {{ name = "code", path = "{d}/code/train", weight = 0.2 }},
-]
+global_batch_tokens = 512
+micro_batch_tokens = 256
+[[sources]]
+name = "prose"
+path = "{d}/prose/train"
+[[sources]]
+name = "math"
+path = "{d}/math/train"
+[[sources]]
+name = "code"
+path = "{d}/code/train"
+[[stages]]
+name = "main"
+until = {{ steps = {steps} }}
+seq_len = 64
+mix = {{ prose = 0.5, math = 0.3, code = 0.2 }}
 [train]
-steps = {steps}
 threads = 1
 log_every = 5
 [workers]
