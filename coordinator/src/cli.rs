@@ -1,15 +1,29 @@
-//! What the `stagecoach` CLI does: connect to the coordinator, query it and render the answer.
-//! The binary only parses arguments and prints what these functions return.
+//! What the `stagecoach` CLI does: connect to the coordinator, query or command it, and render
+//! the answer (`cli/render.rs`); and `validate`, which checks a job file offline
+//! (`cli/validate.rs`). The binary only parses arguments and prints what these functions return.
+//!
+//! Every read command renders either text for people or one line of JSON (`--json`), whose
+//! enums are the proto's names in lower case without their prefix (`running`, `manual_next`).
+
+mod render;
+mod validate;
 
 use std::error::Error as StdError;
 use std::io::ErrorKind;
 use std::time::Duration;
 
-use serde::Serialize;
 use stagecoach_proto::v1::control_client::ControlClient;
-use stagecoach_proto::v1::{GetStatusRequest, GetStatusResponse, JobState};
+use stagecoach_proto::v1::{
+    ChangeStageRequest, ChangeStageResponse, EvaluateRequest, GetStatusRequest, GetStatusResponse,
+    ListStagesRequest, ListStagesResponse, PauseRequest, ResumeRequest, SetMixRequest,
+    SourceWeight,
+};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
+
+use render::or_dash;
+pub use render::{format_mix, human_count, render_stages, render_status};
+pub use validate::{validate, Validation};
 
 use crate::Error;
 
@@ -66,106 +80,276 @@ pub struct Client {
 
 impl Client {
     pub async fn get_status(&mut self) -> Result<GetStatusResponse, Error> {
-        match self.inner.get_status(GetStatusRequest {}).await {
+        let reply = self.inner.get_status(GetStatusRequest {}).await;
+        self.answer(reply)
+    }
+
+    pub async fn list_stages(&mut self) -> Result<ListStagesResponse, Error> {
+        let reply = self.inner.list_stages(ListStagesRequest {}).await;
+        self.answer(reply)
+    }
+
+    /// Moves to the stage named `stage`, or to the next one when it is `None`.
+    pub async fn change_stage(
+        &mut self,
+        stage: Option<&str>,
+        requested_by: &str,
+    ) -> Result<ChangeStageResponse, Error> {
+        let request = ChangeStageRequest {
+            stage: stage.unwrap_or_default().to_owned(),
+            requested_by: requested_by.to_owned(),
+        };
+        let reply = self.inner.change_stage(request).await;
+        self.answer(reply)
+    }
+
+    /// Replaces the mixture of `stage`; returns the first step drawn from it (0: not yet known,
+    /// the stage has not started).
+    pub async fn set_mix(
+        &mut self,
+        stage: &str,
+        weights: Vec<SourceWeight>,
+        requested_by: &str,
+    ) -> Result<u64, Error> {
+        let request = SetMixRequest {
+            stage: stage.to_owned(),
+            weights,
+            requested_by: requested_by.to_owned(),
+        };
+        let reply = self.inner.set_mix(request).await;
+        self.answer(reply).map(|r| r.effective_step)
+    }
+
+    /// Returns the committed steps when the pause takes hold.
+    pub async fn pause(&mut self, requested_by: &str) -> Result<u64, Error> {
+        let request = PauseRequest {
+            requested_by: requested_by.to_owned(),
+        };
+        let reply = self.inner.pause(request).await;
+        self.answer(reply).map(|r| r.step)
+    }
+
+    /// Returns the committed steps when training resumes.
+    pub async fn resume(&mut self, requested_by: &str) -> Result<u64, Error> {
+        let request = ResumeRequest {
+            requested_by: requested_by.to_owned(),
+        };
+        let reply = self.inner.resume(request).await;
+        self.answer(reply).map(|r| r.step)
+    }
+
+    /// Returns the committed steps the evaluation runs after.
+    pub async fn evaluate(&mut self, requested_by: &str) -> Result<u64, Error> {
+        let request = EvaluateRequest {
+            requested_by: requested_by.to_owned(),
+        };
+        let reply = self.inner.evaluate(request).await;
+        self.answer(reply).map(|r| r.step)
+    }
+
+    /// Sorts a call's outcome by what the user can do about it: start the coordinator, fix the
+    /// request (the coordinator's message says how), or report a fault.
+    fn answer<T>(&self, reply: Result<tonic::Response<T>, tonic::Status>) -> Result<T, Error> {
+        match reply {
             Ok(response) => Ok(response.into_inner()),
-            Err(status) if status.code() == Code::Unavailable => Err(Error::Unreachable {
-                reason: describe(&status),
-                url: self.url.clone(),
-            }),
-            Err(status) => Err(Error::Rpc {
-                url: self.url.clone(),
-                status,
+            Err(status) => Err(match status.code() {
+                Code::Unavailable => Error::Unreachable {
+                    reason: describe(&status),
+                    url: self.url.clone(),
+                },
+                Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound => {
+                    Error::Refused {
+                        code: status.code(),
+                        message: status.message().to_owned(),
+                    }
+                }
+                _ => Error::Rpc {
+                    url: self.url.clone(),
+                    status,
+                },
             }),
         }
     }
 }
 
-/// `stagecoach status`: the coordinator's status, as text for people or as one line of JSON.
+// ---------------------------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------------------------
+
+/// `stagecoach status`.
 pub async fn status(url: &str, json: bool) -> Result<String, Error> {
     let status = connect(url).await?.get_status().await?;
     Ok(render_status(&status, json))
 }
 
-/// The JSON form of `stagecoach status`.
-#[derive(Debug, Serialize)]
-struct StatusReport<'a> {
-    job: &'a str,
-    state: String,
-    version: &'a str,
-    uptime_seconds: u64,
-    generation: u64,
-    step: u64,
-    total_steps: u64,
-    /// `null` before the first committed step.
-    loss: Option<f64>,
-    workers_alive: u32,
-    world_size: u32,
-    detail: &'a str,
+/// `stagecoach stages`.
+pub async fn stages(url: &str, json: bool) -> Result<String, Error> {
+    let stages = connect(url).await?.list_stages().await?;
+    Ok(render_stages(&stages, json))
 }
 
-pub fn render_status(status: &GetStatusResponse, json: bool) -> String {
-    let report = StatusReport {
-        job: &status.job,
-        state: state_name(status.state),
-        version: &status.coordinator_version,
-        uptime_seconds: status.uptime_seconds,
-        generation: status.generation,
-        step: status.step,
-        total_steps: status.total_steps,
-        loss: status.loss.is_finite().then_some(status.loss),
-        workers_alive: status.workers_alive,
-        world_size: status.world_size,
-        detail: &status.detail,
+/// `stagecoach stage next` (`stage` is `None`) and `stagecoach stage set NAME`.
+pub async fn change_stage(url: &str, stage: Option<&str>) -> Result<String, Error> {
+    let changed = connect(url)
+        .await?
+        .change_stage(stage, &requested_by())
+        .await?;
+    Ok(format!(
+        "stage {} → {} at step {}",
+        or_dash(&changed.from),
+        changed.to,
+        changed.effective_step
+    ))
+}
+
+/// `stagecoach mix set STAGE source=weight...`, with `weights` from [`parse_mix`].
+pub async fn set_mix(url: &str, stage: &str, weights: Vec<SourceWeight>) -> Result<String, Error> {
+    let mix = format_mix(&weights);
+    let mut client = connect(url).await?;
+    let step = client.set_mix(stage, weights, &requested_by()).await?;
+    // 0 is also the first step of a job that has not trained yet: only the status tells a
+    // current first stage from an upcoming one.
+    let current = step > 0 || client.get_status().await?.stage == stage;
+    Ok(if current {
+        format!("mix of {stage} set to {mix}, from step {step}")
+    } else {
+        format!("mix of {stage} set to {mix}; applies when {stage} starts")
+    })
+}
+
+/// `stagecoach pause`.
+pub async fn pause(url: &str) -> Result<String, Error> {
+    let step = connect(url).await?.pause(&requested_by()).await?;
+    Ok(format!(
+        "paused after step {step}: no further step starts until `stagecoach resume`"
+    ))
+}
+
+/// `stagecoach resume`.
+pub async fn resume(url: &str) -> Result<String, Error> {
+    let step = connect(url).await?.resume(&requested_by()).await?;
+    Ok(format!("resumed at step {step}"))
+}
+
+/// `stagecoach eval`.
+pub async fn evaluate(url: &str) -> Result<String, Error> {
+    let step = connect(url).await?.evaluate(&requested_by()).await?;
+    Ok(format!(
+        "evaluation requested: it runs after step {step}; `stagecoach stages` shows its losses"
+    ))
+}
+
+/// Who is asking, for the coordinator's records: `$USER@hostname`.
+pub fn requested_by() -> String {
+    let user = ["USER", "LOGNAME", "USERNAME"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|u| !u.trim().is_empty()))
+        .or_else(login_name);
+    requested_by_from(user, hostname())
+}
+
+/// The name of this process's user from the password file, for when the environment has none
+/// (containers and service managers often start processes without `$USER`).
+#[cfg(unix)]
+fn login_name() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    // A process owns its /proc entry, so its owner is our uid, without a libc call.
+    let uid = std::fs::metadata("/proc/self").ok()?.uid();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let name = passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        (fields.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+    });
+    Some(name.unwrap_or_else(|| format!("uid{uid}")))
+}
+
+#[cfg(not(unix))]
+fn login_name() -> Option<String> {
+    None
+}
+
+fn requested_by_from(user: Option<String>, host: Option<String>) -> String {
+    let clean = |s: Option<String>, fallback: &str| {
+        s.map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| fallback.to_owned())
     };
-    if json {
-        return serde_json::to_string(&report).expect("strings and integers serialize");
-    }
-    let mut text = format!(
-        "job:      {}\nstate:    {}\nversion:  {}\nuptime:   {}",
-        report.job,
-        report.state,
-        report.version,
-        format_uptime(report.uptime_seconds)
-    );
-    if report.total_steps > 0 {
-        let loss = report.loss.map_or("-".to_owned(), |l| format!("{l:.4}"));
-        text += &format!(
-            "\nstep:     {} / {}\nloss:     {loss}\nworkers:  {} alive, {} in generation {}",
-            report.step,
-            report.total_steps,
-            report.workers_alive,
-            report.world_size,
-            report.generation
-        );
-    }
-    if !report.detail.is_empty() {
-        text += &format!("\ndetail:   {}", report.detail);
-    }
-    text
+    format!(
+        "{}@{}",
+        clean(user, "unknown-user"),
+        clean(host, "unknown-host")
+    )
 }
 
-/// `JOB_STATE_WAITING` → `waiting`; a value this CLI does not know → `unknown (7)`.
-fn state_name(state: i32) -> String {
-    match JobState::try_from(state) {
-        Ok(state) => {
-            let name = state.as_str_name();
-            name.strip_prefix("JOB_STATE_")
-                .unwrap_or(name)
-                .to_lowercase()
+/// The host name, from the kernel or the environment (no libc call needed for a label).
+fn hostname() -> Option<String> {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+// ---------------------------------------------------------------------------------------------
+// `mix set` arguments
+// ---------------------------------------------------------------------------------------------
+
+const MIX_FORM: &str = "expected source=weight, e.g. prose=0.75";
+
+/// One `source=weight` argument.
+pub fn parse_source_weight(arg: &str) -> Result<SourceWeight, String> {
+    let Some((source, weight)) = arg.split_once('=') else {
+        return Err(format!("{arg:?} has no weight: {MIX_FORM}"));
+    };
+    let source = source.trim();
+    if source.is_empty() {
+        return Err(format!("{arg:?} has no source name: {MIX_FORM}"));
+    }
+    let weight: f64 = weight
+        .trim()
+        .parse()
+        .map_err(|_| format!("{arg:?}: the weight {weight:?} is not a number; {MIX_FORM}"))?;
+    if !weight.is_finite() || weight < 0.0 {
+        return Err(format!(
+            "{arg:?}: a weight must be a finite number ≥ 0; {MIX_FORM}"
+        ));
+    }
+    Ok(SourceWeight {
+        source: source.to_owned(),
+        weight,
+    })
+}
+
+/// Checks that no source is given twice.
+pub fn check_mix(weights: &[SourceWeight]) -> Result<(), String> {
+    for (i, w) in weights.iter().enumerate() {
+        if weights[..i]
+            .iter()
+            .any(|earlier| earlier.source == w.source)
+        {
+            return Err(format!(
+                "source {:?} is given twice: {MIX_FORM}, once per source",
+                w.source
+            ));
         }
-        Err(_) => format!("unknown ({state})"),
     }
+    Ok(())
 }
 
-/// `3725` → `1h 02m 05s`.
-fn format_uptime(secs: u64) -> String {
-    let (d, h, m, s) = (secs / 86_400, secs / 3_600 % 24, secs / 60 % 60, secs % 60);
-    match (d, h, m) {
-        (0, 0, 0) => format!("{s}s"),
-        (0, 0, _) => format!("{m}m {s:02}s"),
-        (0, _, _) => format!("{h}h {m:02}m {s:02}s"),
-        _ => format!("{d}d {h:02}h {m:02}m {s:02}s"),
+/// The arguments of `mix set` after the stage: one `source=weight` each, no source twice.
+pub fn parse_mix<S: AsRef<str>>(args: &[S]) -> Result<Vec<SourceWeight>, String> {
+    if args.is_empty() {
+        return Err(format!("no weights given: {MIX_FORM}"));
     }
+    let weights = args
+        .iter()
+        .map(|a| parse_source_weight(a.as_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    check_mix(&weights)?;
+    Ok(weights)
 }
 
 /// A short reason for a connection failure: the kind of the underlying socket error when it is
@@ -201,53 +385,80 @@ fn innermost<'a>(mut err: &'a (dyn StdError + 'static)) -> &'a (dyn StdError + '
 mod tests {
     use super::*;
 
-    #[test]
-    fn uptime_is_readable() {
-        assert_eq!(format_uptime(0), "0s");
-        assert_eq!(format_uptime(59), "59s");
-        assert_eq!(format_uptime(65), "1m 05s");
-        assert_eq!(format_uptime(3_725), "1h 02m 05s");
-        assert_eq!(format_uptime(2 * 86_400 + 61), "2d 00h 01m 01s");
+    fn weight(source: &str, weight: f64) -> SourceWeight {
+        SourceWeight {
+            source: source.into(),
+            weight,
+        }
     }
 
     #[test]
-    fn renders_status_as_text_and_json() {
-        let status = GetStatusResponse {
-            job: "llama".into(),
-            state: JobState::Running.into(),
-            coordinator_version: "0.1.0".into(),
-            uptime_seconds: 65,
-            ..Default::default()
-        };
+    fn parses_source_weight_arguments() {
         assert_eq!(
-            render_status(&status, false),
-            "job:      llama\nstate:    running\nversion:  0.1.0\nuptime:   1m 05s"
+            parse_mix(&["prose=0.75", "code = 0.2", "math=5e-2"]).unwrap(),
+            vec![
+                weight("prose", 0.75),
+                weight("code", 0.2),
+                weight("math", 0.05)
+            ]
         );
-        let json: serde_json::Value = serde_json::from_str(&render_status(&status, true)).unwrap();
         assert_eq!(
-            json,
-            serde_json::json!({
-                "job": "llama", "state": "running", "version": "0.1.0", "uptime_seconds": 65,
-                "generation": 0, "step": 0, "total_steps": 0, "loss": 0.0, "workers_alive": 0,
-                "world_size": 0, "detail": ""
-            })
+            format_mix(&parse_mix(&["prose=0.75", "code=0.20", "math=0.05", "web=0"]).unwrap()),
+            "prose=0.75 code=0.20 math=0.05"
         );
-        let training = GetStatusResponse {
-            step: 12,
-            total_steps: 100,
-            loss: 2.5,
-            workers_alive: 3,
-            world_size: 2,
-            generation: 4,
-            detail: "a worker is a spare".into(),
-            ..status
-        };
-        assert_eq!(
-            render_status(&training, false),
-            "job:      llama\nstate:    running\nversion:  0.1.0\nuptime:   1m 05s\nstep:     12 / 100\n\
-             loss:     2.5000\nworkers:  3 alive, 2 in generation 4\ndetail:   a worker is a spare"
-        );
-        assert_eq!(state_name(42), "unknown (42)");
+        let cases = [
+            (
+                vec!["prose"],
+                "\"prose\" has no weight: expected source=weight",
+            ),
+            (
+                vec!["prose=abc"],
+                "\"prose=abc\": the weight \"abc\" is not a number; expected source=weight",
+            ),
+            (
+                vec!["=0.5"],
+                "\"=0.5\" has no source name: expected source=weight",
+            ),
+            (
+                vec!["prose=-0.1"],
+                "\"prose=-0.1\": a weight must be a finite number ≥ 0; expected source=weight",
+            ),
+            (vec!["prose=inf"], "a weight must be a finite number"),
+            (
+                vec!["prose=0.5", "code=0.2", "prose=0.3"],
+                "source \"prose\" is given twice: expected source=weight",
+            ),
+            (vec![], "no weights given: expected source=weight"),
+        ];
+        for (args, expected) in cases {
+            let err = parse_mix(&args).unwrap_err();
+            assert!(err.contains(expected), "{args:?}: {err}");
+            assert!(err.contains("e.g. prose=0.75"), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn requested_by_is_user_at_host_with_fallbacks() {
+        let s = |v: &str| Some(v.to_owned());
+        assert_eq!(requested_by_from(s("ana"), s("gpu-07\n")), "ana@gpu-07");
+        assert_eq!(requested_by_from(None, s("gpu-07")), "unknown-user@gpu-07");
+        assert_eq!(requested_by_from(s(" "), None), "unknown-user@unknown-host");
+        let me = requested_by();
+        let (user, host) = me.split_once('@').unwrap();
+        assert!(!user.is_empty() && !host.is_empty(), "{me}");
+    }
+
+    /// Without `$USER`, the name comes from the password file, as `id -un` finds it.
+    #[cfg(unix)]
+    #[test]
+    fn login_name_matches_id() {
+        let id = std::process::Command::new("id")
+            .arg("-un")
+            .output()
+            .unwrap();
+        assert!(id.status.success(), "{id:?}");
+        let expected = String::from_utf8(id.stdout).unwrap();
+        assert_eq!(login_name().as_deref(), Some(expected.trim()));
     }
 
     #[tokio::test]

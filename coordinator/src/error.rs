@@ -17,6 +17,11 @@ pub enum Error {
     )]
     Unreachable { url: String, reason: String },
 
+    /// The coordinator refused a request it understood (a bad argument, or not now); its
+    /// message says what to change.
+    #[error("the coordinator refused: {message}")]
+    Refused { code: Code, message: String },
+
     /// The coordinator answered a call with an error status.
     #[error("the coordinator at {url} answered {:?}: {}", .status.code(), .status.message())]
     Rpc { url: String, status: Status },
@@ -35,6 +40,7 @@ impl From<Error> for Status {
         let code = match &err {
             Error::InvalidAddress { .. } => Code::InvalidArgument,
             Error::Unreachable { .. } => Code::Unavailable,
+            Error::Refused { code, message } => return Status::new(*code, message.clone()),
             // Pass the upstream status through unchanged, details and metadata included.
             Error::Rpc { status, .. } => return status.clone(),
             Error::Io(_) | Error::Transport(_) => Code::Internal,
@@ -72,6 +78,13 @@ mod tests {
                     status: Status::not_found("no job"),
                 },
                 Code::NotFound,
+            ),
+            (
+                Error::Refused {
+                    code: Code::FailedPrecondition,
+                    message: "the job is finished".into(),
+                },
+                Code::FailedPrecondition,
             ),
             (
                 Error::Io(std::io::ErrorKind::AddrInUse.into()),

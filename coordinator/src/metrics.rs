@@ -14,7 +14,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
 use prometheus::{
-    Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use stagecoach_proto::v1;
 use tracing::{debug, warn};
@@ -31,14 +31,40 @@ const STATES: [(v1::JobState, &str); 5] = [
     (v1::JobState::Failed, "failed"),
 ];
 
+/// The transition causes, each a value of the `cause` label of
+/// `stagecoach_job_stage_transitions_total`.
+const CAUSES: [v1::TransitionCause; 5] = [
+    v1::TransitionCause::Start,
+    v1::TransitionCause::Budget,
+    v1::TransitionCause::ManualNext,
+    v1::TransitionCause::ManualSet,
+    v1::TransitionCause::MixChange,
+];
+
+/// `TransitionCause::ManualNext` → `manual_next`: the proto's name without its prefix.
+pub fn cause_label(cause: v1::TransitionCause) -> &'static str {
+    match cause {
+        v1::TransitionCause::Unspecified => "unspecified",
+        v1::TransitionCause::Start => "start",
+        v1::TransitionCause::Budget => "budget",
+        v1::TransitionCause::ManualNext => "manual_next",
+        v1::TransitionCause::ManualSet => "manual_set",
+        v1::TransitionCause::MixChange => "mix_change",
+    }
+}
+
 /// The coordinator's metrics. The driver updates them: [`Metrics::observe`] after every event,
-/// [`Metrics::step_committed`] and [`Metrics::generation_ended`] as those happen.
+/// the others as what they count happens.
 pub struct Metrics {
     registry: Registry,
     step: IntGauge,
     total_steps: IntGauge,
     loss: Gauge,
     tokens: IntCounterVec,
+    stage_info: IntGaugeVec,
+    stage_index: IntGauge,
+    transitions: IntCounterVec,
+    validation_loss: GaugeVec,
     tokens_per_second: Gauge,
     workers_alive: IntGauge,
     world_size: IntGauge,
@@ -91,7 +117,46 @@ impl Metrics {
                 IntCounterVec::new(
                     opts(
                         "tokens_total",
-                        "Tokens trained in committed steps (samples x seq_len), by source",
+                        "Tokens trained in committed steps (samples x the stage's seq_len), by \
+                         source",
+                    ),
+                    &["source"],
+                ),
+            ),
+            stage_info: register(
+                &r,
+                IntGaugeVec::new(
+                    opts(
+                        "stage_info",
+                        "1, labelled with the current curriculum stage",
+                    ),
+                    &["stage"],
+                ),
+            ),
+            stage_index: register(
+                &r,
+                IntGauge::with_opts(opts(
+                    "stage_index",
+                    "Index of the current stage in the curriculum (0: the first)",
+                )),
+            ),
+            transitions: register(
+                &r,
+                IntCounterVec::new(
+                    opts(
+                        "stage_transitions_total",
+                        "Stage transitions (and mixture changes of the current stage), by cause",
+                    ),
+                    &["cause"],
+                ),
+            ),
+            validation_loss: register(
+                &r,
+                GaugeVec::new(
+                    opts(
+                        "validation_loss",
+                        "Mean token loss on the held-out samples of a source, at the latest \
+                         evaluation",
                     ),
                     &["source"],
                 ),
@@ -133,6 +198,10 @@ impl Metrics {
         for (_, name) in STATES {
             m.state.with_label_values(&[name]).set(0);
         }
+        // Every cause shows from the start, so that `increase()` sees the first transition.
+        for cause in CAUSES {
+            m.transitions.with_label_values(&[cause_label(cause)]);
+        }
         m
     }
 
@@ -164,12 +233,15 @@ impl Metrics {
         }
     }
 
-    /// A step of `job` with these samples was committed.
-    pub fn step_committed(&self, job: &v1::JobSpec, samples: &[SampleId]) {
+    /// A step of `job` with these samples, each `seq_len` tokens long, was committed.
+    ///
+    /// A sample is read as `seq_len + 1` tokens (inputs and shifted targets), but consecutive
+    /// samples of a source share their boundary token, so each trains `seq_len` new tokens.
+    pub fn step_committed(&self, job: &v1::JobSpec, samples: &[SampleId], seq_len: u32) {
         let mut per_source = vec![0u64; job.sources.len()];
         for s in samples {
             if let Some(n) = per_source.get_mut(s.source) {
-                *n += u64::from(job.seq_len);
+                *n += u64::from(seq_len);
             }
         }
         for (source, n) in job.sources.iter().zip(&per_source) {
@@ -179,6 +251,27 @@ impl Metrics {
         if let Some(rate) = t.record(Instant::now(), per_source.iter().sum()) {
             self.tokens_per_second.set(rate);
         }
+    }
+
+    /// The job is now in stage `name`, at `index` in the curriculum.
+    pub fn stage_changed(&self, name: &str, index: u32) {
+        // Only the current stage has a series: a query for the stage needs no `== 1` filter,
+        // and a stage left behind does not linger at 0 next to it.
+        self.stage_info.reset();
+        self.stage_info.with_label_values(&[name]).set(1);
+        self.stage_index.set(i64::from(index));
+    }
+
+    /// A stage transition (or a mixture change of the current stage) took effect.
+    pub fn transition(&self, cause: v1::TransitionCause) {
+        self.transitions
+            .with_label_values(&[cause_label(cause)])
+            .inc();
+    }
+
+    /// An evaluation measured `loss` on the held-out samples of `source`.
+    pub fn validation_loss(&self, source: &str, loss: f64) {
+        self.validation_loss.with_label_values(&[source]).set(loss);
     }
 
     /// The current generation ended: nothing trains until the next world runs.
@@ -276,8 +369,7 @@ mod tests {
     fn job() -> v1::JobSpec {
         let source = |name: &str| v1::SourceSpec {
             name: name.into(),
-            path: String::new(),
-            weight: 1.0,
+            ..Default::default()
         };
         v1::JobSpec {
             seq_len: 64,
@@ -292,20 +384,30 @@ mod tests {
             .unwrap()
     }
 
+    fn assert_lines(t: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(t.lines().any(|l| l == *line), "no {line:?} in\n{t}");
+        }
+    }
+
     #[test]
     fn encodes_the_job_signals() {
         let m = Metrics::new();
         let job = job();
         m.job(&job);
         let before = text(&m);
-        assert!(before.contains("stagecoach_job_loss NaN"), "{before}");
-        assert!(
-            before.contains("stagecoach_job_tokens_total{source=\"code\"} 0"),
-            "{before}"
+        assert_lines(
+            &before,
+            &[
+                "stagecoach_job_loss NaN",
+                "stagecoach_job_tokens_total{source=\"code\"} 0",
+            ],
         );
 
         let sample = |source, index| SampleId { source, index };
-        m.step_committed(&job, &[sample(0, 4), sample(0, 9), sample(1, 2)]);
+        // A stage at seq_len 32 (the job's largest is 64): each sample trains 32 tokens.
+        m.step_committed(&job, &[sample(0, 0), sample(0, 32), sample(1, 0)], 32);
+        m.step_committed(&job, &[sample(1, 64)], 64);
         m.observe(&Snapshot {
             state: v1::JobState::Running as i32,
             generation: 2,
@@ -314,29 +416,79 @@ mod tests {
             loss: Some(3.5),
             workers_alive: 2,
             world_size: 2,
-            detail: String::new(),
+            ..Default::default()
         });
         m.generation_ended();
         let t = text(&m);
-        for line in [
-            "stagecoach_job_step 1",
-            "stagecoach_job_total_steps 100",
-            "stagecoach_job_loss 3.5",
-            "stagecoach_job_tokens_total{source=\"prose\"} 128",
-            "stagecoach_job_tokens_total{source=\"code\"} 64",
-            "stagecoach_job_workers_alive 2",
-            "stagecoach_job_world_size 2",
-            "stagecoach_job_generation 2",
-            "stagecoach_job_generations_ended_total 1",
-            "stagecoach_job_state{state=\"running\"} 1",
-            "stagecoach_job_state{state=\"waiting\"} 0",
-            "stagecoach_job_tokens_per_second 0",
-            "# TYPE stagecoach_job_tokens_total counter",
-        ] {
-            assert!(t.lines().any(|l| l == line), "no {line:?} in\n{t}");
-        }
+        assert_lines(
+            &t,
+            &[
+                "stagecoach_job_step 1",
+                "stagecoach_job_total_steps 100",
+                "stagecoach_job_loss 3.5",
+                "stagecoach_job_tokens_total{source=\"prose\"} 64",
+                "stagecoach_job_tokens_total{source=\"code\"} 96",
+                "stagecoach_job_workers_alive 2",
+                "stagecoach_job_world_size 2",
+                "stagecoach_job_generation 2",
+                "stagecoach_job_generations_ended_total 1",
+                "stagecoach_job_state{state=\"running\"} 1",
+                "stagecoach_job_state{state=\"waiting\"} 0",
+                "stagecoach_job_tokens_per_second 0",
+                "# TYPE stagecoach_job_tokens_total counter",
+            ],
+        );
         // Each Metrics has its own registry.
         assert!(text(&Metrics::new()).contains("stagecoach_job_step 0"));
+    }
+
+    #[test]
+    fn encodes_the_curriculum_signals() {
+        let m = Metrics::new();
+        let before = text(&m);
+        // Every cause is there at zero before any transition; no stage or loss series yet.
+        for cause in ["start", "budget", "manual_next", "manual_set", "mix_change"] {
+            let line = format!("stagecoach_job_stage_transitions_total{{cause=\"{cause}\"}} 0");
+            assert_lines(&before, &[&line]);
+        }
+        assert!(!before.contains("stagecoach_job_stage_info{"), "{before}");
+        assert!(
+            !before.contains("stagecoach_job_validation_loss{"),
+            "{before}"
+        );
+
+        m.stage_changed("stable-1", 0);
+        m.transition(v1::TransitionCause::Start);
+        m.validation_loss("prose", 2.5);
+        m.validation_loss("code", 3.25);
+        m.stage_changed("decay", 2);
+        m.transition(v1::TransitionCause::ManualSet);
+        m.transition(v1::TransitionCause::MixChange);
+        m.transition(v1::TransitionCause::MixChange);
+        m.validation_loss("prose", 2.0);
+        let t = text(&m);
+        assert_lines(
+            &t,
+            &[
+                "# TYPE stagecoach_job_stage_info gauge",
+                "stagecoach_job_stage_info{stage=\"decay\"} 1",
+                "stagecoach_job_stage_index 2",
+                "# TYPE stagecoach_job_stage_transitions_total counter",
+                "stagecoach_job_stage_transitions_total{cause=\"start\"} 1",
+                "stagecoach_job_stage_transitions_total{cause=\"budget\"} 0",
+                "stagecoach_job_stage_transitions_total{cause=\"manual_set\"} 1",
+                "stagecoach_job_stage_transitions_total{cause=\"mix_change\"} 2",
+                "# TYPE stagecoach_job_validation_loss gauge",
+                "stagecoach_job_validation_loss{source=\"prose\"} 2",
+                "stagecoach_job_validation_loss{source=\"code\"} 3.25",
+            ],
+        );
+        // Only the current stage has a series.
+        let stages: Vec<&str> = t
+            .lines()
+            .filter(|l| l.starts_with("stagecoach_job_stage_info{"))
+            .collect();
+        assert_eq!(stages, ["stagecoach_job_stage_info{stage=\"decay\"} 1"]);
     }
 
     #[test]

@@ -29,8 +29,9 @@ fn job_file(name: &str) -> Result<(tempfile::TempDir, std::path::PathBuf)> {
         &path,
         format!(
             "[job]\nname = \"{name}\"\n[model]\npreset = \"micro\"\n[schedule]\npeak_lr = 1e-3\n\
-             [data]\nseq_len = 16\nglobal_batch = 2\nmicro_batch_size = 2\n\
-             sources = [{{ name = \"a\", path = \"a\", weight = 1.0 }}]\n[train]\nsteps = 5\n"
+             [data]\nglobal_batch_tokens = 32\nmicro_batch_tokens = 32\n\
+             [[sources]]\nname = \"a\"\npath = \"a\"\n\
+             [[stages]]\nname = \"only\"\nuntil = {{ steps = 5 }}\nseq_len = 16\nmix = {{ a = 1.0 }}\n"
         ),
     )?;
     Ok((dir, path))
@@ -182,5 +183,162 @@ fn coordinator_reports_a_port_in_use() -> Result<()> {
         stderr.contains(&format!("cannot listen on {addr}")),
         "{stderr}"
     );
+    Ok(())
+}
+
+/// The shipped demo job, which `make demo` runs.
+const DEMO_JOB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo.toml");
+
+#[test]
+fn validate_accepts_the_demo_job_without_its_data() -> Result<()> {
+    let out = stagecoach(&["validate", DEMO_JOB, "--no-data"], None)?;
+    ensure!(out.status.success(), "stagecoach validate: {out:?}");
+    let text = String::from_utf8(out.stdout)?;
+    assert!(
+        text.starts_with(&format!(
+            "{DEMO_JOB}: job \"demo\" is valid; data not checked (--no-data)\n"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("\ntotal:    "), "{text}");
+
+    let out = stagecoach(&["validate", DEMO_JOB, "--no-data", "--json"], None)?;
+    ensure!(out.status.success(), "stagecoach validate --json: {out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(json["valid"], true);
+    assert_eq!(json["data_root"], serde_json::Value::Null);
+    assert_eq!(json["job"]["name"], "demo");
+    let stages = json["job"]["stages"].as_array().context("no stages")?;
+    ensure!(stages.len() >= 2, "{json}");
+    Ok(())
+}
+
+#[test]
+fn validate_names_every_problem_of_a_malformed_job() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bad.toml");
+    // Two mistakes: weights that sum to 0.9, and a second stage that ends before the first.
+    std::fs::write(
+        &path,
+        "[job]\nname = \"bad\"\n[model]\npreset = \"tiny\"\n[schedule]\npeak_lr = 1e-3\n\
+         [data]\nglobal_batch_tokens = 1024\nmicro_batch_tokens = 512\n\
+         [[sources]]\nname = \"prose\"\npath = \"prose\"\n\
+         [[sources]]\nname = \"code\"\npath = \"code\"\n\
+         [[stages]]\nname = \"one\"\nuntil = { steps = 20 }\nseq_len = 128\n\
+         mix = { prose = 0.8, code = 0.1 }\n\
+         [[stages]]\nname = \"two\"\nuntil = { steps = 10 }\nseq_len = 128\n\
+         mix = { prose = 0.5, code = 0.5 }\n",
+    )?;
+    let file = path.to_str().context("a UTF-8 temporary path")?;
+
+    let out = stagecoach(&["validate", file, "--no-data"], None)?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let stderr = String::from_utf8(out.stderr)?;
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    for line in &lines {
+        assert!(line.starts_with(&format!("{file}: stages[")), "{stderr}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(".mix") && l.contains("sum")),
+        "{stderr}"
+    );
+    assert!(lines.iter().any(|l| l.contains(".until")), "{stderr}");
+
+    let out = stagecoach(&["validate", file, "--no-data", "--json"], None)?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(json["valid"], false);
+    assert_eq!(json["problems"].as_array().map(Vec::len), Some(2), "{json}");
+
+    // Once the file is right, the data is checked (under the scratch folder, where no source
+    // folder exists): each missing folder is a problem.
+    let fixed = std::fs::read_to_string(&path)?
+        .replace("prose = 0.8", "prose = 0.9")
+        .replace("steps = 10 }", "steps = 30 }");
+    std::fs::write(&path, fixed)?;
+    let out = stagecoach(&["validate", file, "--no-data"], None)?;
+    ensure!(out.status.success(), "the fixed file: {out:?}");
+    let root = dir.path().to_str().context("a UTF-8 temporary path")?;
+    let out = stagecoach(&["validate", file, "--data-root", root], None)?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8(out.stderr)?;
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].contains("prose") && lines[1].contains("code"),
+        "{stderr}"
+    );
+
+    // A file that does not exist is one problem, not a crash.
+    let missing = dir.path().join("missing.toml");
+    let out = stagecoach(
+        &["validate", missing.to_str().unwrap_or("missing.toml")],
+        None,
+    )?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8(out.stderr)?;
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("missing.toml"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn control_commands_report_an_unreachable_coordinator() -> Result<()> {
+    // An address on which nothing listens: bound to find a free port, then released.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let url = format!("http://{addr}");
+    let commands: [&[&str]; 7] = [
+        &["stage", "next"],
+        &["stage", "set", "decay"],
+        &["mix", "set", "decay", "prose=0.5", "code=0.5"],
+        &["pause"],
+        &["resume"],
+        &["eval"],
+        &["stages", "--json"],
+    ];
+    for args in commands {
+        let out = stagecoach(args, Some(&url))?;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+        let stderr = String::from_utf8(out.stderr)?;
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("error: cannot reach the coordinator at {url}")),
+            "{args:?}: {stderr}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn mix_set_explains_the_form_of_its_arguments() -> Result<()> {
+    // Rejected before any connection is tried: no coordinator is needed.
+    for (args, expected) in [
+        (vec!["prose"], "\"prose\" has no weight"),
+        (vec!["prose=abc"], "the weight \"abc\" is not a number"),
+        (
+            vec!["prose=0.5", "prose=0.5"],
+            "source \"prose\" is given twice",
+        ),
+    ] {
+        let mut argv = vec!["mix", "set", "decay"];
+        argv.extend(&args);
+        let out = stagecoach(&argv, None)?;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let stderr = String::from_utf8(out.stderr)?;
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("expected source=weight"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let out = stagecoach(&["mix", "set", "decay"], None)?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8(out.stderr)?;
+    assert!(stderr.contains("SOURCE=WEIGHT"), "{stderr}");
     Ok(())
 }

@@ -2,15 +2,23 @@
 //! sockets.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stagecoach_coordinator::{cli, serve, Coordinator, Error};
 use stagecoach_proto::v1::control_client::ControlClient;
-use stagecoach_proto::v1::{GetStatusRequest, JobState};
+use stagecoach_proto::v1::control_server::{Control, ControlServer};
+use stagecoach_proto::v1::{
+    ChangeStageRequest, ChangeStageResponse, EvaluateRequest, EvaluateResponse, GetStatusRequest,
+    GetStatusResponse, JobState, ListStagesRequest, ListStagesResponse, PauseRequest,
+    PauseResponse, ResumeRequest, ResumeResponse, SetMixRequest, SetMixResponse, SourceWeight,
+    StageInfo, Transition, TransitionCause,
+};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Code, Request, Response, Status};
 
 /// A coordinator serving on an ephemeral loopback port.
 struct TestServer {
@@ -106,4 +114,321 @@ async fn cli_reports_an_unreachable_coordinator_clearly() {
         )
     );
     assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+}
+
+/// What a [`FakeControl`] was asked.
+#[derive(Debug, Clone, PartialEq)]
+enum Asked {
+    ChangeStage(ChangeStageRequest),
+    SetMix(SetMixRequest),
+    Pause(PauseRequest),
+    Resume(ResumeRequest),
+    Evaluate(EvaluateRequest),
+}
+
+/// A `Control` service with set answers that records every command: the CLI's side of the
+/// protocol, tested without a job.
+struct FakeControl {
+    asked: Mutex<Vec<Asked>>,
+    /// The current stage, as `GetStatus` reports it.
+    stage: String,
+    /// `SetMix`'s answer.
+    mix_effective_step: u64,
+    /// Refuse every command with this.
+    refusal: Option<(Code, &'static str)>,
+}
+
+impl FakeControl {
+    fn new(stage: &str, mix_effective_step: u64) -> Self {
+        FakeControl {
+            asked: Mutex::new(Vec::new()),
+            stage: stage.into(),
+            mix_effective_step,
+            refusal: None,
+        }
+    }
+
+    fn ask(&self, asked: Asked) -> Result<(), Status> {
+        self.asked.lock().unwrap().push(asked);
+        match self.refusal {
+            Some((code, message)) => Err(Status::new(code, message)),
+            None => Ok(()),
+        }
+    }
+
+    fn asked(&self) -> Vec<Asked> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+#[tonic::async_trait]
+impl Control for FakeControl {
+    async fn get_status(
+        &self,
+        _: Request<GetStatusRequest>,
+    ) -> Result<Response<GetStatusResponse>, Status> {
+        Ok(Response::new(GetStatusResponse {
+            job: "fake".into(),
+            stage: self.stage.clone(),
+            stages: 3,
+            ..Default::default()
+        }))
+    }
+
+    async fn list_stages(
+        &self,
+        _: Request<ListStagesRequest>,
+    ) -> Result<Response<ListStagesResponse>, Status> {
+        let stage = |index, name: &str, until_step| StageInfo {
+            index,
+            name: name.into(),
+            until_step,
+            until_tokens: until_step * 1_000,
+            seq_len: 128,
+            mix: vec![SourceWeight {
+                source: "prose".into(),
+                weight: 1.0,
+            }],
+            ..Default::default()
+        };
+        let mut first = stage(0, "stable-1", 120);
+        first.started = true;
+        Ok(Response::new(ListStagesResponse {
+            stages: vec![first, stage(1, "stable-2", 240), stage(2, "decay", 300)],
+            transitions: vec![Transition {
+                to: "stable-1".into(),
+                cause: TransitionCause::Start.into(),
+                requested_by: "coordinator".into(),
+                ..Default::default()
+            }],
+            evaluations: Vec::new(),
+            current: 0,
+            step: 7,
+        }))
+    }
+
+    async fn change_stage(
+        &self,
+        request: Request<ChangeStageRequest>,
+    ) -> Result<Response<ChangeStageResponse>, Status> {
+        let r = request.into_inner();
+        self.ask(Asked::ChangeStage(r.clone()))?;
+        let to = if r.stage.is_empty() {
+            "stable-2".to_owned()
+        } else {
+            r.stage
+        };
+        Ok(Response::new(ChangeStageResponse {
+            from: self.stage.clone(),
+            to,
+            effective_step: 120,
+        }))
+    }
+
+    async fn set_mix(
+        &self,
+        request: Request<SetMixRequest>,
+    ) -> Result<Response<SetMixResponse>, Status> {
+        self.ask(Asked::SetMix(request.into_inner()))?;
+        Ok(Response::new(SetMixResponse {
+            effective_step: self.mix_effective_step,
+        }))
+    }
+
+    async fn pause(
+        &self,
+        request: Request<PauseRequest>,
+    ) -> Result<Response<PauseResponse>, Status> {
+        self.ask(Asked::Pause(request.into_inner()))?;
+        Ok(Response::new(PauseResponse { step: 41 }))
+    }
+
+    async fn resume(
+        &self,
+        request: Request<ResumeRequest>,
+    ) -> Result<Response<ResumeResponse>, Status> {
+        self.ask(Asked::Resume(request.into_inner()))?;
+        Ok(Response::new(ResumeResponse { step: 41 }))
+    }
+
+    async fn evaluate(
+        &self,
+        request: Request<EvaluateRequest>,
+    ) -> Result<Response<EvaluateResponse>, Status> {
+        self.ask(Asked::Evaluate(request.into_inner()))?;
+        Ok(Response::new(EvaluateResponse { step: 42 }))
+    }
+}
+
+/// Serves `fake` on an ephemeral loopback port until the returned task is aborted.
+async fn serve_fake(fake: Arc<FakeControl>) -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(ControlServer::from_arc(fake))
+            .serve_with_incoming(TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+    (url, task)
+}
+
+fn weights(pairs: &[(&str, f64)]) -> Vec<SourceWeight> {
+    pairs
+        .iter()
+        .map(|(source, weight)| SourceWeight {
+            source: (*source).into(),
+            weight: *weight,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn cli_commands_say_who_asks_and_what_happens() {
+    let fake = Arc::new(FakeControl::new("stable-1", 131));
+    let (url, server) = serve_fake(fake.clone()).await;
+    let me = cli::requested_by();
+
+    assert_eq!(
+        cli::change_stage(&url, None).await.unwrap(),
+        "stage stable-1 → stable-2 at step 120"
+    );
+    assert_eq!(
+        cli::change_stage(&url, Some("decay")).await.unwrap(),
+        "stage stable-1 → decay at step 120"
+    );
+    let mix = weights(&[("prose", 0.6), ("code", 0.4)]);
+    assert_eq!(
+        cli::set_mix(&url, "stable-1", mix.clone()).await.unwrap(),
+        "mix of stable-1 set to prose=0.60 code=0.40, from step 131"
+    );
+    assert_eq!(
+        cli::pause(&url).await.unwrap(),
+        "paused after step 41: no further step starts until `stagecoach resume`"
+    );
+    assert_eq!(cli::resume(&url).await.unwrap(), "resumed at step 41");
+    assert_eq!(
+        cli::evaluate(&url).await.unwrap(),
+        "evaluation requested: it runs after step 42; `stagecoach stages` shows its losses"
+    );
+    assert_eq!(
+        fake.asked(),
+        [
+            Asked::ChangeStage(ChangeStageRequest {
+                stage: String::new(),
+                requested_by: me.clone(),
+            }),
+            Asked::ChangeStage(ChangeStageRequest {
+                stage: "decay".into(),
+                requested_by: me.clone(),
+            }),
+            Asked::SetMix(SetMixRequest {
+                stage: "stable-1".into(),
+                weights: mix,
+                requested_by: me.clone(),
+            }),
+            Asked::Pause(PauseRequest {
+                requested_by: me.clone(),
+            }),
+            Asked::Resume(ResumeRequest {
+                requested_by: me.clone(),
+            }),
+            Asked::Evaluate(EvaluateRequest { requested_by: me }),
+        ]
+    );
+
+    // The read commands render what the coordinator answers.
+    let stages: serde_json::Value =
+        serde_json::from_str(&cli::stages(&url, true).await.unwrap()).unwrap();
+    assert_eq!(stages["step"], 7);
+    assert_eq!(stages["stages"][0]["status"], "current");
+    assert_eq!(stages["stages"][2]["name"], "decay");
+    assert_eq!(stages["transitions"][0]["cause"], "start");
+    let text = cli::stages(&url, false).await.unwrap();
+    assert!(text.starts_with("step 7, stage 1/3 (stable-1)\n"), "{text}");
+    server.abort();
+}
+
+#[tokio::test]
+async fn mix_set_says_when_the_mixture_applies() {
+    // An upcoming stage: the coordinator has no step to give yet.
+    let fake = Arc::new(FakeControl::new("stable-1", 0));
+    let (url, server) = serve_fake(fake).await;
+    let mix = weights(&[("prose", 1.0)]);
+    assert_eq!(
+        cli::set_mix(&url, "decay", mix.clone()).await.unwrap(),
+        "mix of decay set to prose=1.00; applies when decay starts"
+    );
+    // The current stage of a job that has not trained a step yet: from step 0.
+    assert_eq!(
+        cli::set_mix(&url, "stable-1", mix).await.unwrap(),
+        "mix of stable-1 set to prose=1.00, from step 0"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn cli_passes_on_the_coordinators_refusal() {
+    let message = "no stage named \"decay-2\"; the stages are stable-1, stable-2, decay";
+    let fake = Arc::new(FakeControl {
+        refusal: Some((Code::NotFound, message)),
+        ..FakeControl::new("stable-1", 0)
+    });
+    let (url, server) = serve_fake(fake).await;
+    let err = cli::change_stage(&url, Some("decay-2")).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Refused { code: Code::NotFound, message: m } if m == message),
+        "{err:?}"
+    );
+    assert_eq!(cli::exit_code(&err), 1);
+    assert_eq!(
+        err.to_string(),
+        format!("the coordinator refused: {message}")
+    );
+    server.abort();
+
+    // A coordinator without a job refuses every command, and says how to give it one.
+    let server = TestServer::start("idle").await;
+    for err in [
+        cli::change_stage(&server.url, None).await.unwrap_err(),
+        cli::set_mix(&server.url, "a", weights(&[("a", 1.0)]))
+            .await
+            .unwrap_err(),
+        cli::pause(&server.url).await.unwrap_err(),
+        cli::stages(&server.url, false).await.unwrap_err(),
+    ] {
+        let Error::Refused { code, message } = &err else {
+            panic!("not a refusal: {err:?}");
+        };
+        assert_eq!(*code, Code::FailedPrecondition);
+        assert!(message.contains("--job FILE"), "{message}");
+        assert_eq!(cli::exit_code(&err), 1);
+    }
+    server.shut_down().await;
+}
+
+#[tokio::test]
+async fn every_command_reports_an_unreachable_coordinator() {
+    let url = unused_url();
+    let errors = [
+        cli::stages(&url, true).await.unwrap_err(),
+        cli::change_stage(&url, None).await.unwrap_err(),
+        cli::change_stage(&url, Some("decay")).await.unwrap_err(),
+        cli::set_mix(&url, "decay", weights(&[("prose", 1.0)]))
+            .await
+            .unwrap_err(),
+        cli::pause(&url).await.unwrap_err(),
+        cli::resume(&url).await.unwrap_err(),
+        cli::evaluate(&url).await.unwrap_err(),
+    ];
+    for err in errors {
+        assert!(matches!(err, Error::Unreachable { .. }), "{err:?}");
+        assert_eq!(cli::exit_code(&err), cli::EXIT_UNREACHABLE);
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot reach the coordinator at {url}: ")),
+            "{err}"
+        );
+    }
 }

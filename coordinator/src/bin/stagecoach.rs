@@ -1,9 +1,12 @@
 //! `stagecoach`: the user CLI of a stagecoach job.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, Subcommand};
 use stagecoach_coordinator::cli;
+use stagecoach_proto::v1::SourceWeight;
 
 /// Control and inspect a stagecoach training job.
 #[derive(Debug, Parser)]
@@ -24,19 +27,123 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show the job's name and state, and the coordinator's version and uptime.
+    /// Show the job: state, stage, step, tokens, loss, workers and the next transition.
     Status {
+        /// Print one line of JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the curriculum: every stage (done, current, planned), the tokens each trained per
+    /// source, the transitions so far and the evaluations.
+    Stages {
+        /// Print one line of JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move to another stage at the next step every rank can take.
+    Stage {
+        #[command(subcommand)]
+        action: StageAction,
+    },
+    /// Change the data mixture of a stage.
+    Mix {
+        #[command(subcommand)]
+        action: MixAction,
+    },
+    /// Stop starting new steps (the step in flight finishes).
+    Pause,
+    /// Start training again after a pause.
+    Resume,
+    /// Compute the validation loss per source now; `stagecoach stages` shows the results.
+    Eval,
+    /// Check a job file without a coordinator: every problem, with its place in the file.
+    Validate {
+        /// The job file (TOML).
+        job: PathBuf,
+        /// Do not look at the data folders (check the file alone).
+        #[arg(long, conflicts_with = "data_root")]
+        no_data: bool,
+        /// The folder the sources' relative paths start from, as the workers will see it
+        /// [default: the current directory].
+        #[arg(long, value_name = "DIR")]
+        data_root: Option<PathBuf>,
         /// Print one line of JSON instead of text.
         #[arg(long)]
         json: bool,
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum StageAction {
+    /// End the current stage now and start the next one.
+    Next,
+    /// End the current stage now and start the stage NAME.
+    Set {
+        /// The stage to start (a name from `stagecoach stages`).
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MixAction {
+    /// Replace the mixture of STAGE (the current one or one still to come); sources left out
+    /// weigh 0, and the weights must sum to 1.
+    Set {
+        /// The stage whose mixture to replace.
+        stage: String,
+        /// The new weights, one per source: e.g. prose=0.75 code=0.2 math=0.05.
+        #[arg(required = true, value_name = "SOURCE=WEIGHT", value_parser = cli::parse_source_weight)]
+        weights: Vec<SourceWeight>,
+    },
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Cli::parse();
+    let url = &args.coordinator;
     let result = match args.command {
-        Command::Status { json } => cli::status(&args.coordinator, json).await,
+        Command::Status { json } => cli::status(url, json).await,
+        Command::Stages { json } => cli::stages(url, json).await,
+        Command::Stage { action } => match action {
+            StageAction::Next => cli::change_stage(url, None).await,
+            StageAction::Set { name } => cli::change_stage(url, Some(&name)).await,
+        },
+        Command::Mix {
+            action: MixAction::Set { stage, weights },
+        } => {
+            if let Err(message) = cli::check_mix(&weights) {
+                Cli::command()
+                    .error(ErrorKind::ValueValidation, message)
+                    .exit();
+            }
+            cli::set_mix(url, &stage, weights).await
+        }
+        Command::Pause => cli::pause(url).await,
+        Command::Resume => cli::resume(url).await,
+        Command::Eval => cli::evaluate(url).await,
+        Command::Validate {
+            job,
+            no_data,
+            data_root,
+            json,
+        } => {
+            let root = data_root
+                .or_else(|| std::env::current_dir().ok())
+                .unwrap_or_else(|| PathBuf::from("."));
+            let validation = cli::validate(&job, (!no_data).then_some(root.as_path()), json);
+            return if validation.valid {
+                println!("{}", validation.output);
+                ExitCode::SUCCESS
+            } else {
+                // The JSON report is the answer a script reads; the problems are for people.
+                if json {
+                    println!("{}", validation.output);
+                } else {
+                    eprintln!("{}", validation.output);
+                }
+                ExitCode::FAILURE
+            };
+        }
     };
     match result {
         Ok(output) => {
