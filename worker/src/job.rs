@@ -1,7 +1,8 @@
 //! From the job specification the coordinator sends ([`v1::JobSpec`]) to what the worker runs:
-//! the model shape, the optimizer and schedule, and the opened data sources.
+//! the model shape, the optimizer, and the opened data sources.
 
-use stagecoach_coordinator::schedule::Wsd;
+use std::path::Path;
+
 use stagecoach_proto::v1;
 
 use crate::error::{Error, Result};
@@ -9,11 +10,12 @@ use crate::model::ModelConfig;
 use crate::optim::AdamWConfig;
 use crate::shards::{ShardFolder, TokenSize};
 
-/// The model shape: the preset, or the folder's `config.json`, with RoPE θ overridden if given
-/// and the position limit raised to the sequence length.
+/// The model shape: the preset, or the folder's `config.json`, with RoPE θ set to the first
+/// stage's (when the job names one) and the position limit raised to the longest stage's
+/// sequence length.
 pub fn model_config(spec: &v1::JobSpec) -> Result<ModelConfig> {
     let mut c = if !spec.model_from.is_empty() {
-        crate::hf::read_config(&std::path::Path::new(&spec.model_from).join("config.json"))?
+        crate::hf::read_config(&Path::new(&spec.model_from).join("config.json"))?
     } else {
         ModelConfig::preset(&spec.model_preset)?
     };
@@ -40,76 +42,166 @@ pub fn optimizer(spec: &v1::JobSpec) -> Result<AdamWConfig> {
     Ok(c)
 }
 
-pub fn schedule(spec: &v1::JobSpec) -> Result<Wsd> {
-    Wsd::from_job(spec).map_err(|e| Error::Config(e.to_string()))
+/// One data source of the job: its training stream and, if the job gives one, its held-out
+/// stream.
+pub struct Source {
+    pub name: String,
+    pub train: ShardFolder,
+    pub eval: Option<ShardFolder>,
 }
 
-/// The job's data sources, opened.
+impl Source {
+    /// Tokens in the training stream.
+    pub fn num_tokens(&self) -> u64 {
+        self.train.num_tokens()
+    }
+
+    /// Tokens in the held-out stream (0 without one).
+    pub fn eval_tokens(&self) -> u64 {
+        self.eval.as_ref().map_or(0, ShardFolder::num_tokens)
+    }
+
+    /// What this worker reports in `Ready`.
+    pub fn size(&self) -> v1::SourceSize {
+        v1::SourceSize {
+            name: self.name.clone(),
+            num_tokens: self.num_tokens(),
+            eval_tokens: self.eval_tokens(),
+        }
+    }
+}
+
+/// Which stream of a source a batch reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+/// The job's data sources, opened, in the job's order (a sample's source is an index into it).
 pub struct Sources {
-    pub names: Vec<String>,
-    pub folders: Vec<ShardFolder>,
-    /// Samples of `seq_len + 1` tokens per source.
-    pub sizes: Vec<u64>,
-    pub seq_len: usize,
+    pub sources: Vec<Source>,
     pub vocab_size: i64,
 }
 
 impl Sources {
-    /// Opens every source folder; a source with a positive weight and no sample is an error.
+    /// Opens every source's training folder, and its held-out folder when the job names one.
+    /// Whether a source holds enough tokens for the stages that draw from it is the planner's
+    /// question (the coordinator's, from the sizes in `Ready`).
     pub fn open(spec: &v1::JobSpec, model: &ModelConfig) -> Result<Sources> {
-        let seq_len = spec.seq_len as usize;
         let size = TokenSize::for_vocab(model.vocab_size as usize);
-        let mut out = Sources {
-            names: vec![],
-            folders: vec![],
-            sizes: vec![],
-            seq_len,
+        let sources = spec
+            .sources
+            .iter()
+            .map(|s| {
+                Ok(Source {
+                    name: s.name.clone(),
+                    train: ShardFolder::open(Path::new(&s.path), size)?,
+                    eval: match s.eval_path.as_str() {
+                        "" => None,
+                        p => Some(ShardFolder::open(Path::new(p), size)?),
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Sources {
+            sources,
             vocab_size: model.vocab_size,
-        };
-        for s in &spec.sources {
-            let folder = ShardFolder::open(std::path::Path::new(&s.path), size)?;
-            let n = folder.num_samples(seq_len);
-            if n == 0 && s.weight > 0.0 {
-                return Err(Error::shard(
-                    &s.path,
-                    format!(
-                        "source {:?} holds {} tokens, fewer than one sample of seq_len + 1 = {}",
-                        s.name,
-                        folder.num_tokens(),
-                        seq_len + 1
-                    ),
-                ));
-            }
-            out.names.push(s.name.clone());
-            out.folders.push(folder);
-            out.sizes.push(n);
-        }
-        Ok(out)
+        })
     }
 
-    /// Reads samples into a `[n, seq_len + 1]` int64 tensor, checking every token is in the
-    /// vocabulary.
-    pub fn batch(&self, samples: &[(usize, u64)]) -> Result<tch::Tensor> {
-        let window = self.seq_len + 1;
+    pub fn names(&self) -> Vec<String> {
+        self.sources.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Tokens in each source's training stream, in the job's order.
+    pub fn num_tokens(&self) -> Vec<u64> {
+        self.sources.iter().map(Source::num_tokens).collect()
+    }
+
+    /// What this worker reports in `Ready`, in the job's order.
+    pub fn sizes(&self) -> Vec<v1::SourceSize> {
+        self.sources.iter().map(Source::size).collect()
+    }
+
+    /// Reads training samples into a `[n, seq_len + 1]` int64 tensor: for each `(source,
+    /// offset)`, the `seq_len + 1` tokens of the source's stream from that token offset. Every
+    /// token is checked to be in the vocabulary.
+    pub fn batch(&self, samples: &[(usize, u64)], seq_len: usize) -> Result<tch::Tensor> {
+        self.read(samples, seq_len, Split::Train)
+    }
+
+    /// As [`batch`](Self::batch), from the sources' held-out streams.
+    pub fn eval_batch(&self, samples: &[(usize, u64)], seq_len: usize) -> Result<tch::Tensor> {
+        self.read(samples, seq_len, Split::Eval)
+    }
+
+    fn read(&self, samples: &[(usize, u64)], seq_len: usize, split: Split) -> Result<tch::Tensor> {
+        if seq_len == 0 {
+            return Err(Error::Config("a sequence length of 0 was asked for".into()));
+        }
+        let window = seq_len + 1;
         let mut buf = vec![0i64; samples.len() * window];
-        for (&(source, index), out) in samples.iter().zip(buf.chunks_exact_mut(window)) {
-            let folder = self.folders.get(source).ok_or_else(|| {
+        for (&(source, offset), out) in samples.iter().zip(buf.chunks_exact_mut(window)) {
+            let s = self.sources.get(source).ok_or_else(|| {
                 Error::Config(format!(
-                    "sample of source {source}, but the job has {} sources",
-                    self.folders.len()
+                    "a sample of source {source} was asked for, but the job has {} sources",
+                    self.sources.len()
                 ))
             })?;
-            folder.read_sample(index, out)?;
+            let folder = match split {
+                Split::Train => &s.train,
+                Split::Eval => s.eval.as_ref().ok_or_else(|| {
+                    Error::Config(format!(
+                        "a held-out sample of source {:?} was asked for, but the job gives it no eval folder",
+                        s.name
+                    ))
+                })?,
+            };
+            folder.read_window(offset, out)?;
             if let Some(bad) = out.iter().find(|&&t| t < 0 || t >= self.vocab_size) {
                 return Err(Error::shard(
                     folder.dir(),
                     format!(
-                        "sample {index} holds token {bad}, outside the model's vocabulary of {}; tokenized with another tokenizer?",
+                        "the window at token {offset} holds token {bad}, outside the model's vocabulary of {}; tokenized with another tokenizer?",
                         self.vocab_size
                     ),
                 ));
             }
         }
         Ok(tch::Tensor::from_slice(&buf).view([samples.len() as i64, window as i64]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind, Tensor};
+
+    #[test]
+    fn the_model_takes_the_first_stage_theta_and_the_longest_stage() {
+        let mut spec = v1::JobSpec {
+            model_preset: "micro".into(),
+            seq_len: 256,
+            ..Default::default()
+        };
+        // Within the preset's context (1024), θ the model's own.
+        let c = model_config(&spec).unwrap();
+        assert_eq!((c.max_position_embeddings, c.rope_theta), (1024, 10_000.0));
+        // A longer stage raises the context; the first stage's θ replaces the preset's.
+        spec.seq_len = 2048;
+        spec.rope_theta = 80_000.0;
+        let c = model_config(&spec).unwrap();
+        assert_eq!((c.max_position_embeddings, c.rope_theta), (2048, 80_000.0));
+        // The position tables then cover it: a 1,500-token sequence runs, one past 2,048 does not.
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let model = crate::model::Llama::new(&vs, c).unwrap();
+        let ids = |n: i64| Tensor::zeros([1, n], (Kind::Int64, Device::Cpu));
+        let logits = tch::no_grad(|| model.forward(&ids(1500))).unwrap();
+        assert_eq!(logits.size(), [1, 1500, 264]);
+        let err = tch::no_grad(|| model.forward(&ids(2049)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_position_embeddings 2048"), "{err}");
     }
 }

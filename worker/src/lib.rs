@@ -4,11 +4,13 @@
 //! - [`model`]: the Llama/SmolLM2 model and its presets;
 //! - [`hf`]: transformers interchange (`config.json` + safetensors with `LlamaForCausalLM` names);
 //! - [`optim`]: AdamW and gradient clipping (the WSD schedule is the coordinator's `schedule`);
-//! - [`shards`]: datatrove `.ds` token shards; [`tokenize`]: text to shards;
-//!   [`corpus`]: the synthetic demo corpus;
-//! - [`job`]: from the coordinator's job spec to model, optimizer, schedule and data;
-//!   [`train`]: the training step and the standalone loop; [`collective`]: gradient all-reduce;
-//! - [`agent`]: the coordinator-driven worker (`join`): session, heartbeats, the trainer thread;
+//! - [`shards`]: datatrove `.ds` token shards, a folder read as one token stream; [`tokenize`]:
+//!   text to shards; [`corpus`]: the synthetic demo corpus;
+//! - [`job`]: from the coordinator's job spec to model, optimizer and data (train and held-out);
+//!   [`train`]: the training step, the held-out evaluation and the standalone loop through the
+//!   curriculum; [`collective`]: gradient all-reduce;
+//! - [`agent`]: the coordinator-driven worker (`join`): session, heartbeats, the trainer thread
+//!   (stages applied per step, evaluations between steps);
 //!   [`metrics`]: its Prometheus metrics;
 //! - [`device`]: CPU/CUDA selection; [`error`]: the crate's error type.
 

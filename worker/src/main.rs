@@ -32,7 +32,8 @@ enum Command {
         /// cpu, cuda or cuda:N (overrides [train].device).
         #[arg(long)]
         device: Option<String>,
-        /// Stop after this many steps (the schedule keeps its configured length).
+        /// Stop after this many steps (the curriculum and its schedule keep their configured
+        /// length).
         #[arg(long)]
         steps: Option<u64>,
         /// Write one JSON record per step to this file.
@@ -95,19 +96,24 @@ enum Command {
         #[arg(long, default_value_t = 100_000_000)]
         max_tokens_per_file: u64,
     },
-    /// Write the synthetic demo corpus (prose, math, code) as byte-level shards:
-    /// OUTPUT/<domain>/train and OUTPUT/<domain>/valid.
+    /// Write the synthetic demo corpus (prose, math, code, and long stories for context
+    /// extension) as byte-level shards: OUTPUT/<domain>/train and OUTPUT/<domain>/valid.
     DemoCorpus {
         #[arg(long)]
         output: PathBuf,
         #[arg(long, default_value_t = 1234)]
         seed: u64,
-        /// Training documents per domain.
+        /// Training documents per domain (the long domain's stories: see --long-docs).
         #[arg(long, default_value_t = 4000)]
         docs: usize,
-        /// Held-out documents per domain.
+        /// Held-out documents per domain (the long domain: a fifth as many, at least one).
         #[arg(long, default_value_t = 200)]
         valid_docs: usize,
+        /// Training documents of the long domain (default: a fifth of --docs, at least one;
+        /// its stories are about five times longer, so every domain gets a similar number of
+        /// tokens).
+        #[arg(long)]
+        long_docs: Option<usize>,
     },
     /// Summarise a folder of shards and show the start of its first document.
     Inspect {
@@ -153,13 +159,12 @@ fn main() -> anyhow::Result<()> {
                 save,
             };
             let summary = train::run_standalone(&spec, &opts)?;
-            let (first, last) = (
-                &summary.steps[0],
-                summary.steps.last().expect("at least one step"),
-            );
+            let (Some(first), Some(last)) = (summary.steps.first(), summary.steps.last()) else {
+                anyhow::bail!("the job trained no step");
+            };
             let tokens = last.tokens;
             println!(
-                "done: {} steps, {} tokens in {:.1}s ({:.0} tokens/s); loss {:.4} -> {:.4}; samples per source: {}",
+                "done: {} steps, {} tokens in {:.1}s ({:.0} tokens/s); loss {:.4} -> {:.4}; tokens per source: {}",
                 summary.steps.len(),
                 tokens,
                 summary.seconds,
@@ -169,7 +174,7 @@ fn main() -> anyhow::Result<()> {
                 summary
                     .source_names
                     .iter()
-                    .zip(&summary.samples_per_source)
+                    .zip(&summary.tokens_per_source)
                     .map(|(n, c)| format!("{n}={c}"))
                     .collect::<Vec<_>>()
                     .join(" ")
@@ -236,9 +241,15 @@ fn main() -> anyhow::Result<()> {
             seed,
             docs,
             valid_docs,
+            long_docs,
         } => {
             let tok = TextTokenizer::Bytes;
+            let fifth = |n: usize| if n == 0 { 0 } else { (n / 5).max(1) };
             for domain in Domain::ALL {
+                let (docs, valid_docs) = match domain {
+                    Domain::Long => (long_docs.unwrap_or(fifth(docs)), fifth(valid_docs)),
+                    _ => (docs, valid_docs),
+                };
                 let all = corpus::generate(domain, seed, docs + valid_docs);
                 let (train_docs, valid) = all.split_at(docs);
                 for (split, texts) in [("train", train_docs), ("valid", valid)] {

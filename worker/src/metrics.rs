@@ -19,6 +19,8 @@ pub struct Metrics {
     tokens_per_second: Gauge,
     rank: IntGauge,
     generation: IntGauge,
+    stage: IntGauge,
+    seq_len: IntGauge,
     throughput: Mutex<Throughput>,
 }
 
@@ -76,11 +78,26 @@ impl Metrics {
                 &r,
                 IntGauge::with_opts(opts("generation", "Generation of the world last joined")),
             ),
+            stage: register(
+                &r,
+                IntGauge::with_opts(opts(
+                    "stage",
+                    "Curriculum stage (index) of the last step trained (-1: none yet)",
+                )),
+            ),
+            seq_len: register(
+                &r,
+                IntGauge::with_opts(opts(
+                    "seq_len",
+                    "Sequence length of the last step trained",
+                )),
+            ),
             throughput: Mutex::new(Throughput::default()),
             registry: r,
         };
         m.loss.set(f64::NAN);
         m.rank.set(-1);
+        m.stage.set(-1);
         m
     }
 
@@ -100,6 +117,12 @@ impl Metrics {
     pub fn left(&self) {
         self.rank.set(-1);
         self.tokens_per_second.set(0.0);
+    }
+
+    /// Trains in curriculum stage `index` with sequence length `seq_len` from now on.
+    pub fn stage(&self, index: u32, seq_len: u32) {
+        self.stage.set(i64::from(index));
+        self.seq_len.set(i64::from(seq_len));
     }
 
     /// Took a step: now `steps` in all, with this rank's mean `loss` over `tokens`.
@@ -132,6 +155,7 @@ mod tests {
     fn encodes_the_step_split() {
         let m = Metrics::new();
         m.joined(3, 1);
+        m.stage(2, 512);
         let timing = Timing {
             data: 0.001,
             forward_backward: 0.5,
@@ -148,6 +172,8 @@ mod tests {
             "stagecoach_worker_tokens_total 512",
             "stagecoach_worker_rank 1",
             "stagecoach_worker_generation 3",
+            "stagecoach_worker_stage 2",
+            "stagecoach_worker_seq_len 512",
             "stagecoach_worker_step_seconds_sum{phase=\"forward_backward\"} 0.5",
             "stagecoach_worker_step_seconds_sum{phase=\"allreduce\"} 0.25",
             "stagecoach_worker_step_seconds_count{phase=\"data\"} 1",

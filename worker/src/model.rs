@@ -238,9 +238,20 @@ impl Llama {
         &self.config
     }
 
-    /// Changes RoPE θ (a curriculum stage may extend the context with a larger θ).
-    pub fn set_rope_theta(&mut self, theta: f64) {
-        self.config.rope_theta = theta;
+    /// Changes RoPE θ (a curriculum stage may extend the context with a larger θ). The cos/sin
+    /// tables are recomputed from the new θ on the next forward pass; the weights are untouched.
+    pub fn set_rope_theta(&mut self, theta: f64) -> Result<()> {
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(Error::Config(format!(
+                "RoPE theta must be a positive number, got {theta}"
+            )));
+        }
+        if theta != self.config.rope_theta {
+            self.config.rope_theta = theta;
+            // The old tables can be large (max_position_embeddings x head_dim, twice).
+            *self.rope.get_mut() = None;
+        }
+        Ok(())
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (int64).
@@ -286,6 +297,27 @@ impl Llama {
             .f_cross_entropy_for_logits_checked(&targets.reshape([-1]))?)
     }
 
+    /// Each window's mean next-token cross-entropy (fp32), `[batch]`: the training loss of a
+    /// batch of one window, for every window of the batch at once.
+    pub fn sample_losses(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = (tokens.size()[0], tokens.size()[1] - 1);
+        let inputs = tokens.narrow(1, 0, seq);
+        let targets = tokens.narrow(1, 1, seq);
+        let logits = self.forward(&inputs)?;
+        Ok(logits
+            .to_kind(Kind::Float)
+            .view([-1, self.config.vocab_size])
+            .f_cross_entropy_loss::<Tensor>(
+                &targets.reshape([-1]),
+                None,
+                tch::Reduction::None,
+                -100,
+                0.0,
+            )?
+            .view([batch, seq])
+            .mean_dim(1, false, Kind::Float))
+    }
+
     /// RMSNorm as transformers computes it: normalise in fp32, cast back, then scale.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Tensor {
         let kind = x.kind();
@@ -317,7 +349,8 @@ impl Llama {
     }
 
     /// cos and sin `[seq, head_dim]` as transformers' default rotary embedding computes them
-    /// (inverse frequencies in fp32, the two halves duplicated), cached.
+    /// (`inv_freq = 1 / θ^(arange(0, d, 2) / d)` in fp32, `positions ⊗ inv_freq`, the two halves
+    /// duplicated), cached for every position up to `max_position_embeddings`.
     fn rope_tables(&self, seq: i64, device: Device, kind: Kind) -> (Tensor, Tensor) {
         let theta = self.config.rope_theta;
         let mut cache = self.rope.borrow_mut();
@@ -414,6 +447,24 @@ mod tests {
         assert!(err.contains("smollm2-135m"), "{err}");
     }
 
+    /// The coordinator validates job files (contexts, θ) against its own table of the presets,
+    /// since it never builds a model: the two must agree, name for name.
+    #[test]
+    fn presets_agree_with_the_coordinators_table() {
+        use stagecoach_coordinator::spec::PRESETS as TABLE;
+        let names: Vec<&str> = TABLE.iter().map(|p| p.name).collect();
+        assert_eq!(names, PRESETS);
+        for p in TABLE {
+            let c = ModelConfig::preset(p.name).unwrap();
+            assert_eq!(
+                (c.max_position_embeddings, c.rope_theta),
+                (i64::from(p.context), p.rope_theta),
+                "{}",
+                p.name
+            );
+        }
+    }
+
     #[test]
     fn var_store_matches_parameter_count_and_names() {
         let vs = nn::VarStore::new(Device::Cpu);
@@ -429,6 +480,40 @@ mod tests {
         ] {
             assert!(vars.contains_key(name), "missing {name}");
         }
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn switching_rope_theta_equals_building_with_it() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut cfg = ModelConfig::preset("micro").unwrap();
+        let mut switched = Llama::new(&vs, cfg.clone()).unwrap();
+        let ids = Tensor::randint(cfg.vocab_size, [2, 40], (Kind::Int64, Device::Cpu));
+        let logits = |m: &Llama| tch::no_grad(|| m.forward(&ids).unwrap());
+        // The first forward pass fills the tables at the preset's θ.
+        let at_base = logits(&switched);
+        switched.set_rope_theta(40_000.0).unwrap();
+        let at_new = logits(&switched);
+
+        cfg.rope_theta = 40_000.0;
+        let mut vs_built = nn::VarStore::new(Device::Cpu);
+        let built = Llama::new(&vs_built, cfg).unwrap();
+        vs_built.copy(&vs).unwrap();
+        assert_eq!(max_abs(&at_new, &logits(&built)), 0.0);
+        // θ does reach the logits, and switching back restores them exactly.
+        assert!(max_abs(&at_base, &at_new) > 1e-3);
+        switched.set_rope_theta(10_000.0).unwrap();
+        assert_eq!(max_abs(&at_base, &logits(&switched)), 0.0);
+
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let err = switched.set_rope_theta(bad).unwrap_err().to_string();
+            assert!(err.contains("RoPE theta"), "{err}");
+        }
+        assert_eq!(switched.config().rope_theta, 10_000.0);
     }
 
     #[test]

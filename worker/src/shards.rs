@@ -8,10 +8,10 @@
 //! - `NAME.ds.metadata`: text; first line the tokenizer name followed by `|2` or `|4` (the token
 //!   size in bytes), second line the token count, third line the same count for humans.
 //!
-//! As in datatrove's `DatatroveFolderDataset`, a folder of shards is read as one sequence of
-//! samples: each file is cut into consecutive, non-overlapping windows of `seq_len + 1` tokens
-//! (the remainder of a file is not used) and the files follow each other in name order.
-//! Files are memory-mapped; nothing is read until a sample is asked for.
+//! A folder of shards is read as one token stream: its `.ds` files in name order, concatenated.
+//! A sample is a window of that stream addressed by its first token's offset (the coordinator
+//! decides which offsets; see `SampleRef` in the proto), so a window may span two files.
+//! Files are memory-mapped; nothing is read until a window is asked for.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -250,11 +250,6 @@ impl Shard {
         self.tokenizer_name.as_deref()
     }
 
-    /// Number of `seq_len + 1`-token windows in this file.
-    pub fn num_samples(&self, seq_len: usize) -> u64 {
-        self.num_tokens / (seq_len as u64 + 1)
-    }
-
     /// Copies tokens `[start, start + out.len())` into `out`.
     pub fn read_tokens(&self, start: u64, out: &mut [i64]) -> Result<()> {
         let end = start + out.len() as u64;
@@ -406,11 +401,13 @@ fn check_index(ds: &Path, num_tokens: u64) -> Result<Vec<u64>> {
     Ok(ends)
 }
 
-/// All `.ds` files of a folder, read as one sequence of `seq_len + 1`-token samples.
+/// All `.ds` files of a folder, read as one token stream.
 #[derive(Debug)]
 pub struct ShardFolder {
     dir: PathBuf,
     shards: Vec<Shard>,
+    /// `starts[i]`: the stream offset of shard `i`'s first token; one more entry, the total.
+    starts: Vec<u64>,
 }
 
 impl ShardFolder {
@@ -430,9 +427,17 @@ impl ShardFolder {
             .iter()
             .map(|f| Shard::open(f, default_size))
             .collect::<Result<Vec<_>>>()?;
+        let mut starts = Vec::with_capacity(shards.len() + 1);
+        let mut total = 0;
+        starts.push(0);
+        for s in &shards {
+            total += s.num_tokens();
+            starts.push(total);
+        }
         Ok(ShardFolder {
             dir: dir.to_owned(),
             shards,
+            starts,
         })
     }
 
@@ -444,34 +449,40 @@ impl ShardFolder {
         &self.shards
     }
 
+    /// Tokens in the whole stream.
     pub fn num_tokens(&self) -> u64 {
-        self.shards.iter().map(Shard::num_tokens).sum()
+        self.starts.last().copied().unwrap_or(0)
     }
 
-    /// Number of `seq_len + 1`-token samples across all files.
-    pub fn num_samples(&self, seq_len: usize) -> u64 {
-        self.shards.iter().map(|s| s.num_samples(seq_len)).sum()
-    }
-
-    /// Copies sample `index` (its `seq_len + 1` tokens) into `out`, whose length sets `seq_len + 1`.
-    pub fn read_sample(&self, index: u64, out: &mut [i64]) -> Result<()> {
-        let window = out.len() as u64;
-        let seq_len = out.len().saturating_sub(1);
-        let mut rest = index;
-        for shard in &self.shards {
-            let n = shard.num_samples(seq_len);
-            if rest < n {
-                return shard.read_tokens(rest * window, out);
+    /// Copies the `out.len()` tokens of the stream that start at token `offset` into `out`,
+    /// across file boundaries.
+    pub fn read_window(&self, offset: u64, out: &mut [i64]) -> Result<()> {
+        let total = self.num_tokens();
+        let end = offset.checked_add(out.len() as u64).filter(|&e| e <= total);
+        let Some(end) = end else {
+            return Err(Error::shard(
+                &self.dir,
+                format!(
+                    "tokens {offset}..{} asked for, but the folder holds {total} tokens (every worker must see the same data)",
+                    offset.saturating_add(out.len() as u64)
+                ),
+            ));
+        };
+        // The last shard starting at or before `offset`; empty shards are skipped over below.
+        let mut i = self.starts.partition_point(|&s| s <= offset) - 1;
+        let mut pos = offset;
+        let mut written = 0;
+        while pos < end {
+            let (start, stop) = (self.starts[i], self.starts[i + 1]);
+            let n = (stop.min(end) - pos) as usize;
+            if n > 0 {
+                self.shards[i].read_tokens(pos - start, &mut out[written..written + n])?;
+                written += n;
+                pos += n as u64;
             }
-            rest -= n;
+            i += 1;
         }
-        Err(Error::shard(
-            &self.dir,
-            format!(
-                "sample {index} asked for, but the folder holds {} samples of {window} tokens",
-                self.num_samples(seq_len)
-            ),
-        ))
+        Ok(())
     }
 }
 
@@ -558,23 +569,61 @@ mod tests {
     }
 
     #[test]
-    fn folder_samples_are_windows_of_seq_len_plus_one() {
+    fn folder_windows_span_files_in_name_order() {
         let dir = tempfile::tempdir().unwrap();
-        // 25 tokens and 11 tokens; with seq_len 4 (windows of 5): 5 + 2 samples.
-        write(dir.path(), "a.ds", TokenSize::U16, &[(100..125).collect()]);
+        // Written out of name order, with an empty file between: the stream is a, (empty), b,
+        // then c in a subfolder (path order).
         write(dir.path(), "b.ds", TokenSize::U16, &[(200..211).collect()]);
+        write(
+            dir.path(),
+            "a.ds",
+            TokenSize::U16,
+            &[(100..120).collect(), (120..125).collect()],
+        );
+        write(dir.path(), "a_empty.ds", TokenSize::U16, &[]);
+        std::fs::create_dir(dir.path().join("c")).unwrap();
+        write(
+            &dir.path().join("c"),
+            "c.ds",
+            TokenSize::U16,
+            &[(300..304).collect()],
+        );
         let folder = ShardFolder::open(dir.path(), TokenSize::U16).unwrap();
-        assert_eq!(folder.num_samples(4), 7);
+        assert_eq!(folder.shards().len(), 4);
+        assert_eq!(folder.num_tokens(), 25 + 11 + 4);
+        let stream: Vec<i64> = (100..125).chain(200..211).chain(300..304).collect();
         let mut out = [0i64; 5];
-        folder.read_sample(4, &mut out).unwrap();
-        assert_eq!(out, [120, 121, 122, 123, 124]);
-        folder.read_sample(6, &mut out).unwrap();
-        assert_eq!(out, [205, 206, 207, 208, 209]);
-        let err = folder.read_sample(7, &mut out).unwrap_err().to_string();
+        // Within a file, at its very end, and across one and two boundaries (the empty file and
+        // the folder boundary included).
+        for offset in [0u64, 4, 20, 22, 24, 25, 33, 35] {
+            folder.read_window(offset, &mut out).unwrap();
+            assert_eq!(
+                out[..],
+                stream[offset as usize..offset as usize + 5],
+                "offset {offset}"
+            );
+        }
+        let mut all = vec![0i64; stream.len()];
+        folder.read_window(0, &mut all).unwrap();
+        assert_eq!(all, stream);
+        // Consecutive windows of seq_len 4 advance by 4 and share one token.
+        let (mut w0, mut w1) = ([0i64; 5], [0i64; 5]);
+        folder.read_window(20, &mut w0).unwrap();
+        folder.read_window(24, &mut w1).unwrap();
+        assert_eq!(w0[4], w1[0]);
+        // Past the end: the folder, the offset and the token count are named.
+        let err = folder.read_window(36, &mut out).unwrap_err().to_string();
         assert!(
-            err.contains("sample 7") && err.contains("7 samples"),
+            err.contains(&dir.path().display().to_string())
+                && err.contains("tokens 36..41")
+                && err.contains("holds 40 tokens"),
             "{err}"
         );
+        let err = folder
+            .read_window(u64::MAX, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds 40 tokens"), "{err}");
     }
 
     #[test]

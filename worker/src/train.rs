@@ -1,17 +1,20 @@
 //! The training step, shared by the standalone `train` command and the coordinator-driven
 //! worker: forward/backward over micro-batches, gradient all-reduce in buckets, global-norm
-//! clipping, AdamW at the schedule's learning rate.
+//! clipping, AdamW at the given learning rate; and the held-out evaluation (no update).
 //!
 //! A step's gradient is the mean over the *global* batch: each micro-batch's mean loss is
 //! weighted by `its samples / global batch` before backward, and ranks sum their gradients, so
 //! the update does not depend on how the batch was split between ranks or micro-batches.
+//!
+//! What a step trains with (sequence length, micro-batch, RoPE θ) comes from the curriculum
+//! stage it belongs to, so it is given per call rather than fixed when the trainer is built.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::Serialize;
-use stagecoach_coordinator::plan::Plan;
+use stagecoach_coordinator::curriculum::Curriculum;
 use stagecoach_proto::v1;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -45,14 +48,44 @@ pub struct StepResult {
     pub timing: Timing,
 }
 
+/// The shape of a step's (or an evaluation's) batches: tokens per sample, samples per
+/// forward/backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub seq_len: usize,
+    pub micro_batch: usize,
+}
+
+impl Shape {
+    /// A shape with both sizes positive.
+    pub fn new(seq_len: u32, micro_batch: u32) -> Result<Shape> {
+        if seq_len == 0 || micro_batch == 0 {
+            return Err(Error::Config(format!(
+                "a step needs a positive seq_len and micro-batch size, got seq_len {seq_len} and micro-batch {micro_batch}"
+            )));
+        }
+        Ok(Shape {
+            seq_len: seq_len as usize,
+            micro_batch: micro_batch as usize,
+        })
+    }
+
+    /// The shape a curriculum stage trains with.
+    pub fn of(stage: &v1::StepStage) -> Result<Shape> {
+        Shape::new(stage.seq_len, stage.micro_batch_size)
+    }
+}
+
 /// The model, its optimizer and the data, owned by one thread.
 pub struct Trainer {
     vs: VarStore,
     model: Llama,
     optimizer: AdamW,
     sources: Sources,
-    micro_batch: usize,
     device: Device,
+    /// The θ the model was built with (the job's first stage's, else the model's own): what a
+    /// stage's θ of 0 stands for.
+    base_rope_theta: f64,
 }
 
 impl Trainer {
@@ -66,24 +99,28 @@ impl Trainer {
         let sources = Sources::open(spec, &config)?;
         tch::manual_seed(spec.init_seed as i64);
         let mut vs = VarStore::new(device);
+        let base_rope_theta = config.rope_theta;
         let model = Llama::new(&vs, config)?;
         if !spec.model_from.is_empty() {
             crate::hf::load(&mut vs, std::path::Path::new(&spec.model_from))?;
         }
         let optimizer = AdamW::new(&vs, job::optimizer(spec)?)?;
-        let micro_batch = spec.micro_batch_size.max(1) as usize;
         Ok(Trainer {
             vs,
             model,
             optimizer,
             sources,
-            micro_batch,
             device,
+            base_rope_theta,
         })
     }
 
     pub fn model_config(&self) -> &ModelConfig {
         self.model.config()
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
     }
 
     pub fn sources(&self) -> &Sources {
@@ -92,6 +129,26 @@ impl Trainer {
 
     pub fn var_store(&self) -> &VarStore {
         &self.vs
+    }
+
+    /// The RoPE θ the model computes with now.
+    pub fn rope_theta(&self) -> f64 {
+        self.model.config().rope_theta
+    }
+
+    /// `theta`, with 0 standing for the θ the model was built with.
+    pub fn resolve_rope_theta(&self, theta: f64) -> f64 {
+        if theta == 0.0 {
+            self.base_rope_theta
+        } else {
+            theta
+        }
+    }
+
+    /// Sets the RoPE θ of the following steps (0: the θ the model was built with). The tables
+    /// are recomputed only when θ changes.
+    pub fn set_rope_theta(&mut self, theta: f64) -> Result<()> {
+        self.model.set_rope_theta(self.resolve_rope_theta(theta))
     }
 
     /// Makes every rank's parameters identical: rank 0's values win (the others contribute zeros).
@@ -117,16 +174,18 @@ impl Trainer {
         })
     }
 
-    /// One optimizer step over `samples` (this rank's share of a global batch of `global_batch`).
-    /// On error no update is applied and the gradients are cleared.
+    /// One optimizer step over `samples` (`(source, token offset)`, this rank's share of a
+    /// global batch of `global_batch` samples), read and run in `shape`. On error no update is
+    /// applied and the gradients are cleared.
     pub fn step(
         &mut self,
         samples: &[(usize, u64)],
+        shape: Shape,
         global_batch: usize,
         lr: f64,
         comm: &mut dyn Collective,
     ) -> Result<StepResult> {
-        let result = self.try_step(samples, global_batch, lr, comm);
+        let result = self.try_step(samples, shape, global_batch, lr, comm);
         if result.is_err() {
             self.optimizer.zero_grad();
         }
@@ -136,15 +195,25 @@ impl Trainer {
     fn try_step(
         &mut self,
         samples: &[(usize, u64)],
+        shape: Shape,
         global_batch: usize,
         lr: f64,
         comm: &mut dyn Collective,
     ) -> Result<StepResult> {
+        if global_batch < samples.len() || global_batch == 0 {
+            return Err(Error::Config(format!(
+                "a global batch of {global_batch} samples cannot hold this rank's {}",
+                samples.len()
+            )));
+        }
         let mut timing = Timing::default();
         let mut loss_sum = 0.0;
-        for chunk in samples.chunks(self.micro_batch) {
+        for chunk in samples.chunks(shape.micro_batch) {
             let t0 = Instant::now();
-            let batch = self.sources.batch(chunk)?.to_device(self.device);
+            let batch = self
+                .sources
+                .batch(chunk, shape.seq_len)?
+                .to_device(self.device);
             timing.data += t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
             let loss = self.model.loss(&batch)?;
@@ -183,6 +252,34 @@ impl Trainer {
             grad_norm,
             timing,
         })
+    }
+
+    /// Each held-out sample's mean token loss (the training loss, without gradient), in the
+    /// order of `samples` (`(source, token offset in its eval folder)`), computed in `shape` at
+    /// RoPE θ `rope_theta` (0: the model's own). The model, its θ for training and the optimizer
+    /// are as they were afterwards, whatever the outcome.
+    pub fn evaluate(
+        &mut self,
+        samples: &[(usize, u64)],
+        shape: Shape,
+        rope_theta: f64,
+    ) -> Result<Vec<f64>> {
+        let training_theta = self.rope_theta();
+        self.set_rope_theta(rope_theta)?;
+        let losses = tch::no_grad(|| -> Result<Vec<f64>> {
+            let mut out = Vec::with_capacity(samples.len());
+            for chunk in samples.chunks(shape.micro_batch) {
+                let batch = self
+                    .sources
+                    .eval_batch(chunk, shape.seq_len)?
+                    .to_device(self.device);
+                let losses = self.model.sample_losses(&batch)?.to_kind(Kind::Double);
+                out.extend(Vec::<f64>::try_from(&losses.to_device(Device::Cpu))?);
+            }
+            Ok(out)
+        });
+        self.model.set_rope_theta(training_theta)?;
+        losses
     }
 }
 
@@ -225,7 +322,7 @@ fn all_reduce(comm: &mut dyn Collective, mut flat: Tensor, group: &[Tensor]) -> 
 pub struct RunOptions {
     /// Overrides `[train].device`.
     pub device: Option<String>,
-    /// Stop after this many steps (the schedule keeps the configured length).
+    /// Stop after this many steps (the curriculum and its schedule keep their configured length).
     pub steps: Option<u64>,
     /// Write one JSON object per step here.
     pub metrics_out: Option<PathBuf>,
@@ -237,14 +334,19 @@ pub struct RunOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct StepRecord {
     pub step: u64,
+    /// The curriculum stage the step trained in, and its sequence length and RoPE θ.
+    pub stage: String,
+    pub seq_len: u32,
+    pub rope_theta: f64,
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
+    /// Tokens trained so far, this step included (samples x seq_len per step).
     pub tokens: u64,
     pub tokens_per_second: f64,
     /// Samples taken from each source in this step, in the job's source order.
     pub samples_per_source: Vec<u64>,
-    /// The samples of this step: (source, index).
+    /// The samples of this step: (source, token offset).
     pub samples: Vec<(usize, u64)>,
     pub timing: Timing,
 }
@@ -256,38 +358,31 @@ pub struct RunSummary {
     pub seconds: f64,
     pub source_names: Vec<String>,
     pub samples_per_source: Vec<u64>,
+    /// Tokens trained from each source, in the job's source order.
+    pub tokens_per_source: Vec<u64>,
 }
 
-/// Trains alone (world size 1) as the job says, drawing batches from the sample plan.
+/// Trains alone (world size 1) through the job's whole curriculum: the coordinator's planner
+/// chooses each step's stage, samples and learning rate, exactly as it would for a cluster.
 pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummary> {
     let device = crate::device::parse(opts.device.as_deref().unwrap_or(&spec.device))?;
-    let schedule = job::schedule(spec)?;
     let mut trainer = Trainer::new(spec, device)?;
-    let weights = spec.sources.iter().map(|s| s.weight).collect();
-    let mut plan = Plan::new(
-        weights,
-        trainer.sources().sizes.clone(),
-        spec.data_seed,
-        vec![0; spec.sources.len()],
-    )
-    .map_err(|e| Error::Config(format!("data mixture: {e}")))?;
-    let names = trainer.sources().names.clone();
-    let steps = opts.steps.unwrap_or(spec.total_steps);
-    let global_batch = spec.global_batch as usize;
-    let tokens_per_step = (global_batch * spec.seq_len as usize) as u64;
+    let names = trainer.sources().names();
+    let source_tokens = trainer.sources().num_tokens();
+    let mut curriculum = Curriculum::new(spec, &source_tokens)
+        .map_err(|e| Error::Config(format!("the curriculum cannot be planned: {e}")))?;
+    let steps = opts.steps.unwrap_or(spec.total_steps).min(spec.total_steps);
     let c = trainer.model_config();
     println!(
-        "training {} ({:.2}M parameters) on {device:?}: {steps} steps of {global_batch} x {} tokens \
-         (micro-batches of {}), sources: {}",
+        "training {} ({:.2}M parameters) on {device:?}: {steps} steps of {} tokens in {} stage(s), sources: {}",
         if spec.model_preset.is_empty() { &spec.model_from } else { &spec.model_preset },
         c.num_parameters() as f64 / 1e6,
-        spec.seq_len,
-        spec.micro_batch_size,
+        spec.global_batch_tokens,
+        spec.stages.len(),
         names
             .iter()
-            .zip(&spec.sources)
-            .zip(&trainer.sources().sizes)
-            .map(|((n, s), size)| format!("{n}={} ({size} samples)", s.weight))
+            .zip(&source_tokens)
+            .map(|(n, t)| format!("{n} ({t} tokens)"))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -300,37 +395,68 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
     };
     let start = Instant::now();
     let mut records = Vec::with_capacity(steps as usize);
-    let mut totals = vec![0u64; names.len()];
+    let mut samples_total = vec![0u64; names.len()];
+    let mut tokens_total = vec![0u64; names.len()];
+    let mut tokens = 0u64;
+    let mut stage: Option<u32> = None;
     let mut solo = Solo;
-    for step in 0..steps {
+    while let Some(plan) = curriculum.next_step() {
+        if plan.step >= steps {
+            break;
+        }
         let t0 = Instant::now();
-        let samples: Vec<(usize, u64)> = plan
-            .take(global_batch)
-            .into_iter()
-            .map(|s| (s.source, s.index))
-            .collect();
-        let lr = schedule.lr(step);
-        let r = trainer.step(&samples, global_batch, lr, &mut solo)?;
+        let shape = Shape::of(&plan.stage)?;
+        if stage != Some(plan.stage.index) {
+            trainer.set_rope_theta(plan.stage.rope_theta)?;
+            stage = Some(plan.stage.index);
+            println!(
+                "stage {} {:?} after {} steps: seq_len {}, rope θ {}, {} samples per step in micro-batches of {}",
+                plan.stage.index,
+                plan.stage_name,
+                plan.step,
+                shape.seq_len,
+                trainer.rope_theta(),
+                plan.global_batch,
+                shape.micro_batch
+            );
+        }
+        let samples: Vec<(usize, u64)> = plan.samples.iter().map(|s| (s.source, s.index)).collect();
+        let r = trainer.step(
+            &samples,
+            shape,
+            plan.global_batch as usize,
+            plan.lr,
+            &mut solo,
+        )?;
+        let step_tokens = (samples.len() * shape.seq_len) as u64;
+        tokens += step_tokens;
         let mut per_source = vec![0u64; names.len()];
         for &(s, _) in &samples {
-            per_source[s] += 1;
-            totals[s] += 1;
+            let known = per_source.get_mut(s).ok_or_else(|| {
+                Error::Config(format!("the planner chose source {s} of {}", names.len()))
+            })?;
+            *known += 1;
+            samples_total[s] += 1;
+            tokens_total[s] += shape.seq_len as u64;
         }
         let rec = StepRecord {
-            step: step + 1,
-            loss: r.loss_sum / r.samples as f64,
-            lr,
+            step: plan.step + 1,
+            stage: plan.stage_name.clone(),
+            seq_len: plan.stage.seq_len,
+            rope_theta: trainer.rope_theta(),
+            loss: r.loss_sum / r.samples.max(1) as f64,
+            lr: plan.lr,
             grad_norm: r.grad_norm,
-            tokens: tokens_per_step * (step + 1),
-            tokens_per_second: tokens_per_step as f64 / t0.elapsed().as_secs_f64(),
+            tokens,
+            tokens_per_second: step_tokens as f64 / t0.elapsed().as_secs_f64(),
             samples_per_source: per_source,
             samples,
             timing: r.timing,
         };
-        if (step + 1) % spec.log_every.max(1) == 0 || step == 0 || step + 1 == steps {
+        if rec.step.is_multiple_of(spec.log_every.max(1)) || plan.step == 0 || rec.step == steps {
             println!(
-                "step {:>5}/{steps}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  tokens/s {:.0}",
-                rec.step, rec.loss, rec.lr, rec.grad_norm, rec.tokens_per_second
+                "step {:>5}/{steps}  {}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  tokens/s {:.0}",
+                rec.step, rec.stage, rec.loss, rec.lr, rec.grad_norm, rec.tokens_per_second
             );
         }
         if let Some((m, path)) = &mut metrics {
@@ -341,6 +467,11 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
     }
     if let Some((m, path)) = &mut metrics {
         m.flush().at(path.as_path())?;
+    }
+    if records.is_empty() {
+        return Err(Error::Config(
+            "the job trained no step (a curriculum of no steps, or --steps 0)".into(),
+        ));
     }
     let seconds = start.elapsed().as_secs_f64();
     if let Some(dir) = &opts.save {
@@ -354,6 +485,202 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
         steps: records,
         seconds,
         source_names: names,
-        samples_per_source: totals,
+        samples_per_source: samples_total,
+        tokens_per_source: tokens_total,
     })
+}
+
+/// A small job on data written for the test, shared by the tests of this module and `agent`.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use std::path::Path;
+
+    use stagecoach_proto::v1;
+
+    use crate::model::{Llama, ModelConfig};
+    use crate::shards::{ShardWriter, TokenSize};
+
+    /// Writes a folder of `files` shards of `tokens` byte-level tokens each.
+    pub fn shards(dir: &Path, files: usize, tokens: usize, seed: u64) {
+        std::fs::create_dir_all(dir).unwrap();
+        for f in 0..files {
+            let mut w =
+                ShardWriter::create(&dir.join(format!("{f:02}.ds")), TokenSize::U16, "bytes")
+                    .unwrap();
+            let doc: Vec<u32> = (0..tokens as u64)
+                .map(|i| ((i * 7919 + seed * 104_729 + f as u64 * 31) % 256) as u32)
+                .collect();
+            w.write_document(&doc).unwrap();
+            w.finish().unwrap();
+        }
+    }
+
+    /// A micro model over source "a" (two files, also its own held-out folder) and source "b"
+    /// (no held-out folder). The model starts from a transformers folder written here, so that
+    /// trainers built from the job are identical whatever else uses libtorch's global random
+    /// generator meanwhile (tests run in parallel).
+    pub fn job(dir: &Path) -> v1::JobSpec {
+        shards(&dir.join("a"), 2, 80, 1);
+        shards(&dir.join("b"), 1, 50, 2);
+        let config = ModelConfig::preset("micro").unwrap();
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let _model = Llama::new(&vs, config.clone()).unwrap();
+        crate::hf::save(&vs, &config, &dir.join("model")).unwrap();
+        let path = |p: &str| dir.join(p).display().to_string();
+        v1::JobSpec {
+            name: "test".into(),
+            model_from: path("model"),
+            optimizer: Some(v1::OptimizerSpec {
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.01,
+                grad_clip: 1.0,
+            }),
+            seq_len: 32,
+            sources: vec![
+                v1::SourceSpec {
+                    name: "a".into(),
+                    path: path("a"),
+                    eval_path: path("a"),
+                },
+                v1::SourceSpec {
+                    name: "b".into(),
+                    path: path("b"),
+                    eval_path: String::new(),
+                },
+            ],
+            threads: 1,
+            init_seed: 3,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::job;
+    use super::*;
+
+    fn parameters(t: &Trainer) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = t
+            .var_store()
+            .variables()
+            .into_iter()
+            .map(|(n, p)| (n, p.detach().copy()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn same(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
+    }
+
+    #[test]
+    fn sources_report_their_train_and_held_out_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Trainer::new(&job(dir.path()), Device::Cpu).unwrap();
+        let sizes = t.sources().sizes();
+        assert_eq!(
+            sizes,
+            [
+                v1::SourceSize {
+                    name: "a".into(),
+                    num_tokens: 160,
+                    eval_tokens: 160
+                },
+                v1::SourceSize {
+                    name: "b".into(),
+                    num_tokens: 50,
+                    eval_tokens: 0
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn evaluation_gives_the_training_loss_per_sample_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = job(dir.path());
+        let mut evaluated = Trainer::new(&spec, Device::Cpu).unwrap();
+        let mut untouched = Trainer::new(&spec, Device::Cpu).unwrap();
+        assert!(same(&parameters(&evaluated), &parameters(&untouched)));
+        // Windows of 33 tokens at token offsets; the one at 70 spans both files of "a".
+        let samples = [(0, 0), (0, 31), (0, 70), (0, 127)];
+        let shape = Shape::new(32, 3).unwrap();
+
+        let losses = evaluated.evaluate(&samples, shape, 0.0).unwrap();
+        assert_eq!(losses.len(), samples.len());
+        for (&sample, &loss) in samples.iter().zip(&losses) {
+            // The training loss of a batch of this one sample.
+            let batch = evaluated.sources().batch(&[sample], 32).unwrap();
+            let train = tch::no_grad(|| evaluated.model().loss(&batch).unwrap()).double_value(&[]);
+            assert!(
+                (loss - train).abs() <= 1e-6 * train,
+                "{sample:?}: {loss} vs {train}"
+            );
+        }
+        // At another θ the losses differ, and the training θ is restored afterwards.
+        let at_40k = evaluated.evaluate(&samples, shape, 40_000.0).unwrap();
+        assert!(at_40k
+            .iter()
+            .zip(&losses)
+            .any(|(a, b)| (a - b).abs() > 1e-6));
+        assert_eq!(evaluated.rope_theta(), 10_000.0);
+
+        // The same step on both trainers: identical loss, gradient norm and update, so the
+        // evaluations changed neither the model nor its optimizer nor its gradients.
+        let a = evaluated
+            .step(&samples, shape, samples.len(), 1e-3, &mut Solo)
+            .unwrap();
+        let b = untouched
+            .step(&samples, shape, samples.len(), 1e-3, &mut Solo)
+            .unwrap();
+        assert_eq!((a.loss_sum, a.grad_norm), (b.loss_sum, b.grad_norm));
+        assert!(same(&parameters(&evaluated), &parameters(&untouched)));
+        // And the step's loss is the sum of the per-sample held-out losses (same windows).
+        let sum: f64 = losses.iter().sum();
+        assert!(
+            (sum - a.loss_sum).abs() <= 1e-6 * sum,
+            "{sum} vs {}",
+            a.loss_sum
+        );
+    }
+
+    #[test]
+    fn bad_samples_and_stages_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Trainer::new(&job(dir.path()), Device::Cpu).unwrap();
+        let shape = Shape::new(32, 2).unwrap();
+        let before = parameters(&t);
+        // Source "b" has no held-out folder.
+        let err = t.evaluate(&[(1, 0)], shape, 0.0).unwrap_err().to_string();
+        assert!(
+            err.contains("\"b\"") && err.contains("no eval folder"),
+            "{err}"
+        );
+        // No source 5.
+        let err = t.evaluate(&[(5, 0)], shape, 0.0).unwrap_err().to_string();
+        assert!(
+            err.contains("source 5") && err.contains("2 sources"),
+            "{err}"
+        );
+        // A window past the end of "b" (50 tokens).
+        let err = t
+            .step(&[(1, 20)], shape, 1, 1e-3, &mut Solo)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tokens 20..53") && err.contains("holds 50 tokens"),
+            "{err}"
+        );
+        assert!(Shape::new(0, 4).is_err() && Shape::new(128, 0).is_err());
+        assert!(t.evaluate(&[(0, 0)], shape, -1.0).is_err());
+        assert_eq!(t.rope_theta(), 10_000.0);
+        assert!(same(&before, &parameters(&t)));
+    }
 }

@@ -58,13 +58,15 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
-/// Our random model, saved as a transformers folder, loaded by transformers: same logits.
-fn ours_to_transformers(preset: &str) {
+/// Our random model, saved as a transformers folder, loaded by transformers: same logits. With
+/// `switch_theta`, the model first runs at its preset's RoPE θ and is then switched to that θ (as
+/// a context-extension stage does), and transformers builds it with that θ.
+fn ours_to_transformers(preset: &str, switch_theta: Option<f64>) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ModelConfig::preset(preset).unwrap();
+    let mut cfg = ModelConfig::preset(preset).unwrap();
     tch::manual_seed(7);
     let vs = VarStore::new(Device::Cpu);
-    let model = Llama::new(&vs, cfg.clone()).unwrap();
+    let mut model = Llama::new(&vs, cfg.clone()).unwrap();
     // Non-trivial RMSNorm gains, so their names and use are checked too.
     tch::no_grad(|| {
         for (name, mut t) in vs.variables() {
@@ -73,17 +75,26 @@ fn ours_to_transformers(preset: &str) {
             }
         }
     });
-    let model_dir = dir.path().join("model");
-    hf::save(&vs, &cfg, &model_dir).unwrap();
     let (inputs, out) = (
         dir.path().join("inputs.safetensors"),
         dir.path().join("logits.safetensors"),
     );
     let ids = tokens(cfg.vocab_size, &inputs);
+    if let Some(theta) = switch_theta {
+        // The tables are filled at the preset's θ first, as in a run that changes stage.
+        let _ = tch::no_grad(|| model.forward(&ids).unwrap());
+        model.set_rope_theta(theta).unwrap();
+        cfg.rope_theta = theta;
+    }
+    let model_dir = dir.path().join("model");
+    hf::save(&vs, &cfg, &model_dir).unwrap();
     reference(&[Path::new("hf-logits"), &model_dir, &inputs, &out]);
     let ours = tch::no_grad(|| model.forward(&ids).unwrap());
     let err = max_abs(&ours, &read(&out, "logits"));
-    println!("{preset}: ours -> transformers, max |logit difference| = {err:.3e}");
+    println!(
+        "{preset} (RoPE θ {}): ours -> transformers, max |logit difference| = {err:.3e}",
+        cfg.rope_theta
+    );
     assert!(err <= 1e-4, "{preset}: max abs logit error {err}");
 }
 
@@ -119,13 +130,20 @@ fn logits_match_transformers_micro_gqa_both_directions() {
         cfg.num_key_value_heads < cfg.num_attention_heads,
         "micro must exercise GQA"
     );
-    ours_to_transformers("micro");
+    ours_to_transformers("micro", None);
     transformers_to_ours("micro");
+}
+
+/// RoPE θ switched mid-run (a context-extension stage) gives the logits transformers computes
+/// for a model configured with that θ.
+#[test]
+fn logits_after_a_rope_theta_switch_match_transformers() {
+    ours_to_transformers("micro", Some(250_000.0));
 }
 
 #[test]
 fn logits_match_transformers_smollm2_135m_both_directions() {
-    ours_to_transformers("smollm2-135m");
+    ours_to_transformers("smollm2-135m", None);
     transformers_to_ours("smollm2-135m");
 }
 
