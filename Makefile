@@ -22,16 +22,17 @@ build: setup
 	$(CARGO) build --workspace --bins
 
 ## The demo job: the synthetic corpus, then a coordinator and two workers training the tiny
-## preset data-parallel on its three-domain mixture (state in runs/demo/state).
+## preset data-parallel through examples/demo.toml's five stages (state in runs/demo/state).
+## A corpus from before the `long` domain existed is written again.
 demo: build
 	@mkdir -p $(DEMO)
-	@[ -d $(DEMO)/data ] || $(BIN)/stagecoach-worker demo-corpus --output $(DEMO)/data
+	@[ -d $(DEMO)/data/long ] || { rm -rf $(DEMO)/data; $(BIN)/stagecoach-worker demo-corpus --output $(DEMO)/data; }
 	@scripts/demo.sh $(BIN) $(DEMO)
 
 ## One worker alone, no coordinator.
 demo-single: build
 	@mkdir -p $(DEMO)
-	@[ -d $(DEMO)/data ] || $(BIN)/stagecoach-worker demo-corpus --output $(DEMO)/data
+	@[ -d $(DEMO)/data/long ] || { rm -rf $(DEMO)/data; $(BIN)/stagecoach-worker demo-corpus --output $(DEMO)/data; }
 	$(BIN)/stagecoach-worker train --config examples/single-worker.toml --metrics-out $(DEMO)/metrics.jsonl --save $(DEMO)/model
 
 clean-demo:

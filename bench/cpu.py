@@ -37,13 +37,20 @@ preset = "tiny"
 peak_lr = 3e-3
 warmup_steps = 5
 [data]
+micro_batch_tokens = {MB * SEQ}
+global_batch_tokens = {MB * ACCUM * SEQ}
+[[sources]]
+name = "prose"
+path = "{data}/prose/train"
+[[sources]]
+name = "code"
+path = "{data}/code/train"
+[[stages]]
+name = "bench"
+until = {{ steps = {steps + warmup} }}
 seq_len = {SEQ}
-micro_batch_size = {MB}
-global_batch = {MB * ACCUM}
-sources = [{{ name = "prose", path = "{data}/prose/train", weight = 0.5 }},
-           {{ name = "code", path = "{data}/code/train", weight = 0.5 }}]
+mix = {{ prose = 0.5, code = 0.5 }}
 [train]
-steps = {steps + warmup}
 log_every = 1000
 threads = {THREADS}
 """)

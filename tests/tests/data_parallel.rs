@@ -91,20 +91,21 @@ fn two_workers_match_one_and_the_ledger_is_exact() {
         assert_eq!(s1, s2, "both runs follow the same plan");
     }
 
-    // The plan's prefix, computed independently: each .ds file of 2-byte tokens holds
-    // floor(tokens / (seq_len + 1)) samples.
-    let sizes: Vec<u64> = ["prose", "math", "code"]
+    // The plan's prefix, computed independently: a source is its .ds files of 2-byte tokens
+    // read as one stream, shuffled in blocks of seq_len (64) tokens.
+    let tokens: Vec<u64> = ["prose", "math", "code"]
         .iter()
         .map(|s| {
             std::fs::read_dir(data.join(s).join("train"))
                 .unwrap()
                 .map(|e| e.unwrap().path())
                 .filter(|p| p.extension().is_some_and(|e| e == "ds"))
-                .map(|p| std::fs::metadata(p).unwrap().len() / 2 / 65)
+                .map(|p| std::fs::metadata(p).unwrap().len() / 2)
                 .sum()
         })
         .collect();
-    let mut plan = Plan::new(vec![0.5, 0.3, 0.2], sizes, 3, vec![0; 3]).unwrap();
+    let mut plan = Plan::new(3, 64, &tokens, vec![0; 3]).unwrap();
+    plan.set_mix(vec![0.5, 0.3, 0.2], 64, vec![0; 3]).unwrap();
     let mut prefix: Vec<(usize, u64)> = plan
         .take((STEPS * 8) as usize)
         .into_iter()

@@ -43,13 +43,21 @@ preset = "micro"
 [schedule]
 peak_lr = 3e-3
 [data]
-seq_len = 64
-global_batch = 8
-micro_batch_size = 4
+global_batch_tokens = 512
+micro_batch_tokens = 256
 seed = 1
-sources = [{{ name = "prose", path = "{d}/prose/train", weight = 0.6 }}, {{ name = "code", path = "{d}/code/train", weight = 0.4 }}]
+[[sources]]
+name = "prose"
+path = "{d}/prose/train"
+[[sources]]
+name = "code"
+path = "{d}/code/train"
+[[stages]]
+name = "only"
+until = {{ steps = {STEPS} }}
+seq_len = 64
+mix = {{ prose = 0.6, code = 0.4 }}
 [train]
-steps = {STEPS}
 threads = 1
 log_every = 5
 [workers]
