@@ -30,7 +30,7 @@ for i in 0 1; do
 done
 # Progress: what the coordinator decides, as it happens.
 tail -n +1 -f "$run/coordinator.log" --pid "$coord" \
-  | grep --line-buffered -E "forming a world|world running|step committed|generation ended|job finished|job failed" \
+  | grep --line-buffered -E "forming a world|world running|step committed|stage transition|validation loss|checkpoint saved|loss spike|rolling back|generation ended|job finished|job failed" \
   | sed -u -E 's/^[^ ]+ +[A-Z]+ +([a-z_]+\{[^}]*\}: )?[a-z_:]+: //' &
 pids+=("$!")
 status=0
