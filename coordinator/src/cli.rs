@@ -1,10 +1,14 @@
 //! What the `stagecoach` CLI does: connect to the coordinator, query or command it, and render
-//! the answer (`cli/render.rs`); and `validate`, which checks a job file offline
-//! (`cli/validate.rs`). The binary only parses arguments and prints what these functions return.
+//! the answer (`cli/render.rs`, `cli/checkpoints.rs`); and, offline, `validate`, which checks a
+//! job file (`cli/validate.rs`), and `export`, which copies a checked model out of a checkpoint
+//! folder (`cli/export.rs`). The binary only parses arguments and prints what these functions
+//! return.
 //!
 //! Every read command renders either text for people or one line of JSON (`--json`), whose
 //! enums are the proto's names in lower case without their prefix (`running`, `manual_next`).
 
+mod checkpoints;
+pub mod export;
 mod render;
 mod validate;
 
@@ -14,13 +18,16 @@ use std::time::Duration;
 
 use stagecoach_proto::v1::control_client::ControlClient;
 use stagecoach_proto::v1::{
-    ChangeStageRequest, ChangeStageResponse, EvaluateRequest, GetStatusRequest, GetStatusResponse,
-    ListStagesRequest, ListStagesResponse, PauseRequest, ResumeRequest, SetMixRequest,
-    SourceWeight,
+    ChangeStageRequest, ChangeStageResponse, CheckpointNowRequest, EvaluateRequest,
+    GetStatusRequest, GetStatusResponse, ListCheckpointsRequest, ListCheckpointsResponse,
+    ListEventsRequest, ListEventsResponse, ListStagesRequest, ListStagesResponse, PauseRequest,
+    ResumeRequest, RollbackRequest, RollbackResponse, SetMixRequest, SourceWeight,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
+pub use checkpoints::{render_checkpoints, render_events};
+pub use export::export;
 use render::or_dash;
 pub use render::{format_mix, human_count, render_stages, render_status};
 pub use validate::{validate, Validation};
@@ -147,6 +154,40 @@ impl Client {
         self.answer(reply).map(|r| r.step)
     }
 
+    /// Returns the committed steps the checkpoint will hold.
+    pub async fn checkpoint_now(&mut self, requested_by: &str) -> Result<u64, Error> {
+        let request = CheckpointNowRequest {
+            requested_by: requested_by.to_owned(),
+        };
+        let reply = self.inner.checkpoint_now(request).await;
+        self.answer(reply).map(|r| r.step)
+    }
+
+    pub async fn list_checkpoints(&mut self) -> Result<ListCheckpointsResponse, Error> {
+        let reply = self.inner.list_checkpoints(ListCheckpointsRequest {}).await;
+        self.answer(reply)
+    }
+
+    /// Rolls back to `checkpoint` (a path or a step), or to the latest known-good checkpoint
+    /// when it is `None`.
+    pub async fn rollback(
+        &mut self,
+        checkpoint: Option<&str>,
+        requested_by: &str,
+    ) -> Result<RollbackResponse, Error> {
+        let request = RollbackRequest {
+            checkpoint: checkpoint.unwrap_or_default().to_owned(),
+            requested_by: requested_by.to_owned(),
+        };
+        let reply = self.inner.rollback(request).await;
+        self.answer(reply)
+    }
+
+    pub async fn list_events(&mut self) -> Result<ListEventsResponse, Error> {
+        let reply = self.inner.list_events(ListEventsRequest {}).await;
+        self.answer(reply)
+    }
+
     /// Sorts a call's outcome by what the user can do about it: start the coordinator, fix the
     /// request (the coordinator's message says how), or report a fault.
     fn answer<T>(&self, reply: Result<tonic::Response<T>, tonic::Status>) -> Result<T, Error> {
@@ -237,6 +278,46 @@ pub async fn evaluate(url: &str) -> Result<String, Error> {
     Ok(format!(
         "evaluation requested: it runs after step {step}; `stagecoach stages` shows its losses"
     ))
+}
+
+/// `stagecoach checkpoint now`.
+pub async fn checkpoint_now(url: &str) -> Result<String, Error> {
+    let step = connect(url).await?.checkpoint_now(&requested_by()).await?;
+    Ok(format!(
+        "checkpoint requested: it holds the state after step {step}; `stagecoach checkpoints` \
+         lists it once written"
+    ))
+}
+
+/// `stagecoach checkpoints`.
+pub async fn checkpoints(url: &str, json: bool) -> Result<String, Error> {
+    let mut client = connect(url).await?;
+    let list = client.list_checkpoints().await?;
+    // Stage names make the table readable; without them the stages are numbered.
+    let names: Vec<String> = match client.list_stages().await {
+        Ok(stages) => stages.stages.into_iter().map(|s| s.name).collect(),
+        Err(_) => Vec::new(),
+    };
+    Ok(render_checkpoints(&list, &names, json))
+}
+
+/// `stagecoach rollback [CHECKPOINT]` (a path or a step; `None`: the latest known-good one).
+pub async fn rollback(url: &str, checkpoint: Option<&str>) -> Result<String, Error> {
+    let checkpoint = checkpoint.map(str::trim).filter(|c| !c.is_empty());
+    let done = connect(url)
+        .await?
+        .rollback(checkpoint, &requested_by())
+        .await?;
+    Ok(format!(
+        "rolling back to {} (step {}): every rank reloads it and training resumes at step {}",
+        done.checkpoint, done.step, done.step
+    ))
+}
+
+/// `stagecoach events`.
+pub async fn events(url: &str, json: bool) -> Result<String, Error> {
+    let list = connect(url).await?.list_events().await?;
+    Ok(render_events(&list, json))
 }
 
 /// Who is asking, for the coordinator's records: `$USER@hostname`.

@@ -549,6 +549,16 @@ impl Curriculum {
         Ok(Some(self.step))
     }
 
+    /// Draws the data of `batches` steps without training it (a rollback's skip range): the
+    /// cursors move past it, the step counter and the stage's budget do not.
+    pub fn skip_batches(&mut self, batches: u64) -> Vec<SampleId> {
+        let seq_len = u64::from(self.stages[self.current].spec.seq_len);
+        let per_step = (self.job.global_batch_tokens / seq_len) as usize;
+        (0..batches)
+            .flat_map(|_| self.plan.take(per_step))
+            .collect()
+    }
+
     /// Keeps an evaluation in the stage history.
     pub fn record_evaluation(&mut self, evaluation: v1::Evaluation) {
         self.evaluations.push(evaluation);

@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use crate::curriculum::{Curriculum, CurriculumError, StepPlan};
 use crate::metrics::Metrics;
 use crate::plan::{rank_slice, SampleId};
+use crate::spike::{CheckpointConfig, Detector, SpikeConfig, Verdict};
 
 /// Bytes of an NCCL unique id.
 const NCCL_ID_BYTES: usize = 128;
@@ -80,6 +81,16 @@ pub enum ControlRequest {
     Evaluate {
         requested_by: String,
     },
+    CheckpointNow {
+        requested_by: String,
+    },
+    ListCheckpoints,
+    /// `checkpoint: None`: the latest known-good one.
+    Rollback {
+        checkpoint: Option<String>,
+        requested_by: String,
+    },
+    ListEvents,
 }
 
 /// The driver's answer to a [`ControlRequest`].
@@ -91,6 +102,10 @@ pub enum ControlReply {
     Paused(v1::PauseResponse),
     Resumed(v1::ResumeResponse),
     Evaluating(v1::EvaluateResponse),
+    CheckpointScheduled(v1::CheckpointNowResponse),
+    Checkpoints(v1::ListCheckpointsResponse),
+    RolledBack(v1::RollbackResponse),
+    Events(v1::ListEventsResponse),
 }
 
 /// Why the driver refused an event; the service maps these onto gRPC codes.
@@ -122,6 +137,47 @@ pub trait Ledger: Send + Sync {
     async fn commit(&self, step: &v1::LedgerStep) -> Result<(), String>;
     /// Replaces the curriculum's durable record (mixture edits, transitions, evaluations).
     async fn save_curriculum(&self, record: &v1::CurriculumRecord) -> Result<(), String>;
+    /// Adds or replaces a checkpoint in the index.
+    async fn put_checkpoint(&self, _record: &v1::CheckpointRecord) -> Result<(), String> {
+        Ok(())
+    }
+    /// Removes a checkpoint from the index (its folder is gone).
+    async fn delete_checkpoint(&self, _step: u64) -> Result<(), String> {
+        Ok(())
+    }
+    /// Adds or replaces spike event number `index`.
+    async fn put_event(&self, _index: u64, _event: &v1::SpikeEvent) -> Result<(), String> {
+        Ok(())
+    }
+    /// A rollback (event `event`) to the state after `to_step` committed steps: the committed
+    /// steps from `to_step` on move aside (kept, as rolled back), the last committed step is
+    /// `to_step - 1` again.
+    async fn rewind(&self, _to_step: u64, _event: u64) -> Result<(), String> {
+        Ok(())
+    }
+    /// Records samples a rollback skipped.
+    async fn put_skipped(&self, _range: &v1::SkippedRange) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The checkpoint and spike policy of a job, and what a restarted coordinator found of it.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub checkpoints: Option<CheckpointConfig>,
+    pub spikes: Option<SpikeConfig>,
+    /// The checkpoint index and the spike events so far (from the state store).
+    pub index: Vec<v1::CheckpointRecord>,
+    pub events: Vec<v1::SpikeEvent>,
+}
+
+/// A skip range waiting for the replay to reach it: at step `at`, draw `batches` global
+/// batches without training them (for event `event`).
+#[derive(Debug, Clone, Copy)]
+struct PendingSkip {
+    at: u64,
+    batches: u64,
+    event: usize,
 }
 
 /// Where a restarted coordinator picks the job up: its last committed step and the
@@ -259,6 +315,28 @@ pub struct Driver {
     next_eval_id: u64,
     rate: StepRate,
     lr: f64,
+    /// Tokens per source (from the workers), to rebuild the curriculum at a checkpoint.
+    source_tokens: Vec<u64>,
+    checkpoints: Option<CheckpointConfig>,
+    /// The checkpoint index, by step.
+    index: Vec<v1::CheckpointRecord>,
+    /// The checkpoint being written: its request id and its record-to-be.
+    saving: Option<(u64, v1::CheckpointRecord)>,
+    /// Who asked for a checkpoint that has not been requested from rank 0 yet.
+    checkpoint_wanted: Option<String>,
+    next_checkpoint_id: u64,
+    /// The checkpoint this run last restored from: the parent of the next one.
+    lineage: String,
+    /// Folders of checkpoints a rollback left behind (after its target), to delete with the
+    /// next checkpoint.
+    abandoned: Vec<String>,
+    /// What the next world loads before it trains.
+    restore: Option<v1::CheckpointRef>,
+    detector: Option<Detector>,
+    events: Vec<v1::SpikeEvent>,
+    skip: Option<PendingSkip>,
+    /// After a rollback: the LR factor and the step it holds until.
+    lr_scale: Option<(f64, u64)>,
     /// Steps committed (the next step to commit).
     step: u64,
     loss: Option<f64>,
@@ -284,6 +362,11 @@ impl Driver {
             .as_ref()
             .and_then(|r| r.last.as_ref())
             .map_or(0, |l| l.step + 1);
+        // Generations keep counting across coordinator restarts.
+        let generation = resume
+            .as_ref()
+            .and_then(|r| r.last.as_ref())
+            .map_or(0, |l| l.generation);
         let paused = resume
             .as_ref()
             .and_then(|r| r.record.as_ref())
@@ -298,7 +381,7 @@ impl Driver {
             members: BTreeMap::new(),
             order: Vec::new(),
             world: None,
-            generation: 0,
+            generation,
             forming_since: None,
             last_end: None,
             committed: None,
@@ -311,6 +394,19 @@ impl Driver {
             next_eval_id: 1,
             rate: StepRate::default(),
             lr: 0.0,
+            source_tokens: vec![],
+            checkpoints: None,
+            index: vec![],
+            saving: None,
+            checkpoint_wanted: None,
+            next_checkpoint_id: 1,
+            lineage: String::new(),
+            abandoned: vec![],
+            restore: None,
+            detector: None,
+            events: vec![],
+            skip: None,
+            lr_scale: None,
             step,
             loss: None,
             state: v1::JobState::Waiting,
@@ -327,6 +423,23 @@ impl Driver {
         metrics.job(&self.job);
         self.metrics = Some(metrics);
         self.publish();
+        self
+    }
+
+    /// Checkpoints and spike handling as `policy` says.
+    pub fn with_policy(mut self, policy: Policy) -> Driver {
+        self.checkpoints = policy.checkpoints;
+        self.detector = policy.spikes.map(Detector::new);
+        self.index = policy.index;
+        self.index.sort_by_key(|r| r.step);
+        self.events = policy.events;
+        self.lineage = self
+            .index
+            .iter()
+            .rev()
+            .find(|r| r.step <= self.step)
+            .map(|r| r.path.clone())
+            .unwrap_or_default();
         self
     }
 
@@ -472,6 +585,7 @@ impl Driver {
             Kind::Ready(ready) => self.ready(worker_id, ready).await,
             Kind::StepDone(done) => self.step_done(worker_id, done).await,
             Kind::EvalDone(done) => self.eval_done(worker_id, done).await,
+            Kind::CheckpointSaved(saved) => self.checkpoint_saved(saved).await,
             Kind::Failed(f) => {
                 let current = self.world.as_ref().map(|w| w.generation);
                 if current == Some(f.generation) {
@@ -536,15 +650,8 @@ impl Driver {
     /// Everyone is ready: check they agree, build the curriculum, dispatch the first step.
     async fn start_world(&mut self) {
         let world = self.world.as_ref().expect("a world");
-        let first = world.ready.values().next().expect("members");
+        let first = world.ready.values().next().expect("members").clone();
         for (id, r) in &world.ready {
-            if r.step != self.step {
-                let msg = format!(
-                    "worker {id} is at step {} but the ledger's last committed step is {}; it cannot join without a checkpoint",
-                    r.step, self.step
-                );
-                return self.fail(msg);
-            }
             if r.sources != first.sources {
                 let msg = format!(
                     "workers see different data: {id} reports {:?}, another {:?}",
@@ -556,6 +663,7 @@ impl Driver {
         if self.curriculum.is_none() {
             let tokens: Vec<u64> = first.sources.iter().map(|s| s.num_tokens).collect();
             self.eval_tokens = first.sources.iter().map(|s| s.eval_tokens).collect();
+            self.source_tokens = tokens.clone();
             let built = match self.resume.take() {
                 Some(Resume {
                     last: Some(last),
@@ -581,6 +689,29 @@ impl Driver {
                 Err(e) => return self.fail(format!("curriculum: {e}")),
             }
         }
+        let world = self.world.as_ref().expect("a world");
+        let behind: Vec<(String, u64)> = world
+            .ready
+            .iter()
+            .filter(|(_, r)| r.step != self.step)
+            .map(|(id, r)| (id.clone(), r.step))
+            .collect();
+        if let Some((id, step)) = behind.first() {
+            if self.restore.is_some() {
+                let msg = format!(
+                    "worker {id} reports step {step} after restoring the checkpoint of step {}",
+                    self.step
+                );
+                return self.fail(msg);
+            }
+            // Ranks must hold the same state: go back to a checkpoint they can all load.
+            let why = format!(
+                "worker {id} is at step {step}, the ledger at step {}",
+                self.step
+            );
+            return self.restore_checkpoint(None, &why).await;
+        }
+        self.restore = None;
         let world = self.world.as_mut().expect("a world");
         world.running = true;
         self.state = v1::JobState::Running;
@@ -652,11 +783,24 @@ impl Driver {
             self.detail = format!("paused by {who} after step {}", self.step);
             return;
         }
+        if self.checkpoint_due() {
+            self.start_checkpoint();
+        }
+        if let Some(skip) = self.skip.filter(|s| s.at == self.step) {
+            self.skip = None;
+            if !self.skip_range(skip).await {
+                return;
+            }
+        }
         if let Some(change) = due {
             let c = self.curriculum.as_mut().expect("checked");
             match c.apply(change) {
                 Ok(t) => {
                     info!(step = t.step, from = %t.from, to = %t.to, cause = ?t.cause(), by = %t.requested_by, detail = %t.detail, "stage transition");
+                    // A new mixture, sequence length or RoPE θ moves the loss for good reasons.
+                    if let Some(d) = self.detector.as_mut() {
+                        d.reset_statistics();
+                    }
                     if let Some(m) = &self.metrics {
                         m.stage_changed(&t.to, c.current() as u32);
                         m.transition(t.cause());
@@ -669,8 +813,19 @@ impl Driver {
             }
         }
         let c = self.curriculum.as_mut().expect("checked");
-        let plan = c.plan_step();
+        let mut plan = c.plan_step();
+        if let Some((factor, until)) = self.lr_scale {
+            if plan.step < until {
+                plan.lr *= factor;
+            } else {
+                self.lr_scale = None;
+            }
+        }
         self.lr = plan.lr;
+        let guard = self
+            .detector
+            .as_ref()
+            .map_or_else(v1::StepGuard::default, Detector::guard);
         let world = self.world.as_mut().expect("checked");
         let batch = plan.samples.len();
         let n = world.members.len();
@@ -682,6 +837,7 @@ impl Driver {
                 lr: plan.lr,
                 global_batch: plan.global_batch,
                 stage: Some(plan.stage),
+                guard: Some(guard),
             };
             send(&self.members, id, v1::coordinator_message::Kind::Work(work));
         }
@@ -910,6 +1066,9 @@ impl Driver {
                     if let Some(m) = &self.metrics {
                         m.transition(v1::TransitionCause::MixChange);
                     }
+                    if let Some(d) = self.detector.as_mut() {
+                        d.reset_statistics();
+                    }
                 }
                 info!(%stage, ?weights, by = %requested_by, "mixture changed");
                 if !self.save_record().await {
@@ -951,6 +1110,52 @@ impl Driver {
                 self.dispatch().await;
                 ControlReply::Resumed(v1::ResumeResponse { step: self.step })
             }
+            ControlRequest::CheckpointNow { requested_by } => {
+                if self.checkpoints.is_none() {
+                    return Err(DriverError::FailedPrecondition(
+                        "this job writes no checkpoints: add a [checkpoints] section to its job file".into(),
+                    ));
+                }
+                self.started()?;
+                info!(by = %requested_by, "checkpoint requested");
+                self.checkpoint_wanted = Some(requested_by);
+                let busy = self.world.as_ref().is_some_and(|w| w.in_flight.is_some());
+                self.dispatch().await;
+                ControlReply::CheckpointScheduled(v1::CheckpointNowResponse {
+                    step: self.step + u64::from(busy),
+                })
+            }
+            ControlRequest::ListCheckpoints => {
+                ControlReply::Checkpoints(v1::ListCheckpointsResponse {
+                    checkpoints: self.index.clone(),
+                })
+            }
+            ControlRequest::ListEvents => ControlReply::Events(v1::ListEventsResponse {
+                events: self.events.clone(),
+            }),
+            ControlRequest::Rollback {
+                checkpoint,
+                requested_by,
+            } => {
+                self.started()?;
+                let target = self.find_checkpoint(checkpoint.as_deref())?;
+                let event = v1::SpikeEvent {
+                    detected_at: self.step,
+                    action: v1::SpikeAction::ManualRollback.into(),
+                    rolled_back_to: target.path.clone(),
+                    resumed_at_step: target.step,
+                    requested_by: requested_by.clone(),
+                    unix_ms: now_ms(),
+                    detail: format!("rollback asked for by {requested_by}"),
+                    ..Default::default()
+                };
+                let reply = v1::RollbackResponse {
+                    checkpoint: target.path.clone(),
+                    step: target.step,
+                };
+                self.rollback(target, event, None).await;
+                ControlReply::RolledBack(reply)
+            }
             ControlRequest::Evaluate { requested_by } => {
                 self.started()?;
                 if self.job.eval_samples == 0 {
@@ -973,6 +1178,472 @@ impl Driver {
             }
         };
         Ok(reply)
+    }
+
+    /// Whether a checkpoint should be taken before the next step.
+    fn checkpoint_due(&self) -> bool {
+        let Some(cfg) = &self.checkpoints else {
+            return false;
+        };
+        if self.saving.is_some() || self.step == 0 {
+            return false;
+        }
+        let taken = self.index.iter().any(|r| r.step == self.step);
+        !taken
+            && (self.checkpoint_wanted.is_some()
+                || (cfg.every_steps > 0 && self.step.is_multiple_of(cfg.every_steps)))
+    }
+
+    /// Asks rank 0 for a checkpoint of the state after the committed steps (it copies the state
+    /// off before the next step's work, then writes in the background).
+    fn start_checkpoint(&mut self) {
+        let (Some(cfg), Some(world), Some(c)) = (
+            &self.checkpoints,
+            self.world.as_ref(),
+            self.committed.as_ref(),
+        ) else {
+            return;
+        };
+        let trigger = match self.checkpoint_wanted.take() {
+            Some(who) => format!("on demand ({who})"),
+            None => format!("every {} steps", cfg.every_steps),
+        };
+        let path = cfg
+            .dir
+            .join(format!("step-{:08}-g{}", self.step, world.generation))
+            .to_string_lossy()
+            .into_owned();
+        let record = v1::CheckpointRecord {
+            step: self.step,
+            path: path.clone(),
+            parent: self.lineage.clone(),
+            generation: world.generation,
+            stage: c.current() as u32,
+            cursors: c.cursors().to_vec(),
+            stage_taken: c.taken().to_vec(),
+            loss: self.loss.unwrap_or(f64::NAN),
+            known_good: self.detector.as_ref().is_none_or(|d| !d.in_spike()),
+            unix_ms: now_ms(),
+            trigger,
+            ..Default::default()
+        };
+        let mut with_new = self.index.clone();
+        with_new.push(record.clone());
+        let mut delete = crate::spike::to_delete(&with_new, cfg.keep);
+        delete.append(&mut self.abandoned);
+        let id = self.next_checkpoint_id;
+        self.next_checkpoint_id += 1;
+        let save = v1::SaveCheckpoint {
+            generation: world.generation,
+            id,
+            step: self.step,
+            path,
+            job: self.job.name.clone(),
+            stage: record.stage,
+            cursors: record.cursors.clone(),
+            stage_taken: record.stage_taken.clone(),
+            parent: record.parent.clone(),
+            delete,
+        };
+        info!(step = self.step, path = %save.path, trigger = %record.trigger, "checkpoint");
+        send(
+            &self.members,
+            &world.members[0],
+            v1::coordinator_message::Kind::SaveCheckpoint(save),
+        );
+        self.saving = Some((id, record));
+    }
+
+    async fn checkpoint_saved(&mut self, saved: v1::CheckpointSaved) -> Result<(), DriverError> {
+        let Some((id, mut record)) = self.saving.take() else {
+            return Err(DriverError::FailedPrecondition(
+                "no checkpoint is being written".into(),
+            ));
+        };
+        if saved.id != id {
+            self.saving = Some((id, record));
+            return Err(DriverError::FailedPrecondition(format!(
+                "checkpoint {} reported, {id} is being written",
+                saved.id
+            )));
+        }
+        if !saved.error.is_empty() {
+            warn!(path = %record.path, error = %saved.error, "checkpoint failed; the earlier ones are intact");
+            if let Some(m) = &self.metrics {
+                m.checkpoint_failed();
+            }
+            return Ok(());
+        }
+        record.blocking_seconds = saved.blocking_seconds;
+        record.write_seconds = saved.write_seconds;
+        record.bytes = saved.bytes;
+        if let Some(m) = &self.metrics {
+            m.checkpoint_saved(
+                record.step,
+                saved.blocking_seconds,
+                saved.write_seconds,
+                saved.bytes,
+            );
+        }
+        info!(step = record.step, path = %record.path, blocking_s = saved.blocking_seconds, write_s = saved.write_seconds, bytes = saved.bytes, "checkpoint saved");
+        let keep = self.checkpoints.as_ref().map_or(u32::MAX, |c| c.keep);
+        self.index.retain(|r| r.step != record.step);
+        self.index.push(record.clone());
+        self.index.sort_by_key(|r| r.step);
+        if let Err(e) = self.ledger.put_checkpoint(&record).await {
+            self.fail(format!("cannot write the checkpoint index: {e}"));
+            return Ok(());
+        }
+        // The worker deleted these folders once the new one was in place.
+        let gone = crate::spike::to_delete(&self.index, keep);
+        for path in gone {
+            if let Some(r) = self.index.iter().find(|r| r.path == path).cloned() {
+                self.index.retain(|x| x.path != path);
+                if let Err(e) = self.ledger.delete_checkpoint(r.step).await {
+                    warn!(error = %e, "cannot remove a checkpoint from the index");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The checkpoint `name` (a path or a step), or the latest known-good one at or before the
+    /// committed step.
+    fn find_checkpoint(&self, name: Option<&str>) -> Result<v1::CheckpointRecord, DriverError> {
+        let found = match name {
+            Some(n) => self
+                .index
+                .iter()
+                .find(|r| r.path == n || n.parse::<u64>().is_ok_and(|s| s == r.step)),
+            None => self
+                .index
+                .iter()
+                .rev()
+                .find(|r| r.known_good && r.step <= self.step),
+        };
+        found.cloned().ok_or_else(|| {
+            let known: Vec<String> = self
+                .index
+                .iter()
+                .map(|r| format!("{} (step {})", r.path, r.step))
+                .collect();
+            DriverError::NotFound(match name {
+                Some(n) => format!(
+                    "no checkpoint {n:?} in the index; the checkpoints are: {}",
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+                None => "no known-good checkpoint to roll back to".into(),
+            })
+        })
+    }
+
+    /// Feeds a committed step to the spike detector and acts on its verdict; false if the job
+    /// must not dispatch on (a rollback or a pause took over).
+    async fn judge(&mut self, reports: &BTreeMap<u32, v1::StepDone>) -> bool {
+        let Some(d) = self.detector.as_mut() else {
+            return true;
+        };
+        let step = self.step - 1;
+        let first = reports.values().next();
+        let loss = first.map_or(f64::NAN, |r| r.global_loss);
+        let loss = if loss == 0.0 {
+            self.loss.unwrap_or(f64::NAN)
+        } else {
+            loss
+        };
+        let grad_norm = first.map_or(0.0, |r| r.grad_norm);
+        let skipped = reports.values().any(|r| r.skipped);
+        match d.observe(step, loss, grad_norm, skipped) {
+            Verdict::Normal => true,
+            Verdict::Flagged { rule, mean, std } => {
+                warn!(step, loss, grad_norm, %rule, mean, std, skipped, "loss spike flagged");
+                if skipped {
+                    let event = v1::SpikeEvent {
+                        detected_at: step,
+                        first_step: step,
+                        loss,
+                        grad_norm,
+                        mean,
+                        std,
+                        rule,
+                        action: v1::SpikeAction::SkipStep.into(),
+                        requested_by: "coordinator".into(),
+                        unix_ms: now_ms(),
+                        detail: "the ranks dropped the step's update".into(),
+                        ..Default::default()
+                    };
+                    self.record_event(event).await;
+                }
+                true
+            }
+            Verdict::Rollback {
+                first_step,
+                rule,
+                mean,
+                std,
+            } => {
+                // Best: a checkpoint before the whole skip range, so none of it was trained;
+                // else one before the spike began.
+                let before_skip = first_step.saturating_sub(d.config().skip_before);
+                let good = |limit: u64| {
+                    self.index
+                        .iter()
+                        .rev()
+                        .find(|r| r.known_good && r.step <= limit)
+                        .cloned()
+                };
+                let target = good(before_skip).or_else(|| good(first_step));
+                let Some(target) = target else {
+                    let reason = format!(
+                        "a loss spike at step {step} ({rule}), and no known-good checkpoint at or before step {first_step} to roll back to"
+                    );
+                    self.pause_for(reason, step, loss, grad_norm, mean, std)
+                        .await;
+                    return false;
+                };
+                let cfg = d.config().clone();
+                let from = first_step.saturating_sub(cfg.skip_before).max(target.step);
+                let to = step + cfg.skip_after;
+                let event = v1::SpikeEvent {
+                    detected_at: step,
+                    first_step,
+                    loss,
+                    grad_norm,
+                    mean,
+                    std,
+                    rule,
+                    action: v1::SpikeAction::Rollback.into(),
+                    rolled_back_to: target.path.clone(),
+                    resumed_at_step: target.step,
+                    skipped_from_step: from,
+                    skipped_steps: to + 1 - from,
+                    lr_factor: cfg.lr_factor,
+                    lr_steps: cfg.lr_steps,
+                    requested_by: "coordinator".into(),
+                    unix_ms: now_ms(),
+                    ..Default::default()
+                };
+                let lr = (cfg.lr_factor != 1.0 && cfg.lr_steps > 0)
+                    .then_some((cfg.lr_factor, from + cfg.lr_steps));
+                self.rollback(target, event, Some((from, to + 1 - from)))
+                    .await;
+                self.lr_scale = lr;
+                false
+            }
+            Verdict::Pause { reason } => {
+                self.pause_for(reason, step, loss, grad_norm, f64::NAN, f64::NAN)
+                    .await;
+                false
+            }
+        }
+    }
+
+    async fn pause_for(
+        &mut self,
+        reason: String,
+        step: u64,
+        loss: f64,
+        grad_norm: f64,
+        mean: f64,
+        std: f64,
+    ) {
+        warn!(%reason, "pausing the job");
+        let event = v1::SpikeEvent {
+            detected_at: step,
+            first_step: step,
+            loss,
+            grad_norm,
+            mean,
+            std,
+            action: v1::SpikeAction::Pause.into(),
+            requested_by: "coordinator".into(),
+            unix_ms: now_ms(),
+            detail: reason.clone(),
+            ..Default::default()
+        };
+        self.record_event(event).await;
+        self.paused = Some(format!("the spike detector ({reason})"));
+        let _ = self.save_record().await;
+        self.dispatch().await;
+    }
+
+    async fn record_event(&mut self, event: v1::SpikeEvent) -> usize {
+        if let Some(m) = &self.metrics {
+            m.spike(event.action());
+        }
+        self.events.push(event);
+        let index = self.events.len() - 1;
+        if let Err(e) = self
+            .ledger
+            .put_event(index as u64, &self.events[index])
+            .await
+        {
+            warn!(error = %e, "cannot record a spike event");
+        }
+        index
+    }
+
+    /// Takes every rank back to `target`: the committed steps after it are set aside in the
+    /// ledger, the curriculum and the step counter rewind to it, `skip` (from step, batches)
+    /// is drawn without training when the replay gets there, and a new world loads the
+    /// checkpoint.
+    async fn rollback(
+        &mut self,
+        target: v1::CheckpointRecord,
+        event: v1::SpikeEvent,
+        skip: Option<(u64, u64)>,
+    ) {
+        warn!(to = %target.path, step = target.step, detected_at = event.detected_at, ?skip, "rolling back");
+        let automatic = event.action() == v1::SpikeAction::Rollback;
+        let event_index = self.record_event(event).await;
+        if let Some(d) = self.detector.as_mut() {
+            // Only the detector's own rollbacks count towards its limit.
+            if automatic {
+                d.rolled_back(self.step);
+            }
+            d.rewind(target.step);
+        }
+        // Checkpoints after the target belong to the abandoned lineage.
+        let later: Vec<v1::CheckpointRecord> = self
+            .index
+            .iter()
+            .filter(|r| r.step > target.step)
+            .cloned()
+            .collect();
+        for r in later {
+            self.index.retain(|x| x.path != r.path);
+            if let Err(e) = self.ledger.delete_checkpoint(r.step).await {
+                warn!(error = %e, "cannot remove a checkpoint from the index");
+            }
+            self.abandoned.push(r.path);
+        }
+        if !self.rewind_to(&target, event_index as u64).await {
+            return;
+        }
+        self.skip = skip.map(|(at, batches)| PendingSkip {
+            at,
+            batches,
+            event: event_index,
+        });
+        let reason = format!("rolling back to {} (step {})", target.path, target.step);
+        self.end_world_for_restore(&reason).await;
+    }
+
+    /// Rewinds the ledger, the curriculum and the step counter to the state of `target`.
+    async fn rewind_to(&mut self, target: &v1::CheckpointRecord, event: u64) -> bool {
+        if let Err(e) = self.ledger.rewind(target.step, event).await {
+            self.fail(format!("cannot rewind the ledger: {e}"));
+            return false;
+        }
+        let record = self
+            .committed
+            .as_ref()
+            .map(|c| c.record(self.paused.is_some()));
+        let last = v1::LedgerStep {
+            step: target.step.saturating_sub(1),
+            cursors: target.cursors.clone(),
+            stage: target.stage,
+            stage_taken: target.stage_taken.clone(),
+            ..Default::default()
+        };
+        // `resume` continues after `last.step`; a checkpoint at step 0 has no step before it.
+        let rebuilt = if target.step == 0 {
+            Curriculum::new(&self.job, &self.source_tokens)
+        } else {
+            Curriculum::resume(&self.job, &self.source_tokens, &last, record.as_ref())
+        };
+        match rebuilt {
+            Ok(c) => {
+                self.committed = Some(c.clone());
+                self.curriculum = Some(c);
+            }
+            Err(e) => {
+                self.fail(format!(
+                    "cannot rebuild the curriculum at {}: {e}",
+                    target.path
+                ));
+                return false;
+            }
+        }
+        self.step = target.step;
+        self.loss = (!target.loss.is_nan()).then_some(target.loss);
+        self.lineage = target.path.clone();
+        self.restore = Some(v1::CheckpointRef {
+            path: target.path.clone(),
+            step: target.step,
+            stage: target.stage,
+            cursors: target.cursors.clone(),
+        });
+        self.saving = None;
+        self.save_record().await
+    }
+
+    /// Ranks disagree on their state: every one loads the latest checkpoint (or `name`).
+    async fn restore_checkpoint(&mut self, name: Option<&str>, why: &str) {
+        let target = match self.find_checkpoint(name) {
+            Ok(t) => t,
+            Err(_) => {
+                return self.fail(format!(
+                    "{why}, and there is no checkpoint to bring every rank to the same state"
+                ))
+            }
+        };
+        warn!(%why, to = %target.path, step = target.step, "restoring a checkpoint on every rank");
+        let events = self.events.len() as u64;
+        if !self.rewind_to(&target, events).await {
+            return;
+        }
+        self.end_world_for_restore(&format!("{why}; restoring {}", target.path))
+            .await;
+    }
+
+    /// Ends the current world without committing what is in flight; the next one restores.
+    async fn end_world_for_restore(&mut self, reason: &str) {
+        if let Some(world) = self.world.as_mut() {
+            world.in_flight = None;
+            world.eval = None;
+        }
+        self.end_generation(reason).await;
+    }
+
+    /// Draws a rollback's skip range, records it as skipped, and goes on.
+    async fn skip_range(&mut self, skip: PendingSkip) -> bool {
+        let Some(c) = self.curriculum.as_mut() else {
+            return true;
+        };
+        let samples = c.skip_batches(skip.batches);
+        let range = v1::SkippedRange {
+            event: skip.event as u64,
+            at_step: skip.at,
+            samples: refs(&samples),
+            batches: skip.batches,
+        };
+        info!(
+            step = skip.at,
+            batches = skip.batches,
+            samples = samples.len(),
+            "skipping the data around the spike"
+        );
+        if let Err(e) = self.ledger.put_skipped(&range).await {
+            self.fail(format!("cannot record the skipped samples: {e}"));
+            return false;
+        }
+        if let Some(m) = &self.metrics {
+            m.skipped_samples(samples.len() as u64);
+        }
+        self.committed = self.curriculum.clone();
+        if let Some(e) = self.events.get_mut(skip.event) {
+            e.skipped_samples = samples.len() as u64;
+            let e = e.clone();
+            if let Err(err) = self.ledger.put_event(skip.event as u64, &e).await {
+                warn!(error = %err, "cannot update a spike event");
+            }
+        }
+        true
     }
 
     /// The curriculum, or why there is none yet.
@@ -1008,9 +1679,9 @@ impl Driver {
                 done.samples
             )));
         }
-        if !done.loss_sum.is_finite() {
+        if !done.loss_sum.is_finite() && !done.skipped {
             return Err(DriverError::InvalidArgument(format!(
-                "rank {rank} reports a loss of {}",
+                "rank {rank} reports a loss of {} and applied the update anyway",
                 done.loss_sum
             )));
         }
@@ -1019,13 +1690,21 @@ impl Driver {
                 "rank {rank} reported step {step} twice"
             )));
         }
+        if let Some(other) = reports.values().next() {
+            if other.skipped != done.skipped {
+                return Err(DriverError::InvalidArgument(format!(
+                    "rank {rank} reports skipped = {} for step {step}, another rank {}; the guard must decide the same everywhere",
+                    done.skipped, other.skipped
+                )));
+            }
+        }
         reports.insert(rank, done);
         if reports.len() < n {
             return Ok(());
         }
         let generation = world.generation;
         let (plan, reports) = world.in_flight.take().expect("in flight");
-        if self.commit(generation, plan, &reports).await {
+        if self.commit(generation, plan, &reports).await && self.judge(&reports).await {
             self.dispatch().await;
         }
         Ok(())
@@ -1042,6 +1721,7 @@ impl Driver {
         let reported: u32 = reports.values().map(|r| r.samples).sum();
         let loss = reports.values().map(|r| r.loss_sum).sum::<f64>() / f64::from(reported.max(1));
         let grad_norm = reports.values().next().map_or(0.0, |r| r.grad_norm);
+        let skipped = reports.values().any(|r| r.skipped);
         let c = self
             .curriculum
             .as_ref()
@@ -1057,6 +1737,7 @@ impl Driver {
             stage_taken: c.taken().to_vec(),
             grad_norm,
             lr: plan.lr,
+            skipped,
         };
         if let Err(e) = self.ledger.commit(&entry).await {
             self.fail(format!("cannot write the ledger: {e}"));
@@ -1134,6 +1815,7 @@ impl Driver {
                 peers: peers.clone(),
                 nccl_unique_id: nccl_id.clone(),
                 start_step: self.step,
+                restore: self.restore.clone(),
             };
             send(
                 &self.members,
@@ -1299,6 +1981,12 @@ impl Driver {
             changed
         });
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn refs(samples: &[SampleId]) -> Vec<v1::SampleRef> {

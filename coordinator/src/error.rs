@@ -26,6 +26,16 @@ pub enum Error {
     #[error("the coordinator at {url} answered {:?}: {}", .status.code(), .status.message())]
     Rpc { url: String, status: Status },
 
+    /// A checkpoint folder is incomplete, or a file of it does not match its manifest: it must
+    /// not be used (nothing was taken from it).
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: String, reason: String },
+
+    /// A folder the CLI was asked to write into cannot be used (it is not empty, or not a
+    /// folder, or not writable).
+    #[error("{path}: {reason}")]
+    Destination { path: String, reason: String },
+
     /// Binding or reading the listening socket failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -38,7 +48,8 @@ pub enum Error {
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let code = match &err {
-            Error::InvalidAddress { .. } => Code::InvalidArgument,
+            Error::InvalidAddress { .. } | Error::Destination { .. } => Code::InvalidArgument,
+            Error::Checkpoint { .. } => Code::FailedPrecondition,
             Error::Unreachable { .. } => Code::Unavailable,
             Error::Refused { code, message } => return Status::new(*code, message.clone()),
             // Pass the upstream status through unchanged, details and metadata included.
@@ -85,6 +96,20 @@ mod tests {
                     message: "the job is finished".into(),
                 },
                 Code::FailedPrecondition,
+            ),
+            (
+                Error::Checkpoint {
+                    path: "ck/step-00000100".into(),
+                    reason: "the sha256 of model.safetensors is 00, manifest.json says ff".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::Destination {
+                    path: "out".into(),
+                    reason: "the folder is not empty".into(),
+                },
+                Code::InvalidArgument,
             ),
             (
                 Error::Io(std::io::ErrorKind::AddrInUse.into()),

@@ -48,10 +48,48 @@ impl StoreLedger {
             })
     }
 
+    /// The checkpoint index, by step.
+    pub async fn checkpoints(&self) -> Result<Vec<v1::CheckpointRecord>, StoreError> {
+        self.decode_all(&keys::checkpoints(&self.job)).await
+    }
+
+    /// The spike events, in order.
+    pub async fn events(&self) -> Result<Vec<v1::SpikeEvent>, StoreError> {
+        self.decode_all(&keys::events(&self.job)).await
+    }
+
+    /// Every range of samples a rollback skipped.
+    pub async fn skipped(&self) -> Result<Vec<v1::SkippedRange>, StoreError> {
+        self.decode_all(&keys::skipped_all(&self.job)).await
+    }
+
+    async fn decode_all<M: Message + Default>(&self, prefix: &str) -> Result<Vec<M>, StoreError> {
+        let entries = self.store.range(prefix).await?;
+        entries
+            .iter()
+            .map(|(k, v)| {
+                M::decode(v.value.as_slice()).map_err(|e| StoreError::Corrupt {
+                    path: k.into(),
+                    reason: format!("the entry does not decode: {e}"),
+                })
+            })
+            .collect()
+    }
+
     /// Every committed step, in order.
     pub async fn steps(&self) -> Result<Vec<v1::LedgerStep>, StoreError> {
         let entries = self.store.range(&keys::ledger_steps(&self.job)).await?;
         entries.iter().map(|(k, v)| decode(k, &v.value)).collect()
+    }
+}
+
+impl StoreLedger {
+    async fn put(&self, key: String, value: Vec<u8>) -> Result<(), String> {
+        self.store
+            .put(&key, value)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -79,6 +117,67 @@ impl Ledger for StoreLedger {
         match self.store.txn(vec![], ops).await {
             Ok(true) => Ok(()),
             Ok(false) => Err("the ledger transaction was refused".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn put_checkpoint(&self, record: &v1::CheckpointRecord) -> Result<(), String> {
+        self.put(
+            keys::checkpoint(&self.job, record.step),
+            record.encode_to_vec(),
+        )
+        .await
+    }
+
+    async fn delete_checkpoint(&self, step: u64) -> Result<(), String> {
+        self.store
+            .delete(&keys::checkpoint(&self.job, step))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn put_event(&self, index: u64, event: &v1::SpikeEvent) -> Result<(), String> {
+        self.put(keys::event(&self.job, index), event.encode_to_vec())
+            .await
+    }
+
+    async fn put_skipped(&self, range: &v1::SkippedRange) -> Result<(), String> {
+        self.put(keys::skipped(&self.job, range.event), range.encode_to_vec())
+            .await
+    }
+
+    /// Moves the committed steps from `to_step` on aside and points `last` at the step before,
+    /// in one transaction.
+    async fn rewind(&self, to_step: u64, event: u64) -> Result<(), String> {
+        let steps = self.steps().await.map_err(|e| e.to_string())?;
+        let mut ops = vec![];
+        let mut last = None;
+        for s in steps {
+            if s.step >= to_step {
+                ops.push(Op::Put {
+                    key: keys::rolled_back_step(&self.job, event, s.step),
+                    value: s.encode_to_vec(),
+                });
+                ops.push(Op::Delete {
+                    key: keys::ledger_step(&self.job, s.step),
+                });
+            } else {
+                last = Some(s);
+            }
+        }
+        ops.push(match last {
+            Some(l) => Op::Put {
+                key: keys::ledger_last(&self.job),
+                value: l.encode_to_vec(),
+            },
+            None => Op::Delete {
+                key: keys::ledger_last(&self.job),
+            },
+        });
+        match self.store.txn(vec![], ops).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("the rewind transaction was refused".into()),
             Err(e) => Err(e.to_string()),
         }
     }

@@ -9,7 +9,8 @@
 //! - [`driver`]: the job driver, one task owning membership, generations, the plan and the
 //!   step in flight; [`workers`]: the `Workers` gRPC service that feeds it.
 //! - [`spec`]: the job file and its wire form; [`plan`]: the deterministic sample plan;
-//!   [`schedule`]: the WSD learning-rate schedule.
+//!   [`curriculum`]: the stages and their transitions; [`schedule`]: the WSD learning-rate
+//!   schedule; [`spike`]: the loss-spike detector and the checkpoint policy.
 //! - [`metrics`]: the Prometheus metrics of the job and the `/metrics` endpoint (the worker
 //!   serves its own through it too).
 //! - [`error`]: the crate's [`Error`], and its mapping onto gRPC status codes.
@@ -30,6 +31,7 @@ pub mod plan;
 pub mod schedule;
 pub mod server;
 pub mod spec;
+pub mod spike;
 pub mod store;
 pub mod workers;
 

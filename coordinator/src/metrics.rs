@@ -41,6 +41,25 @@ const CAUSES: [v1::TransitionCause; 5] = [
     v1::TransitionCause::MixChange,
 ];
 
+/// The spike actions, each a value of the `action` label of `stagecoach_job_spikes_total`.
+const ACTIONS: [v1::SpikeAction; 4] = [
+    v1::SpikeAction::SkipStep,
+    v1::SpikeAction::Rollback,
+    v1::SpikeAction::Pause,
+    v1::SpikeAction::ManualRollback,
+];
+
+/// `SpikeAction::SkipStep` → `skip_step`: the proto's name without its prefix.
+pub fn action_label(action: v1::SpikeAction) -> &'static str {
+    match action {
+        v1::SpikeAction::Unspecified => "unspecified",
+        v1::SpikeAction::SkipStep => "skip_step",
+        v1::SpikeAction::Rollback => "rollback",
+        v1::SpikeAction::Pause => "pause",
+        v1::SpikeAction::ManualRollback => "manual_rollback",
+    }
+}
+
 /// `TransitionCause::ManualNext` → `manual_next`: the proto's name without its prefix.
 pub fn cause_label(cause: v1::TransitionCause) -> &'static str {
     match cause {
@@ -71,6 +90,14 @@ pub struct Metrics {
     generation: IntGauge,
     generations_ended: IntCounter,
     state: IntGaugeVec,
+    spikes: IntCounterVec,
+    skipped_samples: IntCounter,
+    checkpoints: IntCounter,
+    checkpoint_failures: IntCounter,
+    checkpoint_blocking: Gauge,
+    checkpoint_write: Gauge,
+    checkpoint_bytes: IntGauge,
+    last_checkpoint_step: IntGauge,
     throughput: Mutex<Throughput>,
 }
 
@@ -191,6 +218,60 @@ impl Metrics {
                 &r,
                 IntGaugeVec::new(opts("state", "1 for the job's current state"), &["state"]),
             ),
+            spikes: register(
+                &r,
+                IntCounterVec::new(
+                    opts(
+                        "spikes_total",
+                        "Loss-spike actions: steps whose update the guard dropped (skip_step), \
+                         rollbacks, pauses, and rollbacks a person asked for",
+                    ),
+                    &["action"],
+                ),
+            ),
+            skipped_samples: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "skipped_samples_total",
+                    "Samples a rollback skipped around a spike: planned, never trained",
+                )),
+            ),
+            checkpoints: register(
+                &r,
+                IntCounter::with_opts(opts("checkpoints_total", "Checkpoints written")),
+            ),
+            checkpoint_failures: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "checkpoint_failures_total",
+                    "Checkpoint writes that failed (the earlier checkpoints are intact)",
+                )),
+            ),
+            checkpoint_blocking: register(
+                &r,
+                Gauge::with_opts(opts(
+                    "checkpoint_blocking_seconds",
+                    "How long the last checkpoint held training (copying the state off)",
+                )),
+            ),
+            checkpoint_write: register(
+                &r,
+                Gauge::with_opts(opts(
+                    "checkpoint_write_seconds",
+                    "How long the last checkpoint's write took, in the background",
+                )),
+            ),
+            checkpoint_bytes: register(
+                &r,
+                IntGauge::with_opts(opts("checkpoint_bytes", "Size of the last checkpoint")),
+            ),
+            last_checkpoint_step: register(
+                &r,
+                IntGauge::with_opts(opts(
+                    "last_checkpoint_step",
+                    "Committed steps in the last checkpoint written",
+                )),
+            ),
             throughput: Mutex::new(Throughput::default()),
             registry: r,
         };
@@ -201,6 +282,9 @@ impl Metrics {
         // Every cause shows from the start, so that `increase()` sees the first transition.
         for cause in CAUSES {
             m.transitions.with_label_values(&[cause_label(cause)]);
+        }
+        for action in ACTIONS {
+            m.spikes.with_label_values(&[action_label(action)]);
         }
         m
     }
@@ -272,6 +356,38 @@ impl Metrics {
     /// An evaluation measured `loss` on the held-out samples of `source`.
     pub fn validation_loss(&self, source: &str, loss: f64) {
         self.validation_loss.with_label_values(&[source]).set(loss);
+    }
+
+    /// The spike detector (or a person) acted: a skipped update, a rollback or a pause.
+    pub fn spike(&self, action: v1::SpikeAction) {
+        self.spikes.with_label_values(&[action_label(action)]).inc();
+    }
+
+    /// A rollback skipped `n` samples around a spike.
+    pub fn skipped_samples(&self, n: u64) {
+        self.skipped_samples.inc_by(n);
+    }
+
+    /// A checkpoint of the state after `step` committed steps is in place.
+    pub fn checkpoint_saved(
+        &self,
+        step: u64,
+        blocking_seconds: f64,
+        write_seconds: f64,
+        bytes: u64,
+    ) {
+        self.checkpoints.inc();
+        self.checkpoint_blocking.set(blocking_seconds);
+        self.checkpoint_write.set(write_seconds);
+        self.checkpoint_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.last_checkpoint_step
+            .set(i64::try_from(step).unwrap_or(i64::MAX));
+    }
+
+    /// A checkpoint write failed.
+    pub fn checkpoint_failed(&self) {
+        self.checkpoint_failures.inc();
     }
 
     /// The current generation ended: nothing trains until the next world runs.
@@ -489,6 +605,58 @@ mod tests {
             .filter(|l| l.starts_with("stagecoach_job_stage_info{"))
             .collect();
         assert_eq!(stages, ["stagecoach_job_stage_info{stage=\"decay\"} 1"]);
+    }
+
+    #[test]
+    fn encodes_the_spike_and_checkpoint_signals() {
+        let m = Metrics::new();
+        let before = text(&m);
+        // Every action is there at zero, so that `increase()` sees the first one.
+        for action in ["skip_step", "rollback", "pause", "manual_rollback"] {
+            let line = format!("stagecoach_job_spikes_total{{action=\"{action}\"}} 0");
+            assert_lines(&before, &[&line]);
+        }
+        assert_lines(
+            &before,
+            &[
+                "stagecoach_job_skipped_samples_total 0",
+                "stagecoach_job_checkpoints_total 0",
+                "stagecoach_job_checkpoint_failures_total 0",
+                "stagecoach_job_last_checkpoint_step 0",
+            ],
+        );
+
+        m.spike(v1::SpikeAction::SkipStep);
+        m.spike(v1::SpikeAction::SkipStep);
+        m.spike(v1::SpikeAction::Rollback);
+        m.spike(v1::SpikeAction::ManualRollback);
+        m.skipped_samples(80);
+        m.skipped_samples(16);
+        m.checkpoint_saved(100, 0.25, 1.5, 4_000_000);
+        m.checkpoint_failed();
+        m.checkpoint_saved(200, 0.125, 1.75, 4_000_100);
+        let t = text(&m);
+        assert_lines(
+            &t,
+            &[
+                "# TYPE stagecoach_job_spikes_total counter",
+                "stagecoach_job_spikes_total{action=\"skip_step\"} 2",
+                "stagecoach_job_spikes_total{action=\"rollback\"} 1",
+                "stagecoach_job_spikes_total{action=\"pause\"} 0",
+                "stagecoach_job_spikes_total{action=\"manual_rollback\"} 1",
+                "# TYPE stagecoach_job_skipped_samples_total counter",
+                "stagecoach_job_skipped_samples_total 96",
+                "# TYPE stagecoach_job_checkpoints_total counter",
+                "stagecoach_job_checkpoints_total 2",
+                "stagecoach_job_checkpoint_failures_total 1",
+                "# TYPE stagecoach_job_checkpoint_blocking_seconds gauge",
+                "stagecoach_job_checkpoint_blocking_seconds 0.125",
+                "stagecoach_job_checkpoint_write_seconds 1.75",
+                "stagecoach_job_checkpoint_bytes 4000100",
+                "stagecoach_job_last_checkpoint_step 200",
+            ],
+        );
+        assert_eq!(action_label(v1::SpikeAction::Unspecified), "unspecified");
     }
 
     #[test]

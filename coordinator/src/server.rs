@@ -230,6 +230,47 @@ impl Control for Coordinator {
             Evaluating
         )
     }
+
+    async fn checkpoint_now(
+        &self,
+        request: Request<v1::CheckpointNowRequest>,
+    ) -> Result<Response<v1::CheckpointNowResponse>, Status> {
+        let requested_by = requester(request.into_inner().requested_by);
+        expect_reply!(
+            self.control(ControlRequest::CheckpointNow { requested_by })
+                .await?,
+            CheckpointScheduled
+        )
+    }
+
+    async fn list_checkpoints(
+        &self,
+        _request: Request<v1::ListCheckpointsRequest>,
+    ) -> Result<Response<v1::ListCheckpointsResponse>, Status> {
+        expect_reply!(
+            self.control(ControlRequest::ListCheckpoints).await?,
+            Checkpoints
+        )
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<v1::RollbackRequest>,
+    ) -> Result<Response<v1::RollbackResponse>, Status> {
+        let r = request.into_inner();
+        let request = ControlRequest::Rollback {
+            checkpoint: (!r.checkpoint.is_empty()).then_some(r.checkpoint),
+            requested_by: requester(r.requested_by),
+        };
+        expect_reply!(self.control(request).await?, RolledBack)
+    }
+
+    async fn list_events(
+        &self,
+        _request: Request<v1::ListEventsRequest>,
+    ) -> Result<Response<v1::ListEventsResponse>, Status> {
+        expect_reply!(self.control(ControlRequest::ListEvents).await?, Events)
+    }
 }
 
 /// Who asked, for the record: what the client said, or "unknown".

@@ -58,6 +58,29 @@
 //! heartbeat_ms = 500
 //! collective_timeout_ms = 20000
 //! rendezvous_ms = 5000         # with min workers present, wait this long for up to max
+//!
+//! [checkpoints]                # these are the defaults
+//! dir = "checkpoints/demo"     # where rank 0 writes checkpoint folders, as the workers see it;
+//!                              # default "checkpoints/<job name>"
+//! every_steps = 100            # 0: only on demand (`stagecoach checkpoint now`)
+//! keep = 3                     # the last K are kept, plus pinned ones and the latest known-good
+//!
+//! [spikes]                     # loss-spike detection and what to do (see spike.rs); defaults:
+//! enabled = true
+//! window = 50                  # unflagged steps in the rolling mean and deviation
+//! min_steps = 20               # unflagged steps before the detector arms (NaN/Inf: always)
+//! zscore = 6.0                 # flag a loss this many deviations above the rolling mean
+//! ratio = 2.0                  # ... or this many times the rolling mean (0: off)
+//! grad_norm_zscore = 0.0       # the z-score test on the gradient norm (0: off)
+//! consecutive = 1              # flagged steps in a row that make a spike
+//! ladder = ["skip", "rollback"]  # skip: drop flagged steps' updates; rollback: on a spike, go
+//!                              # back to the last known-good checkpoint before it
+//! skip_before = 2              # a rollback skips the data of the steps from (first flagged
+//! skip_after = 2               # step - skip_before) through (detection step + skip_after)
+//! lr_factor = 1.0              # after a rollback, multiply the LR by this for lr_steps steps
+//! lr_steps = 0
+//! max_rollbacks = 3            # more rollbacks than this within window_steps: pause the job
+//! window_steps = 1000
 //! ```
 //! Relative paths are relative to the working directory of the workers. Unknown keys are errors.
 //!
@@ -78,6 +101,8 @@ mod parse_error;
 
 pub use check::align_mix;
 use parse_error::toml_error;
+
+use crate::spike::{CheckpointConfig, Rung, SpikeConfig};
 
 /// A model preset: its context length and RoPE θ. The worker holds the full shapes and tests
 /// that its presets agree with this table.
@@ -172,6 +197,10 @@ pub struct JobFile {
     pub train: TrainSection,
     #[serde(default)]
     pub workers: WorkersSection,
+    #[serde(default)]
+    pub checkpoints: CheckpointsSection,
+    #[serde(default)]
+    pub spikes: SpikesSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -428,6 +457,69 @@ impl Default for WorkersSection {
     }
 }
 
+/// `[checkpoints]`: see [`CheckpointConfig`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointsSection {
+    /// Default: `checkpoints/<job name>`.
+    pub dir: Option<PathBuf>,
+    pub every_steps: u64,
+    pub keep: u32,
+}
+
+impl Default for CheckpointsSection {
+    fn default() -> Self {
+        CheckpointsSection {
+            dir: None,
+            every_steps: CheckpointConfig::DEFAULT_EVERY_STEPS,
+            keep: CheckpointConfig::DEFAULT_KEEP,
+        }
+    }
+}
+
+/// `[spikes]`: see [`SpikeConfig`]. The ladder stays as written until it is validated, so that
+/// a misspelt rung is reported with its place.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpikesSection {
+    pub enabled: bool,
+    pub window: u32,
+    pub min_steps: u32,
+    pub zscore: f64,
+    pub ratio: f64,
+    pub grad_norm_zscore: f64,
+    pub consecutive: u32,
+    pub ladder: Vec<String>,
+    pub skip_before: u64,
+    pub skip_after: u64,
+    pub lr_factor: f64,
+    pub lr_steps: u64,
+    pub max_rollbacks: u32,
+    pub window_steps: u64,
+}
+
+impl Default for SpikesSection {
+    fn default() -> Self {
+        let d = SpikeConfig::default();
+        SpikesSection {
+            enabled: d.enabled,
+            window: d.window,
+            min_steps: d.min_steps,
+            zscore: d.zscore,
+            ratio: d.ratio,
+            grad_norm_zscore: d.grad_norm_zscore,
+            consecutive: d.consecutive,
+            ladder: d.ladder.iter().map(|r| r.name().to_owned()).collect(),
+            skip_before: d.skip_before,
+            skip_after: d.skip_after,
+            lr_factor: d.lr_factor,
+            lr_steps: d.lr_steps,
+            max_rollbacks: d.max_rollbacks,
+            window_steps: d.window_steps,
+        }
+    }
+}
+
 /// A whole number of steps or tokens: an integer, or a float with no fraction so that
 /// `tokens = 6e12` reads as it is meant.
 fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -622,6 +714,42 @@ impl JobFile {
             .eval_seq_len
             .or_else(|| self.stages.first().and_then(|st| st.seq_len))
             .unwrap_or(0)
+    }
+
+    /// The checkpoint policy: `[checkpoints]` with its defaults (the folder:
+    /// `checkpoints/<job name>`).
+    pub fn checkpoint_config(&self) -> CheckpointConfig {
+        let c = &self.checkpoints;
+        CheckpointConfig {
+            dir: c
+                .dir
+                .clone()
+                .unwrap_or_else(|| CheckpointConfig::for_job(&self.job.name).dir),
+            every_steps: c.every_steps,
+            keep: c.keep,
+        }
+    }
+
+    /// The spike detector's configuration: `[spikes]` with its defaults. Meaningful on a
+    /// validated spec (a rung it does not know is left out).
+    pub fn spike_config(&self) -> SpikeConfig {
+        let s = &self.spikes;
+        SpikeConfig {
+            enabled: s.enabled,
+            window: s.window,
+            min_steps: s.min_steps,
+            zscore: s.zscore,
+            ratio: s.ratio,
+            grad_norm_zscore: s.grad_norm_zscore,
+            consecutive: s.consecutive,
+            ladder: s.ladder.iter().filter_map(|r| Rung::parse(r)).collect(),
+            skip_before: s.skip_before,
+            skip_after: s.skip_after,
+            lr_factor: s.lr_factor,
+            lr_steps: s.lr_steps,
+            max_rollbacks: s.max_rollbacks,
+            window_steps: s.window_steps,
+        }
     }
 
     /// The wire form that workers receive.
@@ -896,6 +1024,90 @@ mod tests {
                 "expected a problem starting with {want:?}, got {err:#?}"
             );
         }
+    }
+
+    #[test]
+    fn checkpoints_and_spikes_have_defaults() {
+        let job = JobFile::parse(GOOD).unwrap();
+        assert_eq!(
+            job.checkpoint_config(),
+            CheckpointConfig {
+                dir: PathBuf::from("checkpoints/t"),
+                every_steps: 100,
+                keep: 3,
+            }
+        );
+        assert_eq!(job.spike_config(), SpikeConfig::default());
+        let text = format!(
+            "{GOOD}\n[checkpoints]\ndir = \"runs/ck\"\nevery_steps = 0\nkeep = 1\n\
+             [spikes]\nenabled = false\nzscore = 7\nratio = 0\nladder = [\"rollback\"]\n\
+             lr_factor = 0.5\nlr_steps = 20\nconsecutive = 2\ngrad_norm_zscore = 5.5\n"
+        );
+        let job = JobFile::parse(&text).unwrap();
+        let c = job.checkpoint_config();
+        assert_eq!(
+            (c.dir, c.every_steps, c.keep),
+            (PathBuf::from("runs/ck"), 0, 1)
+        );
+        assert_eq!(
+            job.spike_config(),
+            SpikeConfig {
+                enabled: false,
+                zscore: 7.0,
+                ratio: 0.0,
+                ladder: vec![Rung::Rollback],
+                lr_factor: 0.5,
+                lr_steps: 20,
+                consecutive: 2,
+                grad_norm_zscore: 5.5,
+                ..SpikeConfig::default()
+            }
+        );
+        // Detection only.
+        let job = JobFile::parse(&format!("{GOOD}\n[spikes]\nladder = []\n")).unwrap();
+        assert_eq!(job.spike_config().ladder, []);
+    }
+
+    #[test]
+    fn checkpoint_and_spike_mistakes_name_their_path() {
+        let with = |section: &str| format!("{GOOD}\n{section}\n");
+        let cases = [
+            (with("[checkpoints]\nkeep = 0"), "checkpoints.keep: 0 keeps none: each checkpoint written every 100 steps would be deleted at once"),
+            (with("[checkpoints]\nkeep = 0\nevery_steps = 0"), "checkpoints.keep: 0 keeps none: each checkpoint would be deleted as soon as it is written"),
+            (with("[checkpoints]\ndir = \"\""), "checkpoints.dir: empty"),
+            (with("[checkpoints]\nevery = 5"), "checkpoints (line 39, column 1): unknown field `every`, expected one of `dir`, `every_steps`, `keep`"),
+            (with("[spikes]\nwindow = 1"), "spikes.window: 1 is too short"),
+            (with("[spikes]\nzscore = 0"), "spikes.zscore: must be a positive number"),
+            (with("[spikes]\nzscore = -3.0"), "spikes.zscore: must be a positive number"),
+            (with("[spikes]\nratio = 0.5"), "spikes.ratio: 0.5 would flag ordinary steps"),
+            (with("[spikes]\ngrad_norm_zscore = -1"), "spikes.grad_norm_zscore: must be a positive number"),
+            (with("[spikes]\nconsecutive = 0"), "spikes.consecutive: must be at least 1"),
+            (with("[spikes]\nladder = [\"skip\", \"rolback\"]"), "spikes.ladder[1]: unknown rung \"rolback\"; the rungs are skip, rollback"),
+            (with("[spikes]\nladder = [\"skip\", \"skip\"]"), "spikes.ladder[1]: \"skip\" is given twice"),
+            (with("[spikes]\nladder = [\"rollback\", \"skip\"]"), "spikes.ladder: rungs go from mild to drastic: write [\"skip\", \"rollback\"]"),
+            (with("[spikes]\nlr_factor = 2.0"), "spikes.lr_factor: 2 must lie in (0, 1]"),
+            (with("[spikes]\nlr_factor = 0.5"), "spikes.lr_steps: 0, so lr_factor = 0.5 would last no step"),
+            (with("[spikes]\nwindow_steps = 0"), "spikes.window_steps: must be positive"),
+            (with("[spikes]\nladder = \"skip\""), "spikes (line 39, column 10): invalid type: string \"skip\", expected a sequence"),
+        ];
+        for (text, want) in cases {
+            let err = errors(&text);
+            assert!(
+                err.len() == 1 && err[0].starts_with(want),
+                "expected one problem starting with {want:?}, got {err:#?}"
+            );
+        }
+        // Problems come in file order: the new sections after [workers].
+        let text = format!(
+            "[spikes]\nwindow = 0\n{}",
+            GOOD.replace("preset = \"micro\"", "")
+        );
+        let err = errors(&text);
+        assert_eq!(err.len(), 2, "{err:#?}");
+        assert!(
+            err[0].starts_with("model: ") && err[1].starts_with("spikes.window: "),
+            "{err:#?}"
+        );
     }
 
     #[test]

@@ -291,7 +291,7 @@ fn control_commands_report_an_unreachable_coordinator() -> Result<()> {
     // An address on which nothing listens: bound to find a free port, then released.
     let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let url = format!("http://{addr}");
-    let commands: [&[&str]; 7] = [
+    let commands: [&[&str]; 13] = [
         &["stage", "next"],
         &["stage", "set", "decay"],
         &["mix", "set", "decay", "prose=0.5", "code=0.5"],
@@ -299,6 +299,12 @@ fn control_commands_report_an_unreachable_coordinator() -> Result<()> {
         &["resume"],
         &["eval"],
         &["stages", "--json"],
+        &["checkpoint", "now"],
+        &["checkpoints"],
+        &["checkpoints", "--json"],
+        &["rollback"],
+        &["rollback", "runs/demo/checkpoints/step-00000100"],
+        &["events", "--json"],
     ];
     for args in commands {
         let out = stagecoach(args, Some(&url))?;
@@ -340,5 +346,140 @@ fn mix_set_explains_the_form_of_its_arguments() -> Result<()> {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let stderr = String::from_utf8(out.stderr)?;
     assert!(stderr.contains("SOURCE=WEIGHT"), "{stderr}");
+    Ok(())
+}
+
+/// A checkpoint folder as rank 0 writes it: the model files, the optimizer state and a manifest
+/// with each file's size and SHA-256.
+fn fake_checkpoint(dir: &std::path::Path) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    use stagecoach_coordinator::cli::export::{FileDigest, Manifest, FORMAT, MANIFEST};
+    std::fs::create_dir_all(dir)?;
+    let files: [(&str, &[u8]); 3] = [
+        (
+            "model.safetensors",
+            b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ",
+        ),
+        (
+            "config.json",
+            b"{\"architectures\": [\"LlamaForCausalLM\"]}",
+        ),
+        ("optimizer.safetensors", b"moments"),
+    ];
+    let mut digests = std::collections::BTreeMap::new();
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes)?;
+        let sha256: String = Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let bytes = bytes.len() as u64;
+        digests.insert(name.to_owned(), FileDigest { bytes, sha256 });
+    }
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        job: "demo".into(),
+        step: 100,
+        optimizer_steps: 100,
+        stage: 0,
+        cursors: vec![1_600, 0],
+        stage_taken: vec![1_600, 0],
+        parent: String::new(),
+        generation: 1,
+        rope_theta: 10_000.0,
+        created_unix_ms: 1_700_000_000_000,
+        files: digests,
+    };
+    std::fs::write(dir.join(MANIFEST), serde_json::to_string_pretty(&manifest)?)?;
+    Ok(())
+}
+
+#[test]
+fn export_copies_a_checked_model_folder_without_a_coordinator() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let ck = tmp.path().join("step-00000100");
+    fake_checkpoint(&ck)?;
+    let out_dir = tmp.path().join("hf/demo-100");
+    let (ck_arg, out_arg) = (
+        ck.to_str().context("a UTF-8 temporary path")?,
+        out_dir.to_str().context("a UTF-8 temporary path")?,
+    );
+    // No coordinator runs at this address: export never asks one.
+    let nowhere = "http://127.0.0.1:1";
+    let out = stagecoach(&["export", ck_arg, out_arg], Some(nowhere))?;
+    ensure!(out.status.success(), "stagecoach export: {out:?}");
+    let text = String::from_utf8(out.stdout)?;
+    assert!(
+        text.starts_with(&format!(
+            "exported step 100 of job \"demo\" from {ck_arg} to {out_arg}\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("  model.safetensors ") && text.contains("  config.json "),
+        "{text}"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&out_dir)?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    names.sort();
+    assert_eq!(names, ["config.json", "model.safetensors"]);
+    for name in &names {
+        assert_eq!(
+            std::fs::read(out_dir.join(name))?,
+            std::fs::read(ck.join(name))?
+        );
+    }
+
+    // Again into the same folder: it is not empty any more.
+    let out = stagecoach(&["export", ck_arg, out_arg], None)?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8(out.stderr)?;
+    assert_eq!(
+        stderr,
+        format!("error: {out_arg}: the folder is not empty; export into a new or empty folder\n")
+    );
+    Ok(())
+}
+
+#[test]
+fn export_refuses_a_checkpoint_whose_files_do_not_match_the_manifest() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let ck = tmp.path().join("step-00000100");
+    fake_checkpoint(&ck)?;
+    // One byte changed, the size kept: only the digest can tell.
+    let model = ck.join("model.safetensors");
+    let mut bytes = std::fs::read(&model)?;
+    bytes[9] ^= 0x01;
+    std::fs::write(&model, bytes)?;
+    let out_dir = tmp.path().join("out");
+    let (ck_arg, out_arg) = (
+        ck.to_str().context("a UTF-8 temporary path")?,
+        out_dir.to_str().context("a UTF-8 temporary path")?,
+    );
+    let out = stagecoach(&["export", ck_arg, out_arg], None)?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let stderr = String::from_utf8(out.stderr)?;
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "error: checkpoint {ck_arg}: the sha256 of model.safetensors is "
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .trim_end()
+            .ends_with("the file changed after the checkpoint was written; nothing exported"),
+        "{stderr}"
+    );
+    assert!(!out_dir.exists(), "a refused export left {out_dir:?}");
+
+    // A folder that is no checkpoint at all.
+    let out = stagecoach(&["export", out_arg, ck_arg], None)?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8(out.stderr)?;
+    assert!(stderr.contains("not a folder"), "{stderr}");
     Ok(())
 }

@@ -9,10 +9,12 @@ use stagecoach_coordinator::{cli, serve, Coordinator, Error};
 use stagecoach_proto::v1::control_client::ControlClient;
 use stagecoach_proto::v1::control_server::{Control, ControlServer};
 use stagecoach_proto::v1::{
-    ChangeStageRequest, ChangeStageResponse, EvaluateRequest, EvaluateResponse, GetStatusRequest,
-    GetStatusResponse, JobState, ListStagesRequest, ListStagesResponse, PauseRequest,
-    PauseResponse, ResumeRequest, ResumeResponse, SetMixRequest, SetMixResponse, SourceWeight,
-    StageInfo, Transition, TransitionCause,
+    ChangeStageRequest, ChangeStageResponse, CheckpointNowRequest, CheckpointNowResponse,
+    CheckpointRecord, EvaluateRequest, EvaluateResponse, GetStatusRequest, GetStatusResponse,
+    JobState, ListCheckpointsRequest, ListCheckpointsResponse, ListEventsRequest,
+    ListEventsResponse, ListStagesRequest, ListStagesResponse, PauseRequest, PauseResponse,
+    ResumeRequest, ResumeResponse, RollbackRequest, RollbackResponse, SetMixRequest,
+    SetMixResponse, SourceWeight, SpikeAction, SpikeEvent, StageInfo, Transition, TransitionCause,
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -124,6 +126,8 @@ enum Asked {
     Pause(PauseRequest),
     Resume(ResumeRequest),
     Evaluate(EvaluateRequest),
+    CheckpointNow(CheckpointNowRequest),
+    Rollback(RollbackRequest),
 }
 
 /// A `Control` service with set answers that records every command: the CLI's side of the
@@ -258,6 +262,69 @@ impl Control for FakeControl {
         self.ask(Asked::Evaluate(request.into_inner()))?;
         Ok(Response::new(EvaluateResponse { step: 42 }))
     }
+
+    async fn checkpoint_now(
+        &self,
+        request: Request<CheckpointNowRequest>,
+    ) -> Result<Response<CheckpointNowResponse>, Status> {
+        self.ask(Asked::CheckpointNow(request.into_inner()))?;
+        Ok(Response::new(CheckpointNowResponse { step: 43 }))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        _: Request<ListCheckpointsRequest>,
+    ) -> Result<Response<ListCheckpointsResponse>, Status> {
+        let record = |step, stage, known_good| CheckpointRecord {
+            step,
+            path: format!("ck/step-{step:08}"),
+            stage,
+            loss: 2.5,
+            known_good,
+            trigger: "every 50 steps".into(),
+            ..Default::default()
+        };
+        Ok(Response::new(ListCheckpointsResponse {
+            checkpoints: vec![record(50, 0, true), record(150, 1, false)],
+        }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<RollbackRequest>,
+    ) -> Result<Response<RollbackResponse>, Status> {
+        let r = request.into_inner();
+        self.ask(Asked::Rollback(r.clone()))?;
+        let step = r.checkpoint.parse().unwrap_or(50);
+        Ok(Response::new(RollbackResponse {
+            checkpoint: format!("ck/step-{step:08}"),
+            step,
+        }))
+    }
+
+    async fn list_events(
+        &self,
+        _: Request<ListEventsRequest>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
+        Ok(Response::new(ListEventsResponse {
+            events: vec![SpikeEvent {
+                detected_at: 160,
+                first_step: 158,
+                loss: 6.0,
+                mean: 2.5,
+                std: 0.1,
+                rule: "loss z-score 35.0 > 6".into(),
+                action: SpikeAction::Rollback.into(),
+                rolled_back_to: "ck/step-00000050".into(),
+                resumed_at_step: 50,
+                skipped_from_step: 156,
+                skipped_steps: 7,
+                skipped_samples: 112,
+                lr_factor: 1.0,
+                ..Default::default()
+            }],
+        }))
+    }
 }
 
 /// Serves `fake` on an ephemeral loopback port until the returned task is aborted.
@@ -351,6 +418,89 @@ async fn cli_commands_say_who_asks_and_what_happens() {
 }
 
 #[tokio::test]
+async fn checkpoint_and_rollback_commands_say_what_happens() {
+    let fake = Arc::new(FakeControl::new("stable-1", 0));
+    let (url, server) = serve_fake(fake.clone()).await;
+    let me = cli::requested_by();
+
+    assert_eq!(
+        cli::checkpoint_now(&url).await.unwrap(),
+        "checkpoint requested: it holds the state after step 43; `stagecoach checkpoints` lists \
+         it once written"
+    );
+    assert_eq!(
+        cli::rollback(&url, None).await.unwrap(),
+        "rolling back to ck/step-00000050 (step 50): every rank reloads it and training resumes \
+         at step 50"
+    );
+    assert_eq!(
+        cli::rollback(&url, Some(" 150 ")).await.unwrap(),
+        "rolling back to ck/step-00000150 (step 150): every rank reloads it and training \
+         resumes at step 150"
+    );
+    // An empty argument is no argument: the latest known-good checkpoint.
+    cli::rollback(&url, Some("")).await.unwrap();
+    assert_eq!(
+        fake.asked(),
+        [
+            Asked::CheckpointNow(CheckpointNowRequest {
+                requested_by: me.clone(),
+            }),
+            Asked::Rollback(RollbackRequest {
+                checkpoint: String::new(),
+                requested_by: me.clone(),
+            }),
+            Asked::Rollback(RollbackRequest {
+                checkpoint: "150".into(),
+                requested_by: me.clone(),
+            }),
+            Asked::Rollback(RollbackRequest {
+                checkpoint: String::new(),
+                requested_by: me,
+            }),
+        ]
+    );
+
+    // The index, with the stage names `ListStages` gives.
+    let text = cli::checkpoints(&url, false).await.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("step  path              stage"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("  50  ck/step-00000050  stable-1  2.5000  yes"),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with(" 150  ck/step-00000150  stable-2  2.5000  -"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(
+            "latest known-good: ck/step-00000050 (step 50); `stagecoach rollback` goes there"
+        ),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&cli::checkpoints(&url, true).await.unwrap()).unwrap();
+    assert_eq!(json["latest_known_good"], "ck/step-00000050");
+    assert_eq!(json["checkpoints"][1]["stage_name"], "stable-2");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&cli::events(&url, true).await.unwrap()).unwrap();
+    assert_eq!(json["events"][0]["action"], "rollback");
+    assert_eq!(json["events"][0]["skipped_samples"], 112);
+    let text = cli::events(&url, false).await.unwrap();
+    assert!(text.starts_with("detected at  first step"), "{text}");
+    assert!(
+        text.contains("rollback  ck/step-00000050 (step 50)  steps 156..=162 (112 samples)"),
+        "{text}"
+    );
+    server.abort();
+}
+
+#[tokio::test]
 async fn mix_set_says_when_the_mixture_applies() {
     // An upcoming stage: the coordinator has no step to give yet.
     let fake = Arc::new(FakeControl::new("stable-1", 0));
@@ -386,6 +536,18 @@ async fn cli_passes_on_the_coordinators_refusal() {
         err.to_string(),
         format!("the coordinator refused: {message}")
     );
+    let err = cli::rollback(&url, Some("7")).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Refused {
+                code: Code::NotFound,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(cli::exit_code(&err), 1);
     server.abort();
 
     // A coordinator without a job refuses every command, and says how to give it one.
@@ -397,6 +559,10 @@ async fn cli_passes_on_the_coordinators_refusal() {
             .unwrap_err(),
         cli::pause(&server.url).await.unwrap_err(),
         cli::stages(&server.url, false).await.unwrap_err(),
+        cli::checkpoint_now(&server.url).await.unwrap_err(),
+        cli::checkpoints(&server.url, false).await.unwrap_err(),
+        cli::rollback(&server.url, None).await.unwrap_err(),
+        cli::events(&server.url, false).await.unwrap_err(),
     ] {
         let Error::Refused { code, message } = &err else {
             panic!("not a refusal: {err:?}");
@@ -421,6 +587,11 @@ async fn every_command_reports_an_unreachable_coordinator() {
         cli::pause(&url).await.unwrap_err(),
         cli::resume(&url).await.unwrap_err(),
         cli::evaluate(&url).await.unwrap_err(),
+        cli::checkpoint_now(&url).await.unwrap_err(),
+        cli::checkpoints(&url, false).await.unwrap_err(),
+        cli::rollback(&url, None).await.unwrap_err(),
+        cli::rollback(&url, Some("100")).await.unwrap_err(),
+        cli::events(&url, true).await.unwrap_err(),
     ];
     for err in errors {
         assert!(matches!(err, Error::Unreachable { .. }), "{err:?}");

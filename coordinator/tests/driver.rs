@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stagecoach_coordinator::driver::{
-    ControlReply, ControlRequest, Driver, DriverError, Event, Ledger, Settings, Snapshot,
+    ControlReply, ControlRequest, Driver, DriverError, Event, Ledger, Policy, Settings, Snapshot,
 };
 use stagecoach_coordinator::spec::JobFile;
+use stagecoach_coordinator::spike::{CheckpointConfig, Rung, SpikeConfig};
 use stagecoach_proto::v1;
 use stagecoach_proto::v1::worker_message::Kind;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -85,6 +86,9 @@ const CURRICULUM: &str = r#"
 struct MemLedger(
     Arc<Mutex<Vec<v1::LedgerStep>>>,
     Arc<Mutex<Option<v1::CurriculumRecord>>>,
+    /// Steps set aside by rollbacks, and the skipped ranges.
+    Arc<Mutex<Vec<v1::LedgerStep>>>,
+    Arc<Mutex<Vec<v1::SkippedRange>>>,
 );
 
 #[async_trait::async_trait]
@@ -96,6 +100,19 @@ impl Ledger for MemLedger {
 
     async fn save_curriculum(&self, record: &v1::CurriculumRecord) -> Result<(), String> {
         *self.1.lock().unwrap() = Some(record.clone());
+        Ok(())
+    }
+
+    async fn rewind(&self, to_step: u64, _event: u64) -> Result<(), String> {
+        let mut steps = self.0.lock().unwrap();
+        let (kept, aside): (Vec<_>, Vec<_>) = steps.drain(..).partition(|s| s.step < to_step);
+        *steps = kept;
+        self.2.lock().unwrap().extend(aside);
+        Ok(())
+    }
+
+    async fn put_skipped(&self, range: &v1::SkippedRange) -> Result<(), String> {
+        self.3.lock().unwrap().push(range.clone());
         Ok(())
     }
 }
@@ -114,6 +131,10 @@ impl Harness {
     }
 
     fn with_job(text: &str) -> Harness {
+        Harness::with_policy(text, Policy::default())
+    }
+
+    fn with_policy(text: &str, policy: Policy) -> Harness {
         let job: JobFile = toml::from_str(text).unwrap();
         job.validate().unwrap();
         let w = &job.workers;
@@ -127,6 +148,7 @@ impl Harness {
         let ledger = MemLedger::default();
         let (driver, snapshot) =
             Driver::new(job.to_proto(), settings, Box::new(ledger.clone()), None).unwrap();
+        let driver = driver.with_policy(policy);
         let (events, rx) = mpsc::channel(64);
         tokio::spawn(driver.run(rx));
         Harness {
@@ -230,7 +252,8 @@ fn done(generation: u64, step: u64, samples: u32) -> Kind {
         loss_sum: 2.0 * samples as f64,
         samples,
         grad_norm: 1.0,
-        timing: None,
+        global_loss: 2.0,
+        ..Default::default()
     })
 }
 
@@ -351,7 +374,7 @@ async fn malformed_and_out_of_order_messages_are_refused_without_effect() {
         loss_sum: f64::NAN,
         samples: 2,
         grad_norm: 0.0,
-        timing: None,
+        ..Default::default()
     });
     assert!(matches!(
         h.send(&a, nan).await,
@@ -841,4 +864,216 @@ async fn stage_next_from_the_api_switches_every_rank_at_the_next_step() {
         panic!("expected Work")
     };
     assert!(x.samples.iter().chain(&y.samples).all(|s| s.source == 1));
+}
+
+/// One stage of 30 steps of source a alone.
+const LONG: &str = r#"
+    [model]
+    preset = "micro"
+    [schedule]
+    peak_lr = 1e-3
+    [data]
+    global_batch_tokens = 64
+    micro_batch_tokens = 32
+    [[sources]]
+    name = "a"
+    path = "x"
+    [[stages]]
+    name = "only"
+    until = { steps = 30 }
+    seq_len = 16
+    mix = { a = 1.0 }
+    [train]
+    [workers]
+    min = 2
+    max = 2
+    lease_ms = 1000
+    heartbeat_ms = 100
+"#;
+
+fn done_with_loss(generation: u64, step: u64, samples: u32, loss: f64) -> Kind {
+    Kind::StepDone(v1::StepDone {
+        generation,
+        step,
+        loss_sum: loss * samples as f64,
+        samples,
+        grad_norm: 1.0,
+        global_loss: loss,
+        ..Default::default()
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spike_rolls_every_rank_back_to_the_checkpoint_and_skips_its_data() {
+    use v1::coordinator_message::Kind as C;
+    let policy = Policy {
+        checkpoints: Some(CheckpointConfig {
+            dir: "ck".into(),
+            every_steps: 10,
+            keep: 3,
+        }),
+        spikes: Some(SpikeConfig {
+            window: 10,
+            min_steps: 5,
+            zscore: 4.0,
+            ratio: 1.5,
+            ladder: vec![Rung::Rollback],
+            skip_before: 0,
+            skip_after: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let h = Harness::with_policy(LONG, policy);
+    let a = h.register("127.0.0.1:5001").await.unwrap().worker_id;
+    let b = h.register("127.0.0.1:5002").await.unwrap().worker_id;
+    let mut ia = h.attach(&a).await;
+    let mut ib = h.attach(&b).await;
+    next(&mut ia).await;
+    next(&mut ib).await;
+    let one_source = || {
+        Kind::Ready(v1::Ready {
+            generation: 1,
+            sources: vec![v1::SourceSize {
+                name: "a".into(),
+                num_tokens: 100 * 16 + 1,
+                eval_tokens: 0,
+            }],
+            ..Default::default()
+        })
+    };
+    h.send(&a, one_source()).await.unwrap();
+    h.send(&b, one_source()).await.unwrap();
+    let mut first_run = vec![];
+    for step in 0..16u64 {
+        if step == 10 {
+            // The checkpoint goes to rank 0 only, before step 10's work.
+            let C::SaveCheckpoint(save) = next(&mut ia).await else {
+                panic!("expected SaveCheckpoint")
+            };
+            assert_eq!((save.step, save.path.as_str()), (10, "ck/step-00000010-g1"));
+            assert_eq!(save.cursors, [10 * 4 * 16]);
+            let saved = Kind::CheckpointSaved(v1::CheckpointSaved {
+                generation: 1,
+                id: save.id,
+                path: save.path.clone(),
+                blocking_seconds: 0.01,
+                write_seconds: 0.2,
+                bytes: 1000,
+                error: String::new(),
+            });
+            h.send(&a, saved).await.unwrap();
+        }
+        let (C::Work(x), C::Work(y)) = (next(&mut ia).await, next(&mut ib).await) else {
+            panic!("expected Work at step {step}")
+        };
+        assert_eq!(x.step, step);
+        first_run.push([x.samples.clone(), y.samples.clone()].concat());
+        // A steady loss with a little noise, then a spike at step 15.
+        let loss = if step == 15 {
+            9.0
+        } else {
+            2.0 + 0.01 * (step % 3) as f64
+        };
+        h.send(&a, done_with_loss(1, step, 2, loss)).await.unwrap();
+        h.send(&b, done_with_loss(1, step, 2, loss)).await.unwrap();
+    }
+    // The spike ends the generation; the next world restores the checkpoint of step 10.
+    let C::Stop(stop) = next(&mut ia).await else {
+        panic!("expected Stop")
+    };
+    assert!(stop.detail.contains("rolling back"), "{}", stop.detail);
+    let C::Stop(_) = next(&mut ib).await else {
+        panic!("expected Stop")
+    };
+    let (ma, mb) = (next(&mut ia).await, next(&mut ib).await);
+    let (C::World(wa), C::World(wb)) = (ma.clone(), mb.clone()) else {
+        panic!("expected World, got {ma:?} and {mb:?}")
+    };
+    let restore = wa.restore.clone().expect("a checkpoint to restore");
+    assert_eq!(
+        (restore.step, restore.path.as_str()),
+        (10, "ck/step-00000010-g1")
+    );
+    assert_eq!(
+        wb.restore, wa.restore,
+        "every rank loads the same checkpoint"
+    );
+    assert_eq!((wa.generation, wa.start_step), (2, 10));
+    assert_eq!(h.snapshot().step, 10);
+    let ready = |r: &mut v1::Ready| {
+        r.generation = 2;
+        r.step = 10;
+    };
+    for id in [&a, &b] {
+        let Kind::Ready(mut r) = one_source() else {
+            unreachable!()
+        };
+        ready(&mut r);
+        h.send(id, Kind::Ready(r)).await.unwrap();
+    }
+    // Steps 10..15 train the same samples again; from step 15 the data of steps 15 and 16 of
+    // the first run is skipped.
+    for step in 10..17u64 {
+        let (C::Work(x), C::Work(y)) = (next(&mut ia).await, next(&mut ib).await) else {
+            panic!("expected Work at step {step}")
+        };
+        assert_eq!(x.step, step);
+        let samples = [x.samples, y.samples].concat();
+        if step < 15 {
+            assert_eq!(samples, first_run[step as usize], "step {step} replays");
+        } else {
+            assert_ne!(samples, first_run[15], "step {step} skips the spike's data");
+        }
+        h.send(&a, done_with_loss(2, step, 2, 2.0)).await.unwrap();
+        h.send(&b, done_with_loss(2, step, 2, 2.0)).await.unwrap();
+    }
+    let aside = h.ledger.2.lock().unwrap().clone();
+    assert_eq!(
+        aside.iter().map(|s| s.step).collect::<Vec<_>>(),
+        (10..16).collect::<Vec<_>>(),
+        "the rolled-back steps are set aside"
+    );
+    let skipped = h.ledger.3.lock().unwrap().clone();
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(
+        (
+            skipped[0].at_step,
+            skipped[0].batches,
+            skipped[0].samples.len()
+        ),
+        (15, 2, 8)
+    );
+    assert_eq!(
+        skipped[0].samples[..4],
+        first_run[15][..],
+        "the spike's own samples are skipped"
+    );
+    let ledger = h.ledger.0.lock().unwrap().clone();
+    assert_eq!(
+        ledger.iter().map(|s| s.step).collect::<Vec<_>>(),
+        (0..17).collect::<Vec<_>>()
+    );
+    let ControlReply::Events(events) = h.control(ControlRequest::ListEvents).await.unwrap() else {
+        panic!()
+    };
+    let e = &events.events[0];
+    assert_eq!(e.action(), v1::SpikeAction::Rollback);
+    assert_eq!(
+        (
+            e.detected_at,
+            e.resumed_at_step,
+            e.skipped_from_step,
+            e.skipped_steps,
+            e.skipped_samples
+        ),
+        (15, 10, 15, 2, 8)
+    );
+    let ControlReply::Checkpoints(index) =
+        h.control(ControlRequest::ListCheckpoints).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(index.checkpoints.len(), 1);
+    assert!(index.checkpoints[0].known_good);
 }

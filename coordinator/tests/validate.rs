@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use stagecoach_coordinator::spec::JobFile;
+use stagecoach_coordinator::spike::{Rung, SpikeConfig};
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -51,6 +52,8 @@ const SECTIONS: &[&str] = &[
     "stages",
     "train",
     "workers",
+    "checkpoints",
+    "spikes",
 ];
 
 fn starts_with_a_place(msg: &str) -> bool {
@@ -81,6 +84,19 @@ fn fake_corpus(root: &Path) {
 fn every_malformed_spec_gets_one_problem_that_says_where_and_what() {
     let files = toml_files(&crate_dir().join("tests/fixtures/invalid"));
     assert!(files.len() >= 16, "only {} fixtures", files.len());
+    // The checkpoint and spike sections have fixtures of their own.
+    for section in ["checkpoints", "spikes"] {
+        assert!(
+            files
+                .iter()
+                .filter(|f| f
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(section)))
+                .count()
+                >= 1,
+            "no fixture for [{section}]"
+        );
+    }
     for file in &files {
         let want = expectation(file);
         let problems = match JobFile::load(file) {
@@ -191,6 +207,13 @@ fn the_demo_example_is_the_four_stage_shape_then_a_context_extension() {
         ]
     );
     assert_eq!(p.schedule.unwrap().decay_start_step, 240);
+    let c = job.checkpoint_config();
+    assert_eq!(
+        (c.dir.to_str(), c.every_steps, c.keep),
+        (Some("runs/demo/checkpoints"), 50, 3)
+    );
+    // The demo writes out the detector's defaults, so that a user sees them.
+    assert_eq!(job.spike_config(), SpikeConfig::default());
     assert_eq!((p.total_steps, p.seq_len, p.eval_samples), (300, 512, 16));
     let long = p.sources.iter().position(|s| s.name == "long").unwrap();
     let weights: Vec<f64> = p.stages.iter().map(|s| s.weights[long]).collect();
@@ -239,6 +262,10 @@ fn the_smollm2_example_is_the_papers_run_and_needs_its_data() {
         (steps(10_000_000_000_000), "stage-4")
     );
     assert_eq!((s.peak_lr, s.warmup_steps), (5e-4, 2000));
+    let spikes = job.spike_config();
+    assert_eq!(spikes.ladder, [Rung::Skip, Rung::Rollback]);
+    assert_eq!((spikes.skip_before, spikes.skip_after), (100, 200));
+    assert_eq!(job.checkpoint_config().every_steps, 2000);
     // Its paths are placeholders: the data check names the first missing folder.
     let problems = job.check_data(&workspace_dir());
     assert!(

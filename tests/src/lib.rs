@@ -133,8 +133,9 @@ pub fn join_worker(url: &str, dir: &Path, name: &str, extra: &[&str]) -> Proc {
 }
 
 /// Writes `dir/FILE`: a job named `name` training the micro preset on the three-domain demo
-/// corpus at `data` for `steps` steps, in one stage (global batch 8 samples, micro-batches of 4,
-/// seq_len 64; the LR decays over the last 4 steps) with exactly `workers` workers.
+/// corpus at `data` for `steps` steps, in one stage (global batch 8 samples, micro-batches of
+/// 4, seq_len 64; the LR decays over the last 4 steps) with exactly `workers` workers, and a
+/// checkpoint every 50 steps under `dir`.
 pub fn micro_job(
     dir: &Path,
     file: &str,
@@ -182,8 +183,12 @@ max = {workers}
 lease_ms = 5000
 heartbeat_ms = 200
 collective_timeout_ms = 5000
+[checkpoints]
+dir = "{ckpt}"
+every_steps = 50
 "#,
-        d = data.display()
+        d = data.display(),
+        ckpt = dir.join(format!("{name}-checkpoints")).display(),
     );
     let path = dir.join(file);
     std::fs::write(&path, text).expect("write the job file");

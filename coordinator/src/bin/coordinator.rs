@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use stagecoach_coordinator::driver::{Driver, Resume, Settings};
+use stagecoach_coordinator::driver::{Driver, Policy, Resume, Settings};
 use stagecoach_coordinator::ledger::StoreLedger;
 use stagecoach_coordinator::metrics::{self, Metrics};
 use stagecoach_coordinator::server::DriverHandle;
@@ -82,7 +82,10 @@ async fn main() -> anyhow::Result<()> {
     let job = JobFile::load(&job_path)?;
     let store = stagecoach_coordinator::store::open(&args.state).await?;
     let ledger = StoreLedger::new(store, job.job.name.clone());
-    // Resume where the ledger ends, with the curriculum's record.
+    // Resume where the ledger ends, with the curriculum's record, the checkpoint index and the
+    // spike events.
+    let ledger_index = ledger.checkpoints().await?;
+    let ledger_events = ledger.events().await?;
     let resume = Resume {
         last: ledger.last().await?,
         record: ledger.curriculum().await?,
@@ -96,7 +99,14 @@ async fn main() -> anyhow::Result<()> {
         rendezvous: Duration::from_millis(w.rendezvous_ms),
     };
     let (driver, snapshot) = Driver::new(job.to_proto(), settings, Box::new(ledger), Some(resume))?;
-    let driver = driver.with_metrics(metrics);
+    let spikes = job.spike_config();
+    let policy = Policy {
+        checkpoints: Some(job.checkpoint_config()),
+        spikes: spikes.enabled.then_some(spikes),
+        index: ledger_index,
+        events: ledger_events,
+    };
+    let driver = driver.with_policy(policy).with_metrics(metrics);
     let (events, rx) = tokio::sync::mpsc::channel(1024);
     let mut finished = snapshot.clone();
     let coordinator = Arc::new(Coordinator::with_driver(

@@ -56,6 +56,40 @@ enum Command {
     Resume,
     /// Compute the validation loss per source now; `stagecoach stages` shows the results.
     Eval,
+    /// Take a checkpoint.
+    Checkpoint {
+        #[command(subcommand)]
+        action: CheckpointAction,
+    },
+    /// Show the checkpoint index: step, folder, stage, loss, known-good, pinned, lineage, how
+    /// long it held training and took to write, size, and why it was taken.
+    Checkpoints {
+        /// Print one line of JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Roll every rank back to a checkpoint and train on from there.
+    Rollback {
+        /// The checkpoint: its folder or its step, as `stagecoach checkpoints` lists them
+        /// [default: the latest known-good one].
+        checkpoint: Option<String>,
+    },
+    /// Show the loss-spike events: when detected, the rule, the rolling mean it was judged
+    /// against, what was done, where a rollback went and the data it skipped.
+    Events {
+        /// Print one line of JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy the model of a checkpoint folder into DIR as a transformers model folder
+    /// (config.json and model.safetensors), after checking them against the checkpoint's
+    /// manifest. Needs no coordinator.
+    Export {
+        /// The checkpoint folder.
+        checkpoint: PathBuf,
+        /// Where to write the model folder (created; it must be empty if it exists).
+        dir: PathBuf,
+    },
     /// Check a job file without a coordinator: every problem, with its place in the file.
     Validate {
         /// The job file (TOML).
@@ -82,6 +116,12 @@ enum StageAction {
         /// The stage to start (a name from `stagecoach stages`).
         name: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CheckpointAction {
+    /// Write a checkpoint after the step in flight (or now, between steps).
+    Now,
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,6 +161,13 @@ async fn main() -> ExitCode {
         Command::Pause => cli::pause(url).await,
         Command::Resume => cli::resume(url).await,
         Command::Eval => cli::evaluate(url).await,
+        Command::Checkpoint {
+            action: CheckpointAction::Now,
+        } => cli::checkpoint_now(url).await,
+        Command::Checkpoints { json } => cli::checkpoints(url, json).await,
+        Command::Rollback { checkpoint } => cli::rollback(url, checkpoint.as_deref()).await,
+        Command::Events { json } => cli::events(url, json).await,
+        Command::Export { checkpoint, dir } => cli::export(&checkpoint, &dir),
         Command::Validate {
             job,
             no_data,

@@ -10,6 +10,7 @@ use super::render::{
     WeightReport,
 };
 use crate::spec::{JobFile, SpecErrors};
+use crate::spike::{CheckpointConfig, SpikeConfig};
 
 /// What `stagecoach validate` prints, and whether the job file passed.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,7 +29,40 @@ struct ValidationReport<'a> {
     problems: Vec<&'a str>,
     /// `null` when the file could not be read or parsed into a job.
     job: Option<JobSummary<'a>>,
+    /// The checkpoint and spike policy, `null` as `job` is.
+    checkpoints: Option<CheckpointsSummary>,
+    spikes: Option<SpikesSummary>,
 }
+
+#[derive(Debug, Serialize)]
+struct CheckpointsSummary {
+    dir: String,
+    /// 0: only on demand.
+    every_steps: u64,
+    keep: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct SpikesSummary {
+    enabled: bool,
+    window: u32,
+    min_steps: u32,
+    zscore: f64,
+    /// 0: off.
+    ratio: f64,
+    grad_norm_zscore: f64,
+    consecutive: u32,
+    ladder: Vec<&'static str>,
+    skip_before: u64,
+    skip_after: u64,
+    lr_factor: f64,
+    lr_steps: u64,
+    max_rollbacks: u32,
+    window_steps: u64,
+}
+
+/// The checkpoint and spike policy of a valid job file.
+type Policy = (CheckpointConfig, SpikeConfig);
 
 #[derive(Debug, Serialize)]
 struct JobSummary<'a> {
@@ -58,21 +92,30 @@ struct PlannedStage<'a> {
 /// `stagecoach validate JOB`: checks the job file at `path` without a coordinator, and its data
 /// under `data_root` unless that is `None`.
 pub fn validate(path: &Path, data_root: Option<&Path>, json: bool) -> Validation {
-    let (spec, problems) = match JobFile::load(path) {
+    let (spec, policy, problems) = match JobFile::load(path) {
         Ok(file) => {
             let problems = data_root.map_or_else(Vec::new, |root| file.check_data(root));
-            (Some(file.to_proto()), problems)
+            let policy = (file.checkpoint_config(), file.spike_config());
+            (Some(file.to_proto()), Some(policy), problems)
         }
-        Err(SpecErrors(problems)) => (None, problems),
+        Err(SpecErrors(problems)) => (None, None, problems),
     };
     let problems: Vec<&str> = problems.iter().map(|p| p.0.as_str()).collect();
-    render_validation(path, data_root, spec.as_ref(), &problems, json)
+    render_validation(
+        path,
+        data_root,
+        spec.as_ref(),
+        policy.as_ref(),
+        &problems,
+        json,
+    )
 }
 
 fn render_validation(
     path: &Path,
     data_root: Option<&Path>,
     spec: Option<&v1::JobSpec>,
+    policy: Option<&Policy>,
     problems: &[&str],
     json: bool,
 ) -> Validation {
@@ -84,6 +127,27 @@ fn render_validation(
         data_root: data_root.map(|r| r.display().to_string()),
         problems: problems.to_vec(),
         job: spec.map(summarize),
+        checkpoints: policy.map(|(c, _)| CheckpointsSummary {
+            dir: c.dir.display().to_string(),
+            every_steps: c.every_steps,
+            keep: c.keep,
+        }),
+        spikes: policy.map(|(_, s)| SpikesSummary {
+            enabled: s.enabled,
+            window: s.window,
+            min_steps: s.min_steps,
+            zscore: s.zscore,
+            ratio: s.ratio,
+            grad_norm_zscore: s.grad_norm_zscore,
+            consecutive: s.consecutive,
+            ladder: s.ladder.iter().map(|r| r.name()).collect(),
+            skip_before: s.skip_before,
+            skip_after: s.skip_after,
+            lr_factor: s.lr_factor,
+            lr_steps: s.lr_steps,
+            max_rollbacks: s.max_rollbacks,
+            window_steps: s.window_steps,
+        }),
     };
     if json {
         return Validation {
@@ -136,6 +200,10 @@ fn render_validation(
             s.warmup_steps
         );
     }
+    if let Some((c, s)) = policy {
+        out += &format!("checkpoints: {}\n", describe_checkpoints(c));
+        out += &format!("spikes:   {}\n", describe_spikes(s));
+    }
     let mut table = Table::new(&[
         ("#", Align::Right),
         ("stage", Align::Left),
@@ -162,6 +230,53 @@ fn render_validation(
     }
     out += &table.render();
     Validation { valid, output: out }
+}
+
+/// `every 50 steps into runs/demo/checkpoints, the last 3 kept`.
+fn describe_checkpoints(c: &CheckpointConfig) -> String {
+    let when = match c.every_steps {
+        0 => "on demand only".to_owned(),
+        n => format!("every {n} steps"),
+    };
+    format!("{when} into {}, the last {} kept", c.dir.display(), c.keep)
+}
+
+/// `flag a loss 6σ or 2x above the mean of the last 50 steps; skip, rollback (data of 2 steps
+/// before to 2 after); at most 3 rollbacks in 1000 steps`.
+fn describe_spikes(s: &SpikeConfig) -> String {
+    if !s.enabled {
+        return "off".to_owned();
+    }
+    let mut rules = vec![format!("{}σ", s.zscore)];
+    if s.ratio > 0.0 {
+        rules.push(format!("{}x", s.ratio));
+    }
+    let mut out = format!(
+        "flag a loss {} above the mean of the last {} steps",
+        rules.join(" or "),
+        s.window
+    );
+    if s.grad_norm_zscore > 0.0 {
+        out += &format!(" or a grad norm {}σ above its mean", s.grad_norm_zscore);
+    }
+    if s.consecutive > 1 {
+        out += &format!(", {} in a row", s.consecutive);
+    }
+    let ladder: Vec<&str> = s.ladder.iter().map(|r| r.name()).collect();
+    out += &match ladder.is_empty() {
+        true => "; detection only".to_owned(),
+        false => format!("; {}", ladder.join(", ")),
+    };
+    if s.has(crate::spike::Rung::Rollback) {
+        out += &format!(
+            " (data of {} steps before to {} after); at most {} rollbacks in {} steps",
+            s.skip_before, s.skip_after, s.max_rollbacks, s.window_steps
+        );
+        if s.lr_factor != 1.0 {
+            out += &format!(", then lr x{} for {} steps", s.lr_factor, s.lr_steps);
+        }
+    }
+    out
 }
 
 fn summarize(spec: &v1::JobSpec) -> JobSummary<'_> {
@@ -246,7 +361,8 @@ mod tests {
     fn renders_a_valid_job_file() {
         let path = Path::new("examples/demo.toml");
         let spec = demo_spec();
-        let v = render_validation(path, None, Some(&spec), &[], false);
+        let policy = (CheckpointConfig::for_job("demo"), SpikeConfig::default());
+        let v = render_validation(path, None, Some(&spec), Some(&policy), &[], false);
         assert!(v.valid);
         assert_eq!(
             v.output,
@@ -254,11 +370,20 @@ mod tests {
              model:    preset tiny\n\
              total:    300 steps, 1.2M tokens (4096 tokens per step); longest seq_len 1024\n\
              lr:       peak 3.00e-3, 30 warmup steps, decay from the start of decay (planned: step 120)\n\
+             checkpoints: every 100 steps into checkpoints/demo, the last 3 kept\n\
+             spikes:   flag a loss 6σ or 2x above the mean of the last 50 steps; skip, rollback (data of 2 steps before to 2 after); at most 3 rollbacks in 1000 steps\n\
              #  stage     until step  until tokens  seq_len  rope θ  lr        samples/step  mix\n\
              1  stable-1         120        491.5K      256   10000  schedule            16  prose=0.90 code=0.10\n\
              2  decay            300          1.2M     1024   10000  decay                4  prose=0.50 code=0.50"
         );
-        let v = render_validation(path, Some(Path::new("/data")), Some(&spec), &[], true);
+        let v = render_validation(
+            path,
+            Some(Path::new("/data")),
+            Some(&spec),
+            Some(&policy),
+            &[],
+            true,
+        );
         let json: serde_json::Value = serde_json::from_str(&v.output).unwrap();
         assert_eq!(json["valid"], true);
         assert_eq!(json["data_root"], "/data");
@@ -267,9 +392,57 @@ mod tests {
         assert_eq!(json["job"]["stages"][1]["samples_per_step"], 4);
         assert_eq!(json["job"]["stages"][1]["lr_phase"], "decay");
         assert_eq!(
+            json["checkpoints"],
+            serde_json::json!({"dir": "checkpoints/demo", "every_steps": 100, "keep": 3})
+        );
+        assert_eq!(
+            json["spikes"]["ladder"],
+            serde_json::json!(["skip", "rollback"])
+        );
+        assert_eq!(json["spikes"]["zscore"], 6.0);
+        assert_eq!(
             json["job"]["stages"][0]["mix"],
             serde_json::json!([{"source": "prose", "weight": 0.9},
                                {"source": "code", "weight": 0.1}])
+        );
+    }
+
+    #[test]
+    fn describes_the_checkpoint_and_spike_policy() {
+        let c = CheckpointConfig {
+            every_steps: 0,
+            ..CheckpointConfig::for_job("x")
+        };
+        assert_eq!(
+            describe_checkpoints(&c),
+            "on demand only into checkpoints/x, the last 3 kept"
+        );
+        let off = SpikeConfig {
+            enabled: false,
+            ..SpikeConfig::default()
+        };
+        assert_eq!(describe_spikes(&off), "off");
+        let detect = SpikeConfig {
+            ladder: vec![],
+            ratio: 0.0,
+            grad_norm_zscore: 5.0,
+            consecutive: 3,
+            ..SpikeConfig::default()
+        };
+        assert_eq!(
+            describe_spikes(&detect),
+            "flag a loss 6σ above the mean of the last 50 steps or a grad norm 5σ above its mean, 3 in \
+             a row; detection only"
+        );
+        let lower = SpikeConfig {
+            lr_factor: 0.5,
+            lr_steps: 20,
+            ..SpikeConfig::default()
+        };
+        assert!(
+            describe_spikes(&lower).ends_with(", then lr x0.5 for 20 steps"),
+            "{}",
+            describe_spikes(&lower)
         );
     }
 
@@ -280,7 +453,7 @@ mod tests {
             "[stages][1].mix: the weights sum to 0.9; make them sum to 1",
             "[stages][2].until: 100 steps is not after the previous stage's 120",
         ];
-        let v = render_validation(path, None, None, &problems, false);
+        let v = render_validation(path, None, None, None, &problems, false);
         assert!(!v.valid);
         assert_eq!(
             v.output,
@@ -290,20 +463,28 @@ mod tests {
         // The data can be wrong in a file that parsed: the problems only, no summary.
         let spec = demo_spec();
         let missing = ["[[sources]] prose: the folder runs/prose does not exist"];
-        let v = render_validation(path, Some(Path::new(".")), Some(&spec), &missing, false);
+        let v = render_validation(
+            path,
+            Some(Path::new(".")),
+            Some(&spec),
+            None,
+            &missing,
+            false,
+        );
         assert!(!v.valid);
         assert_eq!(
             v.output,
             "bad.toml: [[sources]] prose: the folder runs/prose does not exist"
         );
         let unreadable = ["bad.toml: cannot read the job file: No such file or directory"];
-        let v = render_validation(path, None, None, &unreadable, false);
+        let v = render_validation(path, None, None, None, &unreadable, false);
         assert_eq!(v.output, unreadable[0]);
-        let v = render_validation(path, None, None, &problems, true);
+        let v = render_validation(path, None, None, None, &problems, true);
         let json: serde_json::Value = serde_json::from_str(&v.output).unwrap();
         assert_eq!(json["valid"], false);
         assert_eq!(json["file"], "bad.toml");
         assert_eq!(json["job"], serde_json::Value::Null);
+        assert_eq!(json["spikes"], serde_json::Value::Null);
         assert_eq!(json["problems"][1], problems[1]);
     }
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use super::{preset, DecayStart, JobFile, SpecError, SpecErrors, Until, PRESETS};
+use crate::spike::Rung;
 
 /// Collects problems, each prefixed with its path in the file.
 #[derive(Default)]
@@ -143,6 +144,8 @@ impl JobFile {
         self.check_stages(&mut p);
         self.check_batches(&mut p);
         self.check_train_and_workers(&mut p);
+        self.check_checkpoints(&mut p);
+        self.check_spikes(&mut p);
         // Stage budgets are checked first (the schedule needs them) but belong with the stages.
         p.0.sort_by_key(|e| section_rank(&e.0));
         if p.0.is_empty() {
@@ -713,9 +716,134 @@ impl JobFile {
     }
 }
 
+impl JobFile {
+    fn check_checkpoints(&self, p: &mut Problems) {
+        let c = &self.checkpoints;
+        if c.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            p.at(
+                "checkpoints.dir",
+                "empty; give the folder rank 0 writes checkpoints to, or remove the key for \
+                 checkpoints/<job name>",
+            );
+        }
+        if c.keep == 0 {
+            let why = if c.every_steps > 0 {
+                format!(
+                    "each checkpoint written every {} steps would be deleted at once",
+                    c.every_steps
+                )
+            } else {
+                "each checkpoint would be deleted as soon as it is written".to_owned()
+            };
+            p.at(
+                "checkpoints.keep",
+                format!(
+                    "0 keeps none: {why} (only pinned and the latest known-good one would stay); \
+                     keep at least 1"
+                ),
+            );
+        }
+    }
+
+    fn check_spikes(&self, p: &mut Problems) {
+        let s = &self.spikes;
+        if s.window < 2 {
+            p.at(
+                "spikes.window",
+                format!(
+                    "{} is too short: a deviation needs at least 2 steps (50 is usual)",
+                    s.window
+                ),
+            );
+        }
+        if !positive_number(s.zscore) {
+            p.at(
+                "spikes.zscore",
+                format!(
+                    "must be a positive number of standard deviations above the rolling mean \
+                     (6 is usual), got {}",
+                    s.zscore
+                ),
+            );
+        }
+        if !(s.ratio == 0.0 || (s.ratio.is_finite() && s.ratio > 1.0)) {
+            p.at(
+                "spikes.ratio",
+                format!(
+                    "{0} would flag ordinary steps (any loss above {0}x the rolling mean); give \
+                     a factor above 1 (2 is usual), or 0 to turn the rule off",
+                    s.ratio
+                ),
+            );
+        }
+        if !(s.grad_norm_zscore == 0.0 || positive_number(s.grad_norm_zscore)) {
+            p.at(
+                "spikes.grad_norm_zscore",
+                format!(
+                    "must be a positive number of standard deviations, or 0 (off), got {}",
+                    s.grad_norm_zscore
+                ),
+            );
+        }
+        if s.consecutive == 0 {
+            p.at(
+                "spikes.consecutive",
+                "must be at least 1 (flagged steps in a row that make a spike)",
+            );
+        }
+        let names = list(Rung::ALL.iter().map(|r| r.name()));
+        let mut rungs: Vec<Rung> = Vec::new();
+        for (i, name) in s.ladder.iter().enumerate() {
+            let at = format!("spikes.ladder[{i}]");
+            match Rung::parse(name) {
+                None => p.at(at, format!("unknown rung {name:?}; the rungs are {names}")),
+                Some(r) if rungs.contains(&r) => p.at(at, format!("{name:?} is given twice")),
+                Some(r) => rungs.push(r),
+            }
+        }
+        let ordered: Vec<Rung> = Rung::ALL
+            .into_iter()
+            .filter(|r| rungs.contains(r))
+            .collect();
+        if rungs != ordered {
+            let want: Vec<String> = ordered.iter().map(|r| format!("{:?}", r.name())).collect();
+            p.at(
+                "spikes.ladder",
+                format!("rungs go from mild to drastic: write [{}]", want.join(", ")),
+            );
+        }
+        if !(s.lr_factor.is_finite() && s.lr_factor > 0.0 && s.lr_factor <= 1.0) {
+            p.at(
+                "spikes.lr_factor",
+                format!(
+                    "{} must lie in (0, 1]: the learning rate after a rollback is multiplied by \
+                     it (1: unchanged)",
+                    s.lr_factor
+                ),
+            );
+        } else if s.lr_factor < 1.0 && s.lr_steps == 0 {
+            p.at(
+                "spikes.lr_steps",
+                format!(
+                    "0, so lr_factor = {} would last no step; give for how many steps after a \
+                     rollback the learning rate is lowered",
+                    s.lr_factor
+                ),
+            );
+        }
+        if s.window_steps == 0 {
+            p.at(
+                "spikes.window_steps",
+                "must be positive: the steps within which at most max_rollbacks rollbacks are \
+                 allowed",
+            );
+        }
+    }
+}
+
 /// Orders problems as they appear in a job file: by section, then by item (`stages[3]`).
 fn section_rank(msg: &str) -> (usize, usize) {
-    const ORDER: [&str; 9] = [
+    const ORDER: [&str; 11] = [
         "job",
         "model",
         "optimizer",
@@ -725,6 +853,8 @@ fn section_rank(msg: &str) -> (usize, usize) {
         "stages",
         "train",
         "workers",
+        "checkpoints",
+        "spikes",
     ];
     let head = msg
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
