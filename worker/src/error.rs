@@ -38,6 +38,10 @@ pub enum Error {
     #[error("collective: {0}")]
     Collective(String),
 
+    /// The coordinator refused a call, or cannot be reached (again).
+    #[error("coordinator: {0}")]
+    Coordinator(String),
+
     /// libtorch raised an error (bad shapes, out of memory...).
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -6,6 +6,7 @@ use std::path::Path;
 use stagecoach_proto::v1;
 
 use crate::error::{Error, Result};
+use crate::fault::{self, Poison};
 use crate::model::ModelConfig;
 use crate::optim::AdamWConfig;
 use crate::shards::{ShardFolder, TokenSize};
@@ -82,6 +83,8 @@ pub enum Split {
 pub struct Sources {
     pub sources: Vec<Source>,
     pub vocab_size: i64,
+    /// Training samples replaced by noise (fault injection; empty unless asked for).
+    poison: Vec<Poison>,
 }
 
 impl Sources {
@@ -107,7 +110,27 @@ impl Sources {
         Ok(Sources {
             sources,
             vocab_size: model.vocab_size,
+            poison: Vec::new(),
         })
+    }
+
+    /// Replaces the training samples in `ranges` with noise from now on (fault injection for
+    /// tests: a real loss spike). Held-out samples are never poisoned.
+    pub fn set_poison(&mut self, ranges: Vec<Poison>) -> Result<()> {
+        if let Some(p) = ranges.iter().find(|p| p.source >= self.sources.len()) {
+            return Err(Error::Config(format!(
+                "--poison {p}: no source {} (the job has {} sources, indexed from 0 in the job file's order)",
+                p.source,
+                self.sources.len()
+            )));
+        }
+        self.poison = ranges;
+        Ok(())
+    }
+
+    /// Whether the training sample at `offset` of `source` is poisoned.
+    pub fn is_poisoned(&self, source: usize, offset: u64) -> bool {
+        self.poison.iter().any(|p| p.covers(source, offset))
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -159,6 +182,14 @@ impl Sources {
                 })?,
             };
             folder.read_window(offset, out)?;
+            if split == Split::Train && self.is_poisoned(source, offset) {
+                tracing::warn!(
+                    source = %s.name,
+                    offset,
+                    "fault injection: poisoned sample (its tokens replaced by noise)"
+                );
+                fault::noise(source, offset, self.vocab_size, out);
+            }
             if let Some(bad) = out.iter().find(|&&t| t < 0 || t >= self.vocab_size) {
                 return Err(Error::shard(
                     folder.dir(),
@@ -177,6 +208,61 @@ impl Sources {
 mod tests {
     use super::*;
     use tch::{Device, Kind, Tensor};
+
+    /// Exactly the training samples whose offset lies in the range (its end excluded) of the
+    /// named source read as noise within the vocabulary; every other sample, and the held-out
+    /// stream, read as before.
+    #[test]
+    fn poisoning_replaces_exactly_the_samples_in_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::train::fixtures::job(dir.path());
+        let config = model_config(&spec).unwrap();
+        let clean = Sources::open(&spec, &config).unwrap();
+        let mut poisoned = Sources::open(&spec, &config).unwrap();
+        poisoned
+            .set_poison(vec!["0:16..24".parse().unwrap()])
+            .unwrap();
+        let samples = [
+            (0, 15),
+            (0, 16),
+            (0, 20),
+            (0, 23),
+            (0, 24),
+            (1, 16),
+            (1, 20),
+        ];
+        let a = Vec::<i64>::try_from(clean.batch(&samples, 16).unwrap().view([-1])).unwrap();
+        let b = Vec::<i64>::try_from(poisoned.batch(&samples, 16).unwrap().view([-1])).unwrap();
+        for (i, &(source, offset)) in samples.iter().enumerate() {
+            let (ra, rb) = (&a[i * 17..][..17], &b[i * 17..][..17]);
+            let in_range = source == 0 && (16..24).contains(&offset);
+            assert_eq!(poisoned.is_poisoned(source, offset), in_range);
+            if in_range {
+                assert_ne!(ra, rb, "{source}:{offset} should be noise");
+                assert!(rb.iter().all(|t| (0..config.vocab_size).contains(t)));
+            } else {
+                assert_eq!(ra, rb, "{source}:{offset} should be untouched");
+            }
+        }
+        // The same sample reads the same noise every time.
+        let again =
+            Vec::<i64>::try_from(poisoned.batch(&[(0, 20)], 16).unwrap().view([-1])).unwrap();
+        assert_eq!(&again[..], &b[2 * 17..][..17]);
+        // Held-out windows are never poisoned.
+        assert!(poisoned
+            .eval_batch(&[(0, 16)], 16)
+            .unwrap()
+            .equal(&clean.eval_batch(&[(0, 16)], 16).unwrap()));
+        // A source the job does not have is refused, naming the option.
+        let err = poisoned
+            .set_poison(vec!["2:0..8".parse().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--poison 2:0..8: no source 2 (the job has 2 sources"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn the_model_takes_the_first_stage_theta_and_the_longest_stage() {

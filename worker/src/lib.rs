@@ -9,16 +9,20 @@
 //! - [`job`]: from the coordinator's job spec to model, optimizer and data (train and held-out);
 //!   [`train`]: the training step, the held-out evaluation and the standalone loop through the
 //!   curriculum; [`collective`]: gradient all-reduce;
-//! - [`agent`]: the coordinator-driven worker (`join`): session, heartbeats, the trainer thread
-//!   (stages applied per step, evaluations between steps);
-//!   [`metrics`]: its Prometheus metrics;
+//! - [`agent`]: the coordinator-driven worker (`join`): session, heartbeats, reconnection, the
+//!   trainer thread (stages applied per step, the step guard, evaluations and checkpoints
+//!   between steps); [`metrics`]: its Prometheus metrics;
+//! - [`checkpoint`]: checkpoint folders (atomic, written in the background, checked on resume);
+//!   [`fault`]: fault injection for tests (poisoned samples, a crash, silent heartbeats);
 //! - [`device`]: CPU/CUDA selection; [`error`]: the crate's error type.
 
 pub mod agent;
+pub mod checkpoint;
 pub mod collective;
 pub mod corpus;
 pub mod device;
 pub mod error;
+pub mod fault;
 pub mod hf;
 pub mod job;
 pub mod metrics;

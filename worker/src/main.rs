@@ -7,9 +7,13 @@ use clap::{Parser, Subcommand};
 
 use stagecoach_coordinator::spec::JobFile;
 use stagecoach_worker::corpus::{self, Domain};
+use stagecoach_worker::fault::{Faults, Poison};
 use stagecoach_worker::shards::{ShardFolder, TokenSize};
 use stagecoach_worker::tokenize::{self, ShardOptions, TextTokenizer};
 use stagecoach_worker::{hf, model, train};
+
+/// The `join --help` heading of the options that break things on purpose.
+const FAULTS: &str = "Fault injection (for tests)";
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +69,22 @@ enum Command {
         /// Where to serve Prometheus metrics (GET /metrics); port 0 picks a free port (logged).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
         metrics_listen: std::net::SocketAddr,
+        /// When the session with the coordinator breaks, keep the model and keep trying to
+        /// register again for this many seconds before giving up.
+        #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+        reconnect_secs: u64,
+        /// Replace the tokens of every training sample of source index SOURCE whose token
+        /// offset lies in FROM..TO (TO excluded) with uniformly random tokens (a fixed seed), so
+        /// the loss jumps for real. Repeatable.
+        #[arg(long, value_name = "SOURCE:FROM..TO", help_heading = FAULTS)]
+        poison: Vec<Poison>,
+        /// Abort the process, as a crash would, when about to train step N.
+        #[arg(long, value_name = "N", help_heading = FAULTS)]
+        kill_at_step: Option<u64>,
+        /// Stop sending heartbeats when about to train step N (the process stays alive and
+        /// keeps training what it is sent).
+        #[arg(long, value_name = "N", help_heading = FAULTS)]
+        stop_heartbeats_at_step: Option<u64>,
     },
     /// Tokenize jsonl files, text files or folders of them into datatrove token shards.
     Tokenize {
@@ -186,6 +206,10 @@ fn main() -> anyhow::Result<()> {
             device,
             metrics_out,
             metrics_listen,
+            reconnect_secs,
+            poison,
+            kill_at_step,
+            stop_heartbeats_at_step,
         } => {
             stagecoach_worker::agent::join(stagecoach_worker::agent::JoinOptions {
                 coordinator,
@@ -193,6 +217,12 @@ fn main() -> anyhow::Result<()> {
                 device,
                 metrics_out,
                 metrics_listen,
+                reconnect: std::time::Duration::from_secs(reconnect_secs),
+                faults: Faults {
+                    poison,
+                    kill_at_step,
+                    stop_heartbeats_at_step,
+                },
             })?;
         }
         Command::Tokenize {

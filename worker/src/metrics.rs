@@ -4,9 +4,12 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounter, IntGauge, Opts, Registry};
+use prometheus::{
+    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 use stagecoach_coordinator::metrics::{register, Throughput};
 
+use crate::checkpoint::Saved;
 use crate::train::Timing;
 
 /// What this worker trains, in its own registry.
@@ -21,6 +24,12 @@ pub struct Metrics {
     generation: IntGauge,
     stage: IntGauge,
     seq_len: IntGauge,
+    global_loss: Gauge,
+    skipped_steps: IntCounter,
+    checkpoint_blocking: Gauge,
+    checkpoint_write: Gauge,
+    checkpoint_bytes: IntGauge,
+    checkpoints: IntCounterVec,
     throughput: Mutex<Throughput>,
 }
 
@@ -92,10 +101,56 @@ impl Metrics {
                     "Sequence length of the last step trained",
                 )),
             ),
+            global_loss: register(
+                &r,
+                Gauge::with_opts(opts(
+                    "global_loss",
+                    "Mean loss over the whole global batch of the last step (NaN before the first)",
+                )),
+            ),
+            skipped_steps: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "skipped_steps_total",
+                    "Steps whose update the guard dropped (loss or gradient norm too high or not finite)",
+                )),
+            ),
+            checkpoint_blocking: register(
+                &r,
+                Gauge::with_opts(opts(
+                    "checkpoint_blocking_seconds",
+                    "Seconds training waited for the last checkpoint (copying the state off)",
+                )),
+            ),
+            checkpoint_write: register(
+                &r,
+                Gauge::with_opts(opts(
+                    "checkpoint_write_seconds",
+                    "Seconds the last checkpoint took to write in the background",
+                )),
+            ),
+            checkpoint_bytes: register(
+                &r,
+                IntGauge::with_opts(opts(
+                    "checkpoint_bytes",
+                    "Bytes of the last checkpoint written",
+                )),
+            ),
+            checkpoints: register(
+                &r,
+                IntCounterVec::new(
+                    opts(
+                        "checkpoints_total",
+                        "Checkpoints this worker wrote (outcome: written or failed)",
+                    ),
+                    &["outcome"],
+                ),
+            ),
             throughput: Mutex::new(Throughput::default()),
             registry: r,
         };
         m.loss.set(f64::NAN);
+        m.global_loss.set(f64::NAN);
         m.rank.set(-1);
         m.stage.set(-1);
         m
@@ -125,10 +180,40 @@ impl Metrics {
         self.seq_len.set(i64::from(seq_len));
     }
 
-    /// Took a step: now `steps` in all, with this rank's mean `loss` over `tokens`.
-    pub fn step_done(&self, steps: u64, loss: f64, tokens: u64, timing: &Timing) {
+    /// A checkpoint write ended (written, or failed with `saved.error`).
+    pub fn checkpoint_saved(&self, saved: &Saved) {
+        self.checkpoint_blocking.set(saved.blocking_seconds);
+        self.checkpoint_write.set(saved.write_seconds);
+        if saved.error.is_none() {
+            self.checkpoint_bytes.set(saved.bytes as i64);
+            self.checkpoints.with_label_values(&["written"]).inc();
+        } else {
+            self.checkpoints.with_label_values(&["failed"]).inc();
+        }
+    }
+
+    /// Restored a checkpoint: the model has now taken `steps` steps.
+    pub fn restored(&self, steps: u64) {
+        self.step.set(steps as i64);
+    }
+
+    /// Took a step: now `steps` in all, with this rank's mean `loss` over `tokens`, the batch's
+    /// `global_loss`, and the update dropped if `skipped`.
+    pub fn step_done(
+        &self,
+        steps: u64,
+        loss: f64,
+        global_loss: f64,
+        skipped: bool,
+        tokens: u64,
+        timing: &Timing,
+    ) {
         self.step.set(steps as i64);
         self.loss.set(loss);
+        self.global_loss.set(global_loss);
+        if skipped {
+            self.skipped_steps.inc();
+        }
         self.tokens.inc_by(tokens);
         for (phase, seconds) in [
             ("data", timing.data),
@@ -162,13 +247,34 @@ mod tests {
             allreduce: 0.25,
             optimizer: 0.002,
         };
-        m.step_done(7, 2.5, 512, &timing);
+        m.step_done(7, 2.5, 2.25, true, 512, &timing);
+        m.checkpoint_saved(&Saved {
+            path: "runs/x/step-7".into(),
+            blocking_seconds: 0.125,
+            write_seconds: 1.5,
+            bytes: 4096,
+            error: None,
+        });
+        m.checkpoint_saved(&Saved {
+            path: "runs/x/step-8".into(),
+            blocking_seconds: 0.25,
+            write_seconds: 0.5,
+            bytes: 0,
+            error: Some("disk full".into()),
+        });
         let t = prometheus::TextEncoder::new()
             .encode_to_string(&m.registry().gather())
             .unwrap();
         for line in [
             "stagecoach_worker_step 7",
             "stagecoach_worker_loss 2.5",
+            "stagecoach_worker_global_loss 2.25",
+            "stagecoach_worker_skipped_steps_total 1",
+            "stagecoach_worker_checkpoint_blocking_seconds 0.25",
+            "stagecoach_worker_checkpoint_write_seconds 0.5",
+            "stagecoach_worker_checkpoint_bytes 4096",
+            "stagecoach_worker_checkpoints_total{outcome=\"written\"} 1",
+            "stagecoach_worker_checkpoints_total{outcome=\"failed\"} 1",
             "stagecoach_worker_tokens_total 512",
             "stagecoach_worker_rank 1",
             "stagecoach_worker_generation 3",

@@ -130,6 +130,11 @@ impl AdamW {
         self.step
     }
 
+    /// Sets the steps taken (a resumed optimizer continues the bias correction from there).
+    pub fn set_step_count(&mut self, steps: u64) {
+        self.step = steps;
+    }
+
     pub fn params(&self) -> &[ParamState] {
         &self.params
     }
@@ -153,6 +158,13 @@ impl AdamW {
     /// `max / (norm + 1e-6)`, as PyTorch); returns the norm before clipping.
     pub fn clip_grad_norm(&self) -> f64 {
         let norm = self.grad_norm();
+        self.clip_to(norm);
+        norm
+    }
+
+    /// Scales the gradients as [`clip_grad_norm`](Self::clip_grad_norm) does, given their
+    /// global norm `norm` (computed once and agreed between ranks).
+    pub fn clip_to(&self, norm: f64) {
         let max = self.config.grad_clip;
         if max > 0.0 {
             let coef = max / (norm + 1e-6);
@@ -167,7 +179,6 @@ impl AdamW {
                 });
             }
         }
-        norm
     }
 
     /// One AdamW update at learning rate `lr` from the current gradients.

@@ -43,9 +43,54 @@ pub struct StepResult {
     /// Sum over this rank's samples of their mean token loss.
     pub loss_sum: f64,
     pub samples: usize,
-    /// Global gradient norm before clipping.
+    /// Global gradient norm before clipping (rank 0's, which every rank uses).
     pub grad_norm: f64,
+    /// Mean loss over the whole global batch (the same on every rank).
+    pub global_loss: f64,
+    /// The guard held: no update was applied (the same on every rank).
+    pub skipped: bool,
     pub timing: Timing,
+}
+
+/// When a step's update is dropped: the global loss or gradient norm above a limit (0: no
+/// limit), or either of them not finite (always: a NaN update would destroy the model).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Guard {
+    pub max_loss: f64,
+    pub max_grad_norm: f64,
+}
+
+impl Guard {
+    /// The guard of a `Work` (none: only the non-finite rule).
+    pub fn of(guard: Option<&v1::StepGuard>) -> Guard {
+        guard.map_or_else(Guard::default, |g| Guard {
+            max_loss: g.max_loss,
+            max_grad_norm: g.max_grad_norm,
+        })
+    }
+
+    /// Why the update must be dropped, if it must.
+    pub fn holds(&self, global_loss: f64, grad_norm: f64) -> Option<String> {
+        if !global_loss.is_finite() {
+            return Some(format!("the global loss is {global_loss}"));
+        }
+        if !grad_norm.is_finite() {
+            return Some(format!("the gradient norm is {grad_norm}"));
+        }
+        if self.max_loss > 0.0 && global_loss > self.max_loss {
+            return Some(format!(
+                "the global loss {global_loss:.4} is above the guard's {}",
+                self.max_loss
+            ));
+        }
+        if self.max_grad_norm > 0.0 && grad_norm > self.max_grad_norm {
+            return Some(format!(
+                "the gradient norm {grad_norm:.4} is above the guard's {}",
+                self.max_grad_norm
+            ));
+        }
+        None
+    }
 }
 
 /// The shape of a step's (or an evaluation's) batches: tokens per sample, samples per
@@ -131,6 +176,29 @@ impl Trainer {
         &self.vs
     }
 
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// Replaces the training samples in `ranges` with noise (fault injection for tests).
+    pub fn set_poison(&mut self, ranges: Vec<crate::fault::Poison>) -> Result<()> {
+        self.sources.set_poison(ranges)
+    }
+
+    /// What a checkpoint is taken from and restored into.
+    pub fn state(&self) -> crate::checkpoint::State<'_> {
+        crate::checkpoint::State {
+            vs: &self.vs,
+            optimizer: &self.optimizer,
+            config: self.model.config(),
+        }
+    }
+
+    /// The parts a checkpoint restores: parameters, optimizer, model (for its RoPE θ).
+    pub(crate) fn parts_mut(&mut self) -> (&mut VarStore, &mut AdamW, &mut Llama) {
+        (&mut self.vs, &mut self.optimizer, &mut self.model)
+    }
+
     /// The RoPE θ the model computes with now.
     pub fn rope_theta(&self) -> f64 {
         self.model.config().rope_theta
@@ -175,17 +243,19 @@ impl Trainer {
     }
 
     /// One optimizer step over `samples` (`(source, token offset)`, this rank's share of a
-    /// global batch of `global_batch` samples), read and run in `shape`. On error no update is
-    /// applied and the gradients are cleared.
+    /// global batch of `global_batch` samples), read and run in `shape`, unless `guard` holds
+    /// (then the step is taken without its update: see [`StepResult::skipped`]). On error no
+    /// update is applied and the gradients are cleared.
     pub fn step(
         &mut self,
         samples: &[(usize, u64)],
         shape: Shape,
         global_batch: usize,
         lr: f64,
+        guard: Guard,
         comm: &mut dyn Collective,
     ) -> Result<StepResult> {
-        let result = self.try_step(samples, shape, global_batch, lr, comm);
+        let result = self.try_step(samples, shape, global_batch, lr, guard, comm);
         if result.is_err() {
             self.optimizer.zero_grad();
         }
@@ -198,6 +268,7 @@ impl Trainer {
         shape: Shape,
         global_batch: usize,
         lr: f64,
+        guard: Guard,
         comm: &mut dyn Collective,
     ) -> Result<StepResult> {
         if global_batch < samples.len() || global_batch == 0 {
@@ -221,11 +292,8 @@ impl Trainer {
             loss_sum += loss.to_kind(Kind::Double).double_value(&[]) * chunk.len() as f64;
             timing.forward_backward += t1.elapsed().as_secs_f64();
         }
-        if !loss_sum.is_finite() {
-            return Err(Error::Config(format!(
-                "the loss became {loss_sum}; lower the learning rate"
-            )));
-        }
+        // A non-finite loss is not an error here: every rank must still take part in the
+        // all-reduces below, and the guard then drops the update on every rank alike.
         let t2 = Instant::now();
         if comm.world_size() > 1 {
             let grads: Vec<Tensor> = self
@@ -240,16 +308,32 @@ impl Trainer {
                 })
             })?;
         }
-        timing.allreduce = t2.elapsed().as_secs_f64();
         let t3 = Instant::now();
-        let grad_norm = self.optimizer.clip_grad_norm();
-        self.optimizer.step(lr);
-        self.optimizer.zero_grad();
+        let local_norm = self.optimizer.grad_norm();
         timing.optimizer = t3.elapsed().as_secs_f64();
+        let t4 = Instant::now();
+        let agreed = agree(comm, loss_sum, samples.len(), local_norm)?;
+        timing.allreduce = (t3 - t2 + t4.elapsed()).as_secs_f64();
+        let t5 = Instant::now();
+        let skipped = match guard.holds(agreed.global_loss, agreed.grad_norm) {
+            Some(why) => {
+                tracing::warn!("step skipped (no update applied): {why}");
+                true
+            }
+            None => {
+                self.optimizer.clip_to(agreed.grad_norm);
+                self.optimizer.step(lr);
+                false
+            }
+        };
+        self.optimizer.zero_grad();
+        timing.optimizer += t5.elapsed().as_secs_f64();
         Ok(StepResult {
             loss_sum,
             samples: samples.len(),
-            grad_norm,
+            grad_norm: agreed.grad_norm,
+            global_loss: agreed.global_loss,
+            skipped,
             timing,
         })
     }
@@ -281,6 +365,67 @@ impl Trainer {
         self.model.set_rope_theta(training_theta)?;
         losses
     }
+}
+
+/// What every rank of a step knows alike after [`agree`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Agreed {
+    global_loss: f64,
+    grad_norm: f64,
+}
+
+/// Each rank's report travels as 16-bit pieces of its bits, in its own slots of a buffer that
+/// is zero elsewhere: whole numbers below 2^16 plus zeros sum exactly in f32 whatever the order
+/// or the backend, so every rank decodes every rank's exact f64s.
+const REPORT_SLOTS: usize = 12;
+
+fn encode_u64(v: u64, out: &mut [f32]) {
+    for (i, slot) in out.iter_mut().take(4).enumerate() {
+        *slot = ((v >> (16 * i)) & 0xffff) as f32;
+    }
+}
+
+fn decode_u64(slots: &[f32]) -> u64 {
+    slots
+        .iter()
+        .take(4)
+        .enumerate()
+        .fold(0, |v, (i, &s)| v | ((s as u64) << (16 * i)))
+}
+
+/// Shares this rank's loss sum, sample count and local gradient norm with every rank: the global
+/// mean loss is the sum over ranks (in rank order) over the global sample count, and the gradient
+/// norm is rank 0's (ranks hold the same all-reduced gradients; taking one rank's norm makes the
+/// guard's and the clipping's decisions identical even if a norm differed in its last bit).
+fn agree(
+    comm: &mut dyn Collective,
+    loss_sum: f64,
+    samples: usize,
+    grad_norm: f64,
+) -> Result<Agreed> {
+    let n = comm.world_size();
+    if n == 1 {
+        return Ok(Agreed {
+            global_loss: loss_sum / samples.max(1) as f64,
+            grad_norm,
+        });
+    }
+    let mut buf = vec![0f32; n * REPORT_SLOTS];
+    let mine = &mut buf[comm.rank() * REPORT_SLOTS..][..REPORT_SLOTS];
+    encode_u64(loss_sum.to_bits(), &mut mine[0..4]);
+    encode_u64(samples as u64, &mut mine[4..8]);
+    encode_u64(grad_norm.to_bits(), &mut mine[8..12]);
+    comm.all_reduce_sum(&mut buf)
+        .map_err(|e| Error::Collective(e.to_string()))?;
+    let (mut total_loss, mut total_samples) = (0.0, 0u64);
+    for r in buf.chunks_exact(REPORT_SLOTS) {
+        total_loss += f64::from_bits(decode_u64(&r[0..4]));
+        total_samples += decode_u64(&r[4..8]);
+    }
+    Ok(Agreed {
+        global_loss: total_loss / total_samples.max(1) as f64,
+        grad_norm: f64::from_bits(decode_u64(&buf[8..12])),
+    })
 }
 
 /// Calls `f` on consecutive groups of tensors of about [`BUCKET_BYTES`].
@@ -341,6 +486,8 @@ pub struct StepRecord {
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
+    /// The loss or gradient norm was not finite: the step's update was dropped.
+    pub skipped: bool,
     /// Tokens trained so far, this step included (samples x seq_len per step).
     pub tokens: u64,
     pub tokens_per_second: f64,
@@ -426,6 +573,7 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
             shape,
             plan.global_batch as usize,
             plan.lr,
+            Guard::default(),
             &mut solo,
         )?;
         let step_tokens = (samples.len() * shape.seq_len) as u64;
@@ -447,16 +595,31 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
             loss: r.loss_sum / r.samples.max(1) as f64,
             lr: plan.lr,
             grad_norm: r.grad_norm,
+            skipped: r.skipped,
             tokens,
             tokens_per_second: step_tokens as f64 / t0.elapsed().as_secs_f64(),
             samples_per_source: per_source,
             samples,
             timing: r.timing,
         };
-        if rec.step.is_multiple_of(spec.log_every.max(1)) || plan.step == 0 || rec.step == steps {
+        if rec.step.is_multiple_of(spec.log_every.max(1))
+            || plan.step == 0
+            || rec.step == steps
+            || rec.skipped
+        {
             println!(
-                "step {:>5}/{steps}  {}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  tokens/s {:.0}",
-                rec.step, rec.stage, rec.loss, rec.lr, rec.grad_norm, rec.tokens_per_second
+                "step {:>5}/{steps}  {}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  tokens/s {:.0}{}",
+                rec.step,
+                rec.stage,
+                rec.loss,
+                rec.lr,
+                rec.grad_norm,
+                rec.tokens_per_second,
+                if rec.skipped {
+                    "  (skipped: no update)"
+                } else {
+                    ""
+                }
             );
         }
         if let Some((m, path)) = &mut metrics {
@@ -635,10 +798,24 @@ mod tests {
         // The same step on both trainers: identical loss, gradient norm and update, so the
         // evaluations changed neither the model nor its optimizer nor its gradients.
         let a = evaluated
-            .step(&samples, shape, samples.len(), 1e-3, &mut Solo)
+            .step(
+                &samples,
+                shape,
+                samples.len(),
+                1e-3,
+                Guard::default(),
+                &mut Solo,
+            )
             .unwrap();
         let b = untouched
-            .step(&samples, shape, samples.len(), 1e-3, &mut Solo)
+            .step(
+                &samples,
+                shape,
+                samples.len(),
+                1e-3,
+                Guard::default(),
+                &mut Solo,
+            )
             .unwrap();
         assert_eq!((a.loss_sum, a.grad_norm), (b.loss_sum, b.grad_norm));
         assert!(same(&parameters(&evaluated), &parameters(&untouched)));
@@ -649,6 +826,186 @@ mod tests {
             "{sum} vs {}",
             a.loss_sum
         );
+    }
+
+    fn optimizer_state(t: &Trainer) -> Vec<Tensor> {
+        t.optimizer()
+            .params()
+            .iter()
+            .flat_map(|p| [p.exp_avg.copy(), p.exp_avg_sq.copy()])
+            .collect()
+    }
+
+    #[test]
+    fn the_guard_names_its_rule() {
+        let none = Guard::default();
+        assert_eq!(none.holds(1e6, 1e6), None);
+        assert!(none.holds(f64::NAN, 1.0).unwrap().contains("loss is NaN"));
+        assert!(none
+            .holds(1.0, f64::INFINITY)
+            .unwrap()
+            .contains("norm is inf"));
+        let g = Guard {
+            max_loss: 4.0,
+            max_grad_norm: 2.0,
+        };
+        assert_eq!(g.holds(4.0, 2.0), None);
+        assert!(g.holds(4.5, 1.0).unwrap().contains("above the guard's 4"));
+        assert!(g.holds(1.0, 2.5).unwrap().contains("above the guard's 2"));
+        assert_eq!(Guard::of(None), none);
+    }
+
+    #[test]
+    fn reports_travel_exactly_through_f32_sums() {
+        for v in [
+            0u64,
+            1,
+            0xffff,
+            0x1_0000,
+            u64::MAX,
+            f64::NAN.to_bits(),
+            2.75f64.to_bits(),
+        ] {
+            let mut slots = [0f32; 4];
+            encode_u64(v, &mut slots);
+            // What another rank's zeros add.
+            let summed: Vec<f32> = slots.iter().map(|s| s + 0.0 + 0.0).collect();
+            assert_eq!(decode_u64(&summed), v);
+        }
+    }
+
+    /// Two ranks of a TCP ring: the guard drops the update on both alike (parameters, moments
+    /// and AdamW's step count unchanged, skipped reported), the global loss is the same on both
+    /// and is the batch's mean, and training then goes on.
+    #[test]
+    fn the_guard_skips_the_update_identically_on_two_ranks() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = job(dir.path());
+        let ls: Vec<_> = (0..2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<_> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+        let shape = Shape::new(16, 2).unwrap();
+        let steps: [(Vec<(usize, u64)>, Guard); 4] = [
+            (vec![(0, 0), (1, 0)], Guard::default()),
+            (
+                vec![(0, 16), (1, 16)],
+                Guard {
+                    max_loss: 0.5,
+                    max_grad_norm: 0.0,
+                },
+            ),
+            (
+                vec![(0, 32), (1, 32)],
+                Guard {
+                    max_loss: 0.0,
+                    max_grad_norm: 1e-3,
+                },
+            ),
+            (vec![(0, 48), (1, 33)], Guard::default()),
+        ];
+        let ranks: Vec<_> = ls
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (spec, addrs, steps) = (spec.clone(), addrs.clone(), steps.clone());
+                std::thread::spawn(move || {
+                    let mut ring = crate::collective::tcp::TcpRing::connect(
+                        rank,
+                        2,
+                        l,
+                        &addrs,
+                        crate::collective::tcp::TcpConfig::new(
+                            1,
+                            std::time::Duration::from_secs(30),
+                        ),
+                    )
+                    .unwrap();
+                    let mut t = Trainer::new(&spec, Device::Cpu).unwrap();
+                    let mut out = Vec::new();
+                    for (samples, guard) in steps {
+                        let (params, moments) = (parameters(&t), optimizer_state(&t));
+                        let count = t.optimizer().step_count();
+                        let r = t
+                            .step(&samples[rank..=rank], shape, 2, 1e-2, guard, &mut ring)
+                            .unwrap();
+                        let unchanged = same(&params, &parameters(&t))
+                            && moments
+                                .iter()
+                                .zip(optimizer_state(&t))
+                                .all(|(a, b)| a.equal(&b));
+                        out.push((r, unchanged, count, t.optimizer().step_count()));
+                    }
+                    (out, parameters(&t))
+                })
+            })
+            .collect();
+        let results: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+        let (r0, r1) = (&results[0].0, &results[1].0);
+        for (i, (a, b)) in r0.iter().zip(r1).enumerate() {
+            let skipped = i == 1 || i == 2;
+            for (r, unchanged, before, after) in [a, b] {
+                assert_eq!(r.skipped, skipped, "step {i}");
+                assert_eq!(*unchanged, skipped, "step {i}: parameters and moments");
+                assert_eq!(
+                    *after,
+                    before + u64::from(!skipped),
+                    "step {i}: AdamW's count"
+                );
+            }
+            assert_eq!(a.0.global_loss, b.0.global_loss, "step {i}");
+            assert_eq!(a.0.grad_norm, b.0.grad_norm, "step {i}");
+            assert_eq!(
+                a.0.global_loss,
+                (a.0.loss_sum + b.0.loss_sum) / 2.0,
+                "step {i}"
+            );
+        }
+        assert_eq!(r0[3].3, 2);
+        assert!(
+            same(&results[0].1, &results[1].1),
+            "the ranks' models agree"
+        );
+    }
+
+    /// A NaN loss (here from a NaN weight) is skipped, not an error: nothing is updated, and
+    /// once the weight is sound again the next step trains.
+    #[test]
+    fn a_nan_loss_is_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Trainer::new(&job(dir.path()), Device::Cpu).unwrap();
+        let shape = Shape::new(16, 2).unwrap();
+        let samples = [(0, 0), (1, 0)];
+        t.step(&samples, shape, 2, 1e-3, Guard::default(), &mut Solo)
+            .unwrap();
+        let mut norm = t.var_store().variables()["model.norm.weight"].shallow_clone();
+        let saved = norm.detach().copy();
+        let _ = tch::no_grad(|| norm.fill_(f64::NAN));
+        let (params, moments) = (parameters(&t), optimizer_state(&t));
+        let r = t
+            .step(&samples, shape, 2, 1e-3, Guard::default(), &mut Solo)
+            .unwrap();
+        assert!(
+            r.skipped && r.global_loss.is_nan() && r.loss_sum.is_nan(),
+            "{r:?}"
+        );
+        assert_eq!(t.optimizer().step_count(), 1);
+        for ((name, a), (_, b)) in params.iter().zip(&parameters(&t)) {
+            let same_or_both_nan = a.isnan().equal(&b.isnan())
+                && a.nan_to_num(0.0, None, None)
+                    .equal(&b.nan_to_num(0.0, None, None));
+            assert!(same_or_both_nan, "{name} changed");
+        }
+        assert!(moments
+            .iter()
+            .zip(optimizer_state(&t))
+            .all(|(a, b)| a.equal(&b)));
+        tch::no_grad(|| norm.copy_(&saved));
+        let r = t
+            .step(&samples, shape, 2, 1e-3, Guard::default(), &mut Solo)
+            .unwrap();
+        assert!(!r.skipped && r.global_loss.is_finite());
+        assert_eq!(t.optimizer().step_count(), 2);
     }
 
     #[test]
@@ -671,7 +1028,7 @@ mod tests {
         );
         // A window past the end of "b" (50 tokens).
         let err = t
-            .step(&[(1, 20)], shape, 1, 1e-3, &mut Solo)
+            .step(&[(1, 20)], shape, 1, 1e-3, Guard::default(), &mut Solo)
             .unwrap_err()
             .to_string();
         assert!(

@@ -5,9 +5,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use stagecoach_coordinator::schedule::{DecayShape, Wsd};
+use stagecoach_proto::v1;
+use stagecoach_worker::checkpoint::{self, Meta, Request};
+use stagecoach_worker::collective::Solo;
 use stagecoach_worker::hf;
 use stagecoach_worker::model::{Llama, ModelConfig};
 use stagecoach_worker::optim::{AdamW, AdamWConfig};
+use stagecoach_worker::shards::{ShardWriter, TokenSize};
+use stagecoach_worker::train::{Guard, Shape, Trainer};
 use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
@@ -322,4 +327,99 @@ fn tokenize_with_tokenizer_json_matches_hf_tokenizers() {
         "BPE should compress"
     );
     assert_eq!(ours, theirs);
+}
+
+/// A job over one folder of byte-level shards, the micro preset (GQA).
+fn micro_job(dir: &Path) -> v1::JobSpec {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut w = ShardWriter::create(&data.join("00.ds"), TokenSize::U16, "bytes").unwrap();
+    let text: Vec<u32> = "The stage coach left at dawn and reached the river by noon. "
+        .repeat(20)
+        .bytes()
+        .map(u32::from)
+        .collect();
+    w.write_document(&text).unwrap();
+    w.finish().unwrap();
+    v1::JobSpec {
+        name: "export".into(),
+        model_preset: "micro".into(),
+        optimizer: Some(v1::OptimizerSpec {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            grad_clip: 1.0,
+        }),
+        seq_len: 32,
+        sources: vec![v1::SourceSpec {
+            name: "prose".into(),
+            path: data.display().to_string(),
+            eval_path: String::new(),
+        }],
+        threads: 1,
+        init_seed: 5,
+        ..Default::default()
+    }
+}
+
+/// A checkpoint taken after a few training steps (at a stage's RoPE θ) is a transformers model
+/// folder: `LlamaForCausalLM.from_pretrained` on the checkpoint folder itself, and on a folder
+/// holding only its model.safetensors and config.json (what `stagecoach export` writes), gives
+/// our model's logits.
+#[test]
+fn a_checkpoint_loads_in_transformers_with_our_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = micro_job(dir.path());
+    let mut trainer = Trainer::new(&spec, Device::Cpu).unwrap();
+    trainer.set_rope_theta(40_000.0).unwrap();
+    for step in 0..4u64 {
+        let samples: Vec<(usize, u64)> = (0..4).map(|i| (0, step * 64 + i * 16)).collect();
+        let r = trainer
+            .step(
+                &samples,
+                Shape::new(32, 2).unwrap(),
+                4,
+                3e-3,
+                Guard::default(),
+                &mut Solo,
+            )
+            .unwrap();
+        assert!(!r.skipped);
+    }
+    let ckpt = dir.path().join("checkpoints").join("step-4");
+    let meta = Meta {
+        job: "export".into(),
+        step: 4,
+        cursors: vec![256],
+        stage_taken: vec![16],
+        ..Default::default()
+    };
+    checkpoint::save_sync(
+        trainer.state(),
+        &meta,
+        &Request {
+            path: ckpt.clone(),
+            id: 0,
+            delete: vec![],
+        },
+    )
+    .unwrap();
+    let export = dir.path().join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    for f in [checkpoint::MODEL, checkpoint::CONFIG] {
+        std::fs::copy(ckpt.join(f), export.join(f)).unwrap();
+    }
+    let inputs = dir.path().join("inputs.safetensors");
+    let ids = tokens(trainer.model_config().vocab_size, &inputs);
+    let ours = tch::no_grad(|| trainer.model().forward(&ids).unwrap());
+    for (what, folder) in [("checkpoint folder", &ckpt), ("exported folder", &export)] {
+        let out = dir.path().join("logits.safetensors");
+        reference(&[Path::new("hf-logits"), folder, &inputs, &out]);
+        let err = max_abs(&ours, &read(&out, "logits"));
+        println!(
+            "checkpoint after 4 steps (micro, RoPE θ 40000), {what} loaded by transformers: max |logit difference| = {err:.3e}"
+        );
+        assert!(err <= 1e-4, "{what}: max abs logit error {err}");
+    }
 }

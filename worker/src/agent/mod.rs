@@ -1,0 +1,682 @@
+//! The coordinator-driven worker (`stagecoach-worker join`).
+//!
+//! Two halves: an async side (a small tokio runtime) that registers, holds the session stream,
+//! sends heartbeats and relays messages; and one named OS thread, `trainer`, that owns the model,
+//! the optimizer, the data and the collective. They talk over bounded channels: commands down
+//! (`World`, `Work`, `Evaluate`, `SaveCheckpoint`, leave, exit), worker messages up. No libtorch
+//! or collective call runs on a tokio thread; the trainer thread is [`trainer`].
+//!
+//! Each `Work` carries its curriculum stage (sequence length, RoPE θ, micro-batch), applied
+//! before the step, and its guard (every rank drops the update alike when the global loss or
+//! gradient norm is too high or not finite). An `Evaluate` computes held-out losses between two
+//! steps without touching the model or the optimizer. A `SaveCheckpoint` copies the state off
+//! between two steps and writes it in the background ([`crate::checkpoint`]); a `World` that
+//! names a checkpoint to restore loads it, checked against the coordinator's ledger, before the
+//! worker answers `Ready`.
+//!
+//! When the session breaks (the coordinator died or restarted), the trainer keeps the model and
+//! the async side registers again with backoff for up to `--reconnect-secs`; the coordinator then
+//! decides whether the worker continues from its step or restores a checkpoint. Replies are
+//! tagged with the session of the command they answer, so a new session never carries a reply
+//! meant for the coordinator that went away.
+
+mod trainer;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stagecoach_proto::v1;
+use stagecoach_proto::v1::workers_client::WorkersClient;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::collective::nccl;
+use crate::error::{Error, IoContext, Result};
+use crate::fault::Faults;
+use crate::metrics::Metrics;
+use trainer::{trainer_thread, Setup};
+
+/// How to join a job.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// The coordinator's URL (http://host:port).
+    pub coordinator: String,
+    /// Where to accept the ring neighbour (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Overrides the job's device.
+    pub device: Option<String>,
+    /// Write one JSON record per trained step (with its samples) here.
+    pub metrics_out: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (GET /metrics; port 0: any free port, logged).
+    pub metrics_listen: SocketAddr,
+    /// How long to keep trying to reach the coordinator again after the session breaks.
+    pub reconnect: Duration,
+    /// Fault injection (tests only; none by default).
+    pub faults: Faults,
+}
+
+enum Command {
+    World(v1::World),
+    Work(v1::Work),
+    Evaluate(v1::Evaluate),
+    Save(v1::SaveCheckpoint),
+    /// Leave the current collective (the generation ended, or the session broke).
+    Leave,
+    Exit,
+}
+
+/// A command, with the session (epoch) it arrived on.
+type Envelope = (u64, Command);
+
+type Reply = v1::worker_message::Kind;
+
+/// A message for the coordinator, with the session of the command it answers: only messages of
+/// the current session are sent.
+struct Up {
+    epoch: u64,
+    kind: Reply,
+}
+
+/// Registers with the coordinator and trains what it sends until the job ends.
+pub fn join(opts: JoinOptions) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(session(opts))
+}
+
+fn rpc(what: &str, e: tonic::Status) -> Error {
+    Error::Coordinator(format!(
+        "{what}: the coordinator answered {:?}: {}",
+        e.code(),
+        e.message()
+    ))
+}
+
+/// A registration: the client, this worker's id in it, and the job.
+struct Link {
+    client: WorkersClient<tonic::transport::Channel>,
+    worker_id: String,
+    job: v1::JobSpec,
+    heartbeat: Duration,
+}
+
+/// Where and how this worker registers.
+struct Registrar {
+    endpoint: tonic::transport::Endpoint,
+    url: String,
+    address: SocketAddr,
+    device: tch::Device,
+}
+
+impl Registrar {
+    async fn register(&self) -> Result<Link> {
+        let channel = self.endpoint.connect().await.map_err(|e| {
+            Error::Coordinator(format!("cannot reach the coordinator at {}: {e}", self.url))
+        })?;
+        let mut client = WorkersClient::new(channel);
+        // The device decides the collective: NCCL between GPUs (its unique id travels through
+        // the coordinator), the TCP ring between CPU workers.
+        let (backend, nccl_unique_id) = match self.device {
+            tch::Device::Cuda(_) => (v1::CollectiveBackend::Nccl, fresh_nccl_id()?),
+            _ => (v1::CollectiveBackend::Tcp, Vec::new()),
+        };
+        let reg = client
+            .register(v1::RegisterRequest {
+                name: format!("{}:{}", hostname(), std::process::id()),
+                backend: backend.into(),
+                collective_address: self.address.to_string(),
+                nccl_unique_id,
+            })
+            .await
+            .map_err(|e| rpc("register", e))?
+            .into_inner();
+        let job = reg
+            .job
+            .ok_or_else(|| Error::Coordinator("the coordinator sent no job".into()))?;
+        Ok(Link {
+            client,
+            worker_id: reg.worker_id,
+            job,
+            heartbeat: Duration::from_millis(reg.heartbeat_ms.max(10)),
+        })
+    }
+
+    /// Registers again after the session broke (`why`), with backoff, for up to `window`.
+    async fn reconnect(&self, window: Duration, why: &str) -> Result<Link> {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(250);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let tried = tokio::time::timeout(Duration::from_secs(10), self.register())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Coordinator(
+                        "no answer to register within 10 s".into(),
+                    ))
+                });
+            match tried {
+                Ok(link) => {
+                    info!(attempt, worker = %link.worker_id, "registered again with the coordinator; the model is kept");
+                    return Ok(link);
+                }
+                Err(e) if start.elapsed() + backoff > window => {
+                    return Err(Error::Coordinator(format!(
+                        "the session with the coordinator at {} broke ({why}) and the coordinator could not be reached again within {} s ({attempt} attempts; last: {e}); giving up (--reconnect-secs sets how long to wait)",
+                        self.url,
+                        window.as_secs()
+                    )));
+                }
+                Err(e) => {
+                    warn!(attempt, error = %e, "the coordinator cannot be reached yet; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Refuses to go on with a coordinator that now runs another job than the one this worker's
+/// model and data belong to.
+fn same_job(ours: &v1::JobSpec, theirs: &v1::JobSpec) -> Result<()> {
+    let fields: [(&str, bool); 6] = [
+        ("name", ours.name == theirs.name),
+        ("model preset", ours.model_preset == theirs.model_preset),
+        ("model folder", ours.model_from == theirs.model_from),
+        ("sources", ours.sources == theirs.sources),
+        ("optimizer", ours.optimizer == theirs.optimizer),
+        ("longest seq_len", ours.seq_len == theirs.seq_len),
+    ];
+    match fields.iter().find(|(_, same)| !same) {
+        None => Ok(()),
+        Some((field, _)) => Err(Error::Coordinator(format!(
+            "after reconnecting, the coordinator runs job {:?} whose {field} differs from job {:?} this worker's model belongs to; start a new worker for it",
+            theirs.name, ours.name
+        ))),
+    }
+}
+
+/// Aborts a task when dropped, so a session's helpers end with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How a session ended.
+enum End {
+    /// The job ended (finished, failed, or the trainer thread ended).
+    Done(Result<()>),
+    /// The stream broke or the coordinator closed it: reconnect.
+    Broken(String),
+}
+
+async fn session(opts: JoinOptions) -> Result<()> {
+    let listener = TcpListener::bind(opts.listen).at(format!("{}", opts.listen))?;
+    let address = listener.local_addr().at("collective listener")?;
+    let metrics = Arc::new(Metrics::new());
+    let metrics_listener = tokio::net::TcpListener::bind(opts.metrics_listen)
+        .await
+        .at(format!("metrics endpoint {}", opts.metrics_listen))?;
+    let metrics_address = metrics_listener.local_addr().at("metrics endpoint")?;
+    let _metrics_server = AbortOnDrop(tokio::spawn(stagecoach_coordinator::metrics::serve(
+        metrics_listener,
+        metrics.registry().clone(),
+    )));
+    info!("metrics on http://{metrics_address}/metrics");
+    let endpoint = tonic::transport::Endpoint::from_shared(opts.coordinator.clone())
+        .map_err(|e| Error::Config(format!("coordinator URL {:?}: {e}", opts.coordinator)))?
+        .connect_timeout(Duration::from_secs(10));
+    let registrar = Registrar {
+        endpoint,
+        url: opts.coordinator.clone(),
+        address,
+        device: crate::device::parse(opts.device.as_deref().unwrap_or("cpu"))?,
+    };
+    let link = registrar.register().await?;
+    info!(worker = %link.worker_id, job = %link.job.name, %address, "registered");
+
+    let (up_tx, up_rx) = mpsc::channel::<Up>(64);
+    let (cmd_tx, cmd_rx) = mpsc::channel::<Envelope>(16);
+    let heartbeats = Arc::new(AtomicBool::new(true));
+    let trainer = {
+        let setup = Setup {
+            job: link.job.clone(),
+            device: registrar.device,
+            listener,
+            worker_id: link.worker_id.clone(),
+            commands: cmd_rx,
+            up: up_tx,
+            metrics_out: opts.metrics_out.clone(),
+            prom: metrics,
+            faults: opts.faults.clone(),
+            heartbeats: heartbeats.clone(),
+        };
+        std::thread::Builder::new()
+            .name("trainer".into())
+            .spawn(move || trainer_thread(setup))
+            .map_err(|e| Error::Config(format!("cannot start the trainer thread: {e}")))?
+    };
+    let outcome = drive(
+        &registrar,
+        link,
+        up_rx,
+        &cmd_tx,
+        &heartbeats,
+        opts.reconnect,
+    )
+    .await;
+    drop(cmd_tx);
+    let trained = tokio::task::spawn_blocking(move || trainer.join())
+        .await
+        .map_err(|e| Error::Config(format!("joining the trainer: {e}")))?
+        .map_err(|_| Error::Config("the trainer thread panicked".into()))?;
+    // The trainer's own error says more than "the trainer thread ended".
+    trained.and(outcome)
+}
+
+/// Runs sessions until the job ends, registering again whenever one breaks. Takes the
+/// trainer's messages and drops them when it returns, so that a trainer still sending never
+/// waits on a channel nobody reads.
+async fn drive(
+    registrar: &Registrar,
+    mut link: Link,
+    mut up: mpsc::Receiver<Up>,
+    commands: &mpsc::Sender<Envelope>,
+    heartbeats: &Arc<AtomicBool>,
+    reconnect: Duration,
+) -> Result<()> {
+    let mut epoch = 0u64;
+    loop {
+        let why = match run_session(&link, epoch, &mut up, commands, heartbeats).await {
+            End::Done(result) => return result,
+            End::Broken(why) => why,
+        };
+        warn!(
+            "the session with the coordinator broke ({why}); keeping the model and reconnecting for up to {} s",
+            reconnect.as_secs()
+        );
+        epoch += 1;
+        if commands.send((epoch, Command::Leave)).await.is_err() {
+            return Err(Error::Config("the trainer thread ended".into()));
+        }
+        let next = match registrar.reconnect(reconnect, &why).await {
+            Ok(next) => same_job(&link.job, &next.job).map(|()| next),
+            Err(e) => Err(e),
+        };
+        match next {
+            Ok(next) => link = next,
+            Err(e) => {
+                let _ = commands.send((epoch, Command::Exit)).await;
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Sends a heartbeat every `every` while `on` holds, until aborted.
+async fn heartbeat(
+    out: mpsc::Sender<v1::WorkerMessage>,
+    worker_id: String,
+    every: Duration,
+    on: Arc<AtomicBool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if !on.load(Ordering::Relaxed) {
+            continue;
+        }
+        let msg = v1::WorkerMessage {
+            worker_id: worker_id.clone(),
+            kind: Some(v1::worker_message::Kind::Heartbeat(v1::Heartbeat {})),
+        };
+        if out.send(msg).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// One session: Hello, then the coordinator's messages down to the trainer and the trainer's
+/// replies of this session (`epoch`) up, with heartbeats beside.
+async fn run_session(
+    link: &Link,
+    epoch: u64,
+    up: &mut mpsc::Receiver<Up>,
+    commands: &mpsc::Sender<Envelope>,
+    heartbeats: &Arc<AtomicBool>,
+) -> End {
+    let (out, out_rx) = mpsc::channel::<v1::WorkerMessage>(64);
+    let message = |kind: Reply| v1::WorkerMessage {
+        worker_id: link.worker_id.clone(),
+        kind: Some(kind),
+    };
+    // The receiver is ours until the stream takes it: this send cannot fail or wait.
+    let _ = out.send(message(Reply::Hello(v1::Hello {}))).await;
+    let mut client = link.client.clone();
+    let mut inbound = match client
+        .session(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(e) => {
+            return End::Broken(format!(
+                "opening the session: {:?}: {}",
+                e.code(),
+                e.message()
+            ))
+        }
+    };
+    let _beat = AbortOnDrop(tokio::spawn(heartbeat(
+        out.clone(),
+        link.worker_id.clone(),
+        link.heartbeat,
+        heartbeats.clone(),
+    )));
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return End::Broken("the coordinator closed the session".into()),
+                    Err(e) => return End::Broken(format!("{:?}: {}", e.code(), e.message())),
+                };
+                use v1::coordinator_message::Kind;
+                let cmd = match msg.kind {
+                    Some(Kind::World(w)) => Command::World(w),
+                    Some(Kind::Work(w)) => Command::Work(w),
+                    Some(Kind::Evaluate(e)) => Command::Evaluate(e),
+                    Some(Kind::SaveCheckpoint(s)) => Command::Save(s),
+                    Some(Kind::Stop(s)) => match s.reason() {
+                        v1::StopReason::GenerationEnded => {
+                            warn!(generation = s.generation, detail = %s.detail, "generation ended");
+                            Command::Leave
+                        }
+                        v1::StopReason::JobFinished => {
+                            info!("the job finished");
+                            let _ = commands.send((epoch, Command::Exit)).await;
+                            return End::Done(Ok(()));
+                        }
+                        _ => {
+                            let _ = commands.send((epoch, Command::Exit)).await;
+                            return End::Done(Err(Error::Coordinator(format!(
+                                "the job failed: {}",
+                                s.detail
+                            ))));
+                        }
+                    },
+                    None => continue,
+                };
+                if commands.send((epoch, cmd)).await.is_err() {
+                    return End::Done(Err(Error::Config("the trainer thread ended".into())));
+                }
+            }
+            reply = up.recv() => match reply {
+                Some(Up { epoch: e, kind }) if e == epoch => {
+                    if out.send(message(kind)).await.is_err() {
+                        return End::Broken("the session's outbound stream closed".into());
+                    }
+                }
+                Some(_) => debug!("dropped a reply meant for an earlier session"),
+                None => return End::Done(Err(Error::Config("the trainer thread ended".into()))),
+            },
+        }
+    }
+}
+
+fn fresh_nccl_id() -> Result<Vec<u8>> {
+    Ok(nccl::unique_id()
+        .map_err(|e| Error::Collective(e.to_string()))?
+        .to_vec())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "worker".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trainer::tests::{stage, step_done, work};
+    use super::*;
+    use crate::train::fixtures;
+
+    /// A session as the fake coordinator sees it: the worker's messages, and where to put its
+    /// own (dropping it ends the session).
+    type FakeSession = (
+        tonic::Streaming<v1::WorkerMessage>,
+        mpsc::Sender<Result<v1::CoordinatorMessage, tonic::Status>>,
+    );
+
+    /// A coordinator's side of the Workers service, driven by the test: registrations and
+    /// sessions are handed over as they arrive.
+    struct FakeCoordinator {
+        job: v1::JobSpec,
+        registrations: mpsc::Sender<v1::RegisterRequest>,
+        sessions: mpsc::Sender<FakeSession>,
+        count: std::sync::atomic::AtomicU64,
+    }
+
+    #[tonic::async_trait]
+    impl v1::workers_server::Workers for FakeCoordinator {
+        async fn register(
+            &self,
+            request: tonic::Request<v1::RegisterRequest>,
+        ) -> Result<tonic::Response<v1::RegisterResponse>, tonic::Status> {
+            let n = 1 + self.count.fetch_add(1, Ordering::Relaxed);
+            let _ = self.registrations.send(request.into_inner()).await;
+            Ok(tonic::Response::new(v1::RegisterResponse {
+                worker_id: format!("w{n}"),
+                lease_ms: 60_000,
+                heartbeat_ms: 50,
+                job: Some(self.job.clone()),
+            }))
+        }
+
+        type SessionStream = std::pin::Pin<
+            Box<
+                dyn tokio_stream::Stream<Item = Result<v1::CoordinatorMessage, tonic::Status>>
+                    + Send,
+            >,
+        >;
+
+        async fn session(
+            &self,
+            request: tonic::Request<tonic::Streaming<v1::WorkerMessage>>,
+        ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
+            let (tx, rx) = mpsc::channel(16);
+            let _ = self.sessions.send((request.into_inner(), tx)).await;
+            Ok(tonic::Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )))
+        }
+    }
+
+    struct Fake {
+        url: String,
+        registrations: mpsc::Receiver<v1::RegisterRequest>,
+        sessions: mpsc::Receiver<FakeSession>,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    async fn fake_coordinator(job: v1::JobSpec) -> Fake {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (reg_tx, registrations) = mpsc::channel(8);
+        let (sess_tx, sessions) = mpsc::channel(8);
+        let service = FakeCoordinator {
+            job,
+            registrations: reg_tx,
+            sessions: sess_tx,
+            count: Default::default(),
+        };
+        let server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(v1::workers_server::WorkersServer::new(service))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+        Fake {
+            url,
+            registrations,
+            sessions,
+            server,
+        }
+    }
+
+    /// The next message of a session other than a heartbeat, and the worker id it carries.
+    async fn next(inbound: &mut tonic::Streaming<v1::WorkerMessage>) -> (String, Reply) {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(60), inbound.message())
+                .await
+                .expect("a message within 60 s")
+                .expect("a healthy stream")
+                .expect("an open stream");
+            match msg.kind {
+                Some(Reply::Heartbeat(_)) | None => continue,
+                Some(kind) => return (msg.worker_id, kind),
+            }
+        }
+    }
+
+    fn join_options(url: &str, reconnect_secs: u64) -> JoinOptions {
+        JoinOptions {
+            coordinator: url.into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            device: None,
+            metrics_out: None,
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
+            reconnect: Duration::from_secs(reconnect_secs),
+            faults: Faults::default(),
+        }
+    }
+
+    fn world_for(generation: u64, start_step: u64, address: &str) -> v1::CoordinatorMessage {
+        v1::CoordinatorMessage {
+            kind: Some(v1::coordinator_message::Kind::World(v1::World {
+                generation,
+                rank: 0,
+                world_size: 1,
+                peers: vec![address.into()],
+                start_step,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn work_for(generation: u64, step: u64, samples: &[(usize, u64)]) -> v1::CoordinatorMessage {
+        let Command::Work(w) = work(generation, step, samples, Some(stage(0, 16, 0.0, 2))) else {
+            unreachable!()
+        };
+        v1::CoordinatorMessage {
+            kind: Some(v1::coordinator_message::Kind::Work(w)),
+        }
+    }
+
+    /// The coordinator ends a session with a step in flight: the worker keeps its model,
+    /// registers again under a new id, never sends the old session's reply on the new one, and
+    /// answers the new world with the steps it has taken (the one in flight included).
+    #[test]
+    fn a_broken_session_is_resumed_with_the_model_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = fixtures::job(dir.path());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut fake = fake_coordinator(spec).await;
+            let opts = join_options(&fake.url, 30);
+            let worker = std::thread::spawn(move || join(opts));
+
+            let first = fake.registrations.recv().await.unwrap();
+            let (mut inbound, out) = fake.sessions.recv().await.unwrap();
+            let (id, hello) = next(&mut inbound).await;
+            assert!(matches!(hello, Reply::Hello(_)) && id == "w1");
+            out.send(Ok(world_for(1, 0, &first.collective_address)))
+                .await
+                .unwrap();
+            assert!(matches!(next(&mut inbound).await.1, Reply::Ready(_)));
+            out.send(Ok(work_for(1, 0, &[(0, 0), (1, 0)])))
+                .await
+                .unwrap();
+            assert_eq!(step_done(next(&mut inbound).await.1).step, 0);
+            // Step 1 is sent, then the session ends before its reply can come back.
+            out.send(Ok(work_for(1, 1, &[(0, 16), (1, 16)])))
+                .await
+                .unwrap();
+            drop(out);
+
+            let second = fake.registrations.recv().await.unwrap();
+            assert_eq!(second.collective_address, first.collective_address);
+            let (mut inbound2, out) = fake.sessions.recv().await.unwrap();
+            let (id, hello) = next(&mut inbound2).await;
+            assert!(matches!(hello, Reply::Hello(_)) && id == "w2", "{id}");
+            out.send(Ok(world_for(2, 2, &first.collective_address)))
+                .await
+                .unwrap();
+            // Step 1's StepDone belonged to the first session: the next message is Ready.
+            let (id, reply) = next(&mut inbound2).await;
+            let Reply::Ready(ready) = reply else {
+                panic!("expected Ready, got {reply:?}")
+            };
+            assert_eq!((id.as_str(), ready.generation, ready.step), ("w2", 2, 2));
+            out.send(Ok(work_for(2, 2, &[(0, 32), (1, 32)])))
+                .await
+                .unwrap();
+            assert_eq!(step_done(next(&mut inbound2).await.1).step, 2);
+            out.send(Ok(v1::CoordinatorMessage {
+                kind: Some(v1::coordinator_message::Kind::Stop(v1::Stop {
+                    reason: v1::StopReason::JobFinished.into(),
+                    generation: 2,
+                    detail: String::new(),
+                })),
+            }))
+            .await
+            .unwrap();
+            let result = tokio::task::spawn_blocking(move || worker.join().unwrap())
+                .await
+                .unwrap();
+            assert!(result.is_ok(), "{result:?}");
+            drop(inbound);
+            fake.server.abort();
+        });
+    }
+
+    /// A coordinator that stays away longer than `--reconnect-secs`: the worker gives up with
+    /// an error that says so.
+    #[test]
+    fn a_coordinator_gone_for_good_ends_the_worker_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = fixtures::job(dir.path());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut fake = fake_coordinator(spec).await;
+            let opts = join_options(&fake.url, 1);
+            let worker = std::thread::spawn(move || join(opts));
+            fake.registrations.recv().await.unwrap();
+            let (mut inbound, out) = fake.sessions.recv().await.unwrap();
+            assert!(matches!(next(&mut inbound).await.1, Reply::Hello(_)));
+            fake.server.abort();
+            drop((out, inbound));
+            let t0 = Instant::now();
+            let result = tokio::task::spawn_blocking(move || worker.join().unwrap())
+                .await
+                .unwrap();
+            let err = result.unwrap_err().to_string();
+            assert!(
+                err.contains("could not be reached again within 1 s"),
+                "{err}"
+            );
+            assert!(t0.elapsed() < Duration::from_secs(30));
+        });
+    }
+}
