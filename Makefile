@@ -61,3 +61,14 @@ bench-cpu: setup
 bench-allreduce: setup
 	$(CARGO) build --release -p stagecoach-worker --bin bench_allreduce
 	target/release/bench_allreduce --output bench/results/allreduce-cpu.md $(if $(MACHINE),--machine "$(MACHINE)")
+
+## Checkpoint blocking time: asynchronous save vs a synchronous save of the same state (tiny and
+## smollm2-135m, CPU). `make bench-checkpoint MACHINE="8-core workstation"` names the machine.
+.PHONY: bench-checkpoint
+bench-checkpoint: setup
+	$(CARGO) build --release -p stagecoach-worker --bin bench_checkpoint
+	target/release/bench_checkpoint --output bench/results/checkpoint-cpu.md $(if $(MACHINE),--machine "$(MACHINE)")
+
+## Every CPU benchmark; each prints ratios against a reference run in the same invocation.
+.PHONY: bench
+bench: bench-cpu bench-allreduce bench-checkpoint

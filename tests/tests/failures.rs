@@ -1,6 +1,7 @@
-//! Worker failure with real processes: kill -9 one worker of a two-worker job. The survivor
-//! leaves its collective with an error, the coordinator ends the generation and forms a new one
-//! with the survivor, the job completes, and the ledger still holds every step's samples once.
+//! Worker failure with real processes: kill -9 one worker of a three-worker job. The survivors
+//! leave their collective with an error, the coordinator ends the generation and forms a new one
+//! with the two survivors (same global batch), the job completes, and the ledger still holds
+//! every step's samples once.
 
 use std::path::Path;
 use std::process::Command;
@@ -61,8 +62,8 @@ mix = {{ prose = 0.6, code = 0.4 }}
 threads = 1
 log_every = 5
 [workers]
-min = 1
-max = 2
+min = 2
+max = 3
 rendezvous_ms = 4000
 lease_ms = 3000
 heartbeat_ms = 200
@@ -74,7 +75,7 @@ collective_timeout_ms = {COLLECTIVE_TIMEOUT_MS}
     .unwrap();
     let state = d.join("state");
     let (mut coord, url) = coordinator(&job, &state, &d.join("coordinator.log"));
-    let mut workers: Vec<Proc> = (0..2)
+    let mut workers: Vec<Proc> = (0..3)
         .map(|i| {
             let metrics = d.join(format!("worker-{i}.jsonl"));
             join_worker(
@@ -86,17 +87,17 @@ collective_timeout_ms = {COLLECTIVE_TIMEOUT_MS}
         })
         .collect();
 
-    // Let the two-worker world train a few steps, then kill -9 the second worker.
+    // Let the three-worker world train a few steps, then kill -9 the third worker.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while lines(&d.join("worker-1.jsonl")) < 5 {
+    while lines(&d.join("worker-2.jsonl")) < 5 {
         assert!(
             Instant::now() < deadline,
-            "the two-worker world did not train"
+            "the three-worker world did not train"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(status(&url)["world_size"], 2);
-    workers[1].child.kill().unwrap();
+    assert_eq!(status(&url)["world_size"], 3);
+    workers[2].child.kill().unwrap();
     let killed = Instant::now();
     // First the generation ends (the survivor's all-reduce fails on the dead peer), then, after
     // the rendezvous wait for a replacement, generation 2 forms with the survivor.
@@ -111,6 +112,10 @@ collective_timeout_ms = {COLLECTIVE_TIMEOUT_MS}
         }
         if s["generation"].as_u64() >= Some(2) {
             formed = Some(killed.elapsed());
+            assert_eq!(
+                s["world_size"], 2,
+                "the two survivors form the new world: {s}"
+            );
         }
         assert!(
             killed.elapsed() < Duration::from_secs(60),
@@ -119,7 +124,22 @@ collective_timeout_ms = {COLLECTIVE_TIMEOUT_MS}
         std::thread::sleep(Duration::from_millis(20));
     }
     let (ended, formed) = (ended.unwrap(), formed.unwrap());
-    println!("kill -9: generation 1 ended after {ended:?}, generation 2 formed after {formed:?}");
+    // Training resumed: the survivors commit steps again.
+    let at_formation = status(&url)["step"].as_u64().unwrap_or(0);
+    let resumed = loop {
+        let s = status(&url);
+        if s["step"].as_u64().unwrap_or(0) > at_formation || s["state"] == "finished" {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(90),
+            "no step after the new world: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "kill -9 of 1 of 3 workers: generation 1 ended after {ended:?}, generation 2 (2 workers) formed after {formed:?}, first step committed after {resumed:?}"
+    );
     assert!(
         ended < Duration::from_millis(COLLECTIVE_TIMEOUT_MS) + Duration::from_secs(5),
         "the survivor should leave its collective within the collective timeout, took {ended:?}"
@@ -128,10 +148,12 @@ collective_timeout_ms = {COLLECTIVE_TIMEOUT_MS}
     let finished = coord.wait(Duration::from_secs(180));
     let log = std::fs::read_to_string(d.join("coordinator.log")).unwrap();
     assert!(finished.success(), "the job did not complete:\n{log}");
-    assert!(
-        workers[0].wait(Duration::from_secs(30)).success(),
-        "the survivor failed"
-    );
+    for w in &mut workers[..2] {
+        assert!(
+            w.wait(Duration::from_secs(30)).success(),
+            "a survivor failed"
+        );
+    }
     let survivor = std::fs::read_to_string(d.join("worker-0.log")).unwrap();
     assert!(
         survivor.contains("leaving the collective") || survivor.contains("generation ended"),
