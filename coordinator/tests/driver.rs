@@ -1077,3 +1077,189 @@ async fn a_spike_rolls_every_rank_back_to_the_checkpoint_and_skips_its_data() {
     assert_eq!(index.checkpoints.len(), 1);
     assert!(index.checkpoints[0].known_good);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_manual_rollback_replays_from_the_checkpoint() {
+    use v1::coordinator_message::Kind as C;
+    let policy = Policy {
+        checkpoints: Some(CheckpointConfig {
+            dir: "ck".into(),
+            every_steps: 4,
+            keep: 3,
+        }),
+        spikes: Some(SpikeConfig {
+            window: 10,
+            min_steps: 3,
+            ladder: vec![Rung::Rollback],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let h = Harness::with_policy(LONG, policy);
+    let a = h.register("127.0.0.1:5001").await.unwrap().worker_id;
+    let b = h.register("127.0.0.1:5002").await.unwrap().worker_id;
+    let mut ia = h.attach(&a).await;
+    let mut ib = h.attach(&b).await;
+    next(&mut ia).await;
+    next(&mut ib).await;
+    let ready = |generation: u64, step: u64| {
+        Kind::Ready(v1::Ready {
+            generation,
+            step,
+            sources: vec![v1::SourceSize {
+                name: "a".into(),
+                num_tokens: 100 * 16 + 1,
+                eval_tokens: 0,
+            }],
+            ..Default::default()
+        })
+    };
+    // Nothing to roll back to before the first checkpoint.
+    h.send(&a, ready(1, 0)).await.unwrap();
+    h.send(&b, ready(1, 0)).await.unwrap();
+    assert!(matches!(
+        h.control(ControlRequest::Rollback {
+            checkpoint: None,
+            requested_by: "ana@h".into()
+        })
+        .await,
+        Err(DriverError::NotFound(_))
+    ));
+    let mut first_run = vec![];
+    for step in 0..6u64 {
+        if step == 4 {
+            let C::SaveCheckpoint(save) = next(&mut ia).await else {
+                panic!("expected SaveCheckpoint")
+            };
+            let saved = Kind::CheckpointSaved(v1::CheckpointSaved {
+                generation: 1,
+                id: save.id,
+                path: save.path,
+                ..Default::default()
+            });
+            h.send(&a, saved).await.unwrap();
+        }
+        let (C::Work(x), C::Work(y)) = (next(&mut ia).await, next(&mut ib).await) else {
+            panic!("expected Work at step {step}")
+        };
+        first_run.push([x.samples, y.samples].concat());
+        h.send(&a, done_with_loss(1, step, 2, 2.0)).await.unwrap();
+        h.send(&b, done_with_loss(1, step, 2, 2.0)).await.unwrap();
+    }
+    // Step 6 is in flight; a person rolls back to the checkpoint of step 4.
+    let (C::Work(_), C::Work(_)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected Work")
+    };
+    let ControlReply::RolledBack(r) = h
+        .control(ControlRequest::Rollback {
+            checkpoint: Some("4".into()),
+            requested_by: "ana@h".into(),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((r.step, r.checkpoint.as_str()), (4, "ck/step-00000004-g1"));
+    for inbox in [&mut ia, &mut ib] {
+        let C::Stop(_) = next(inbox).await else {
+            panic!("expected Stop")
+        };
+        let C::World(w) = next(inbox).await else {
+            panic!("expected World")
+        };
+        assert_eq!(w.restore.unwrap().step, 4);
+    }
+    h.send(&a, ready(2, 4)).await.unwrap();
+    h.send(&b, ready(2, 4)).await.unwrap();
+    // The replay trains the same samples (a manual rollback skips nothing).
+    for step in 4..6u64 {
+        let (C::Work(x), C::Work(y)) = (next(&mut ia).await, next(&mut ib).await) else {
+            panic!("expected Work at step {step}")
+        };
+        assert_eq!([x.samples, y.samples].concat(), first_run[step as usize]);
+        h.send(&a, done_with_loss(2, step, 2, 2.0)).await.unwrap();
+        h.send(&b, done_with_loss(2, step, 2, 2.0)).await.unwrap();
+    }
+    let ControlReply::Events(events) = h.control(ControlRequest::ListEvents).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(events.events[0].action(), v1::SpikeAction::ManualRollback);
+    assert_eq!(events.events[0].requested_by, "ana@h");
+    // An unknown checkpoint is refused and changes nothing.
+    assert!(matches!(
+        h.control(ControlRequest::Rollback {
+            checkpoint: Some("ck/nowhere".into()),
+            requested_by: "x".into()
+        })
+        .await,
+        Err(DriverError::NotFound(_))
+    ));
+    let (C::Work(x), C::Work(_)) = (next(&mut ia).await, next(&mut ib).await) else {
+        panic!("expected Work")
+    };
+    assert_eq!(x.step, 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spike_with_no_checkpoint_to_roll_back_to_pauses_the_job_and_says_why() {
+    use v1::coordinator_message::Kind as C;
+    let policy = Policy {
+        checkpoints: Some(CheckpointConfig {
+            dir: "ck".into(),
+            every_steps: 0,
+            keep: 3,
+        }),
+        spikes: Some(SpikeConfig {
+            window: 10,
+            min_steps: 3,
+            ladder: vec![Rung::Rollback],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let h = Harness::with_policy(LONG, policy);
+    let a = h.register("127.0.0.1:5001").await.unwrap().worker_id;
+    let b = h.register("127.0.0.1:5002").await.unwrap().worker_id;
+    let mut ia = h.attach(&a).await;
+    let mut ib = h.attach(&b).await;
+    next(&mut ia).await;
+    next(&mut ib).await;
+    for id in [&a, &b] {
+        let ready = Kind::Ready(v1::Ready {
+            generation: 1,
+            sources: vec![v1::SourceSize {
+                name: "a".into(),
+                num_tokens: 100 * 16 + 1,
+                eval_tokens: 0,
+            }],
+            ..Default::default()
+        });
+        h.send(id, ready).await.unwrap();
+    }
+    for step in 0..6u64 {
+        let (C::Work(_), C::Work(_)) = (next(&mut ia).await, next(&mut ib).await) else {
+            panic!("expected Work at step {step}")
+        };
+        let loss = if step == 5 {
+            9.0
+        } else {
+            2.0 + 0.01 * (step % 2) as f64
+        };
+        h.send(&a, done_with_loss(1, step, 2, loss)).await.unwrap();
+        h.send(&b, done_with_loss(1, step, 2, loss)).await.unwrap();
+    }
+    let snap = h.snapshot();
+    assert_eq!(snap.state, v1::JobState::Paused as i32);
+    assert!(
+        snap.detail.contains("no known-good checkpoint"),
+        "{}",
+        snap.detail
+    );
+    assert!(ia.try_recv().is_err(), "no work while paused");
+    let ControlReply::Events(events) = h.control(ControlRequest::ListEvents).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(events.events[0].action(), v1::SpikeAction::Pause);
+    assert_eq!(events.events[0].detected_at, 5);
+}
