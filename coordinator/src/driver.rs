@@ -322,6 +322,10 @@ pub struct Driver {
     index: Vec<v1::CheckpointRecord>,
     /// The checkpoint being written: its request id and its record-to-be.
     saving: Option<(u64, v1::CheckpointRecord)>,
+    /// Checkpoints asked for in generations that ended before rank 0 answered.
+    late_saves: Vec<(u64, v1::CheckpointRecord)>,
+    /// Checkpoints asked for in a lineage a rollback abandoned: their reports are ignored.
+    discarded: Vec<u64>,
     /// Who asked for a checkpoint that has not been requested from rank 0 yet.
     checkpoint_wanted: Option<String>,
     next_checkpoint_id: u64,
@@ -398,6 +402,8 @@ impl Driver {
             checkpoints: None,
             index: vec![],
             saving: None,
+            late_saves: vec![],
+            discarded: vec![],
             checkpoint_wanted: None,
             next_checkpoint_id: 1,
             lineage: String::new(),
@@ -1255,18 +1261,19 @@ impl Driver {
     }
 
     async fn checkpoint_saved(&mut self, saved: v1::CheckpointSaved) -> Result<(), DriverError> {
-        let Some((id, mut record)) = self.saving.take() else {
-            return Err(DriverError::FailedPrecondition(
-                "no checkpoint is being written".into(),
-            ));
-        };
-        if saved.id != id {
-            self.saving = Some((id, record));
+        let mut record = if self.saving.as_ref().is_some_and(|(id, _)| *id == saved.id) {
+            self.saving.take().expect("checked").1
+        } else if self.discarded.contains(&saved.id) {
+            return Ok(());
+        } else if let Some(i) = self.late_saves.iter().position(|(id, _)| *id == saved.id) {
+            // Asked for in a generation that has ended since; the write finished anyway.
+            self.late_saves.swap_remove(i).1
+        } else {
             return Err(DriverError::FailedPrecondition(format!(
-                "checkpoint {} reported, {id} is being written",
+                "checkpoint {} was not asked for",
                 saved.id
             )));
-        }
+        };
         if !saved.error.is_empty() {
             warn!(path = %record.path, error = %saved.error, "checkpoint failed; the earlier ones are intact");
             if let Some(m) = &self.metrics {
@@ -1578,7 +1585,11 @@ impl Driver {
             stage: target.stage,
             cursors: target.cursors.clone(),
         });
-        self.saving = None;
+        // A checkpoint being written belongs to the abandoned lineage: its folder goes too.
+        if let Some((id, r)) = self.saving.take() {
+            self.discarded.push(id);
+            self.abandoned.push(r.path);
+        }
         self.save_record().await
     }
 
@@ -1874,6 +1885,10 @@ impl Driver {
         }
         if world.eval.take().is_some() {
             warn!("the evaluation in flight is abandoned; it runs again in the next world");
+        }
+        // Rank 0 may be gone: a checkpoint it has not confirmed no longer blocks the next one.
+        if let Some(pending) = self.saving.take() {
+            self.late_saves.push(pending);
         }
         warn!(generation = world.generation, reason, "generation ended");
         if let Some(m) = &self.metrics {
