@@ -198,12 +198,13 @@ fn source_tokens(job: &v1::JobSpec) -> Vec<u64> {
         .collect()
 }
 
-/// The demo job file with its data paths pointed at `data`.
+/// The demo job file with its data and checkpoint paths pointed at `data` and under `dir`.
 fn demo_job(dir: &Path, data: &Path) -> PathBuf {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.toml");
     let text = std::fs::read_to_string(shipped)
         .unwrap()
-        .replace("runs/demo/data", data.to_str().unwrap());
+        .replace("runs/demo/data", data.to_str().unwrap())
+        .replace("runs/demo/", &format!("{}/", dir.display()));
     let path = dir.join("demo.toml");
     std::fs::write(&path, text).unwrap();
     path
@@ -352,8 +353,11 @@ max = 2
 lease_ms = 5000
 heartbeat_ms = 200
 collective_timeout_ms = 5000
+[checkpoints]
+dir = "{ckpt}"
 "#,
-        d = data.display()
+        d = data.display(),
+        ckpt = dir.join("checkpoints").display(),
     );
     let path = dir.join("manual.toml");
     std::fs::write(&path, text).unwrap();
