@@ -42,6 +42,7 @@ clean-demo:
 test: setup
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
+	bench/gpu/run.sh --dry-run --bin $(BIN)/stagecoach-worker
 
 lint: setup
 	$(CARGO) fmt --all -- --check
@@ -72,3 +73,9 @@ bench-checkpoint: setup
 ## Every CPU benchmark; each prints ratios against a reference run in the same invocation.
 .PHONY: bench
 bench: bench-cpu bench-allreduce bench-checkpoint
+
+## The binary bench/gpu/run.sh carries to the GPU machine (see bench/gpu/README.md).
+.PHONY: gpu-binary
+gpu-binary: setup
+	$(CARGO) build --release -p stagecoach-worker --bin stagecoach-worker
+	mkdir -p .gpu && cp target/release/stagecoach-worker .gpu/ && strip .gpu/stagecoach-worker

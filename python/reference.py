@@ -8,7 +8,8 @@ python, and compare what comes back with their own results.
   hf-init CONFIG_JSON MODEL_DIR INPUTS OUT
                                       build a randomly initialised LlamaForCausalLM from CONFIG_JSON,
                                       save it to MODEL_DIR (save_pretrained) and its logits to OUT
-  adamw INPUTS OUT                    torch.optim.AdamW + clip_grad_norm_ over the steps in INPUTS
+  adamw INPUTS OUT [fused]            torch.optim.AdamW + clip_grad_norm_ over the steps in INPUTS
+                                      ("fused": AdamW(fused=True), ATen's fused kernel)
   train-tokenizer TEXT OUT_JSON       train a small byte-level BPE tokenizer.json on TEXT (HF tokenizers)
   encode TOKENIZER_JSON JSONL OUT     token ids of each line's "text", each followed by <|endoftext|>
 """
@@ -50,7 +51,7 @@ def hf_init(config_path, model_dir, inputs_path, out_path):
     save_file({"logits": logits_of(model, inputs_path)}, out_path)
 
 
-def adamw(inputs_path, out_path):
+def adamw(inputs_path, out_path, kernel="single"):
     t = load_file(inputs_path)
     hp = t["hparams"].double().tolist()  # beta1, beta2, eps, weight_decay, max_norm
     lrs = t["lrs"].double().tolist()
@@ -60,7 +61,8 @@ def adamw(inputs_path, out_path):
     no_decay = [params[n] for n in names if params[n].dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": hp[3]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lrs[0], betas=(hp[0], hp[1]), eps=hp[2], foreach=False, fused=False,
+        lr=lrs[0], betas=(hp[0], hp[1]), eps=hp[2],
+        foreach=False if kernel != "fused" else None, fused=kernel == "fused",
     )
     norms = []
     for step, lr in enumerate(lrs):

@@ -3,11 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use stagecoach_coordinator::spec::JobFile;
 use stagecoach_worker::corpus::{self, Domain};
 use stagecoach_worker::fault::{Faults, Poison};
+use stagecoach_worker::model::Precision;
 use stagecoach_worker::shards::{ShardFolder, TokenSize};
 use stagecoach_worker::tokenize::{self, ShardOptions, TextTokenizer};
 use stagecoach_worker::{hf, model, train};
@@ -24,6 +25,27 @@ const FAULTS: &str = "Fault injection (for tests)";
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// How the steps compute (the same update either way, up to rounding).
+#[derive(Args, Clone, Copy)]
+struct FastPathArgs {
+    /// fp32, or bf16: matrix products and attention in bf16 over fp32 weights and optimizer
+    /// state, as bf16 autocast.
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
+    /// Update with ATen's fused AdamW kernel (as torch.optim.AdamW(fused=True)).
+    #[arg(long)]
+    fused_adamw: bool,
+}
+
+impl FastPathArgs {
+    fn get(self) -> train::FastPath {
+        train::FastPath {
+            precision: self.precision,
+            fused_adamw: self.fused_adamw,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -46,6 +68,44 @@ enum Command {
         /// Save the final model as a transformers folder here.
         #[arg(long)]
         save: Option<PathBuf>,
+        #[command(flatten)]
+        fast: FastPathArgs,
+    },
+    /// Measure training throughput on random tokens (no data, no coordinator) and print one
+    /// JSON line: tokens/s, MFU, GPU memory.
+    BenchTrain {
+        /// A model preset (smollm2-135m, smollm2-360m, smollm2-1.7b, tiny, micro).
+        #[arg(long, default_value = "smollm2-135m")]
+        preset: String,
+        /// Tokens per sample.
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        /// Samples per forward/backward.
+        #[arg(long, default_value_t = 4)]
+        micro_batch: usize,
+        /// Micro-batches per optimizer step.
+        #[arg(long, default_value_t = 1)]
+        accumulation: usize,
+        /// Timed optimizer steps.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Untimed optimizer steps first.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Read the loss back every this many steps (the loop's only synchronisation).
+        #[arg(long, default_value_t = 10)]
+        log_every: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Peak dense FLOP/s of the device in TFLOP/s for the MFU (default: 989, H100/H200
+        /// dense bf16, on CUDA; none on CPU).
+        #[arg(long)]
+        peak_tflops: Option<f64>,
+        #[command(flatten)]
+        fast: FastPathArgs,
     },
     /// Join a job: register with the coordinator and train what it sends until the job ends.
     Join {
@@ -85,6 +145,8 @@ enum Command {
         /// keeps training what it is sent).
         #[arg(long, value_name = "N", help_heading = FAULTS)]
         stop_heartbeats_at_step: Option<u64>,
+        #[command(flatten)]
+        fast: FastPathArgs,
     },
     /// Tokenize jsonl files, text files or folders of them into datatrove token shards.
     Tokenize {
@@ -170,6 +232,7 @@ fn main() -> anyhow::Result<()> {
             steps,
             metrics_out,
             save,
+            fast,
         } => {
             let spec = JobFile::load(&config)?.to_proto();
             let opts = train::RunOptions {
@@ -177,6 +240,7 @@ fn main() -> anyhow::Result<()> {
                 steps,
                 metrics_out,
                 save,
+                fast_path: fast.get(),
             };
             let summary = train::run_standalone(&spec, &opts)?;
             let (Some(first), Some(last)) = (summary.steps.first(), summary.steps.last()) else {
@@ -200,6 +264,39 @@ fn main() -> anyhow::Result<()> {
                     .join(" ")
             );
         }
+        Command::BenchTrain {
+            preset,
+            seq,
+            micro_batch,
+            accumulation,
+            steps,
+            warmup,
+            device,
+            log_every,
+            seed,
+            peak_tflops,
+            fast,
+        } => {
+            let peak = peak_tflops
+                .or_else(|| device.starts_with("cuda").then_some(989.0))
+                .map(|t| t * 1e12);
+            let report = train::bench_train(
+                &train::BenchOptions {
+                    preset,
+                    seq_len: seq,
+                    micro_batch,
+                    accumulation,
+                    steps,
+                    warmup,
+                    device,
+                    fast_path: fast.get(),
+                    log_every,
+                    seed,
+                },
+                peak,
+            )?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
         Command::Join {
             coordinator,
             listen,
@@ -210,6 +307,7 @@ fn main() -> anyhow::Result<()> {
             poison,
             kill_at_step,
             stop_heartbeats_at_step,
+            fast,
         } => {
             stagecoach_worker::agent::join(stagecoach_worker::agent::JoinOptions {
                 coordinator,
@@ -223,6 +321,7 @@ fn main() -> anyhow::Result<()> {
                     kill_at_step,
                     stop_heartbeats_at_step,
                 },
+                fast_path: fast.get(),
             })?;
         }
         Command::Tokenize {

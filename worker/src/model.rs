@@ -4,6 +4,13 @@
 //! Parameters live in a [`tch::nn::VarStore`] under the names transformers'
 //! `LlamaForCausalLM` uses (`model.layers.0.self_attn.q_proj.weight`, ...), so weights move
 //! between the two without renaming (see [`crate::hf`]).
+//!
+//! [`Precision::Bf16`] computes the way `torch.autocast(dtype=torch.bfloat16)` does on the same
+//! module: the weights stay fp32 (the optimizer updates fp32 masters), every matrix product and
+//! the attention run in bf16 on bf16 copies of their operands, and everything else (the
+//! embedding lookup, the residual stream, RMSNorm, RoPE, the loss) stays in fp32. tch's own
+//! `autocast` is not used: it switches only CUDA autocast, whose default type is fp16, and does
+//! nothing on CPU; casting at the matrix products gives the same numbers on both devices.
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
@@ -29,6 +36,54 @@ pub struct ModelConfig {
     pub init_std: f64,
     pub bos_token_id: i64,
     pub eos_token_id: i64,
+}
+
+/// The precision of the forward and backward passes (the parameters are fp32 either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in fp32.
+    #[default]
+    Fp32,
+    /// bf16 matrix products and attention, as bf16 autocast (see the module documentation).
+    Bf16,
+}
+
+impl Precision {
+    /// The kind matrix products run in.
+    pub fn compute_kind(self) -> Kind {
+        match self {
+            Precision::Fp32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Precision> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(Error::Config(format!(
+                "unknown precision {other:?}; choose fp32 or bf16"
+            ))),
+        }
+    }
 }
 
 /// Names accepted by [`ModelConfig::preset`].
@@ -172,6 +227,7 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     rope: std::cell::RefCell<Option<RopeCache>>,
+    precision: Precision,
 }
 
 /// cos/sin tables for one (length, θ, device, kind).
@@ -231,11 +287,33 @@ impl Llama {
             layers,
             norm,
             rope: std::cell::RefCell::new(None),
+            precision: Precision::Fp32,
         })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Sets the precision of the following forward passes (the parameters are untouched).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
+    /// `x @ wᵀ`, in bf16 on bf16 copies of both operands under [`Precision::Bf16`] (the copy
+    /// of `w` is differentiable, so its gradient reaches the fp32 weight as fp32).
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Tensor {
+        match self.precision {
+            Precision::Fp32 => x.linear::<Tensor>(w, None),
+            Precision::Bf16 => {
+                let k = Kind::BFloat16;
+                x.to_kind(k).linear::<Tensor>(&w.to_kind(k), None)
+            }
+        }
     }
 
     /// Changes RoPE θ (a curriculum stage may extend the context with a larger θ). The cos/sin
@@ -276,12 +354,12 @@ impl Llama {
             x = x.f_add(&self.attention(&layer.self_attn, &h, &cos, &sin)?)?;
             let h = self.rms_norm(&x, &layer.post_attention_layernorm);
             let mlp = &layer.mlp;
-            let act = h.linear::<Tensor>(&mlp.gate_proj, None).silu()
-                * h.linear::<Tensor>(&mlp.up_proj, None);
-            x = x.f_add(&act.linear::<Tensor>(&mlp.down_proj, None))?;
+            let act = self.linear(&h, &mlp.gate_proj).silu() * self.linear(&h, &mlp.up_proj);
+            // Under bf16 the sum promotes to the fp32 residual, as under autocast.
+            x = x.f_add(&self.linear(&act, &mlp.down_proj))?;
         }
         let x = self.rms_norm(&x, &self.norm);
-        Ok(x.linear::<Tensor>(&self.embed_tokens, None))
+        Ok(self.linear(&x, &self.embed_tokens))
     }
 
     /// Mean next-token cross-entropy (computed in fp32) of `tokens[:, :-1] → tokens[:, 1:]`
@@ -331,21 +409,25 @@ impl Llama {
         let c = &self.config;
         let (b, t) = (h.size()[0], h.size()[1]);
         let heads = |w: &Tensor, n: i64| {
-            h.linear::<Tensor>(w, None)
+            self.linear(h, w)
                 .view([b, t, n, c.head_dim])
                 .transpose(1, 2)
         };
-        let q = apply_rope(&heads(&a.q_proj, c.num_attention_heads), cos, sin);
-        let k = apply_rope(&heads(&a.k_proj, c.num_key_value_heads), cos, sin);
-        let v = heads(&a.v_proj, c.num_key_value_heads);
+        // Under bf16, RoPE with the fp32 tables promotes q and k to fp32 (as in transformers
+        // under autocast) and the attention casts them back.
+        let kind = self.precision.compute_kind();
+        let q = apply_rope(&heads(&a.q_proj, c.num_attention_heads), cos, sin).to_kind(kind);
+        let k = apply_rope(&heads(&a.k_proj, c.num_key_value_heads), cos, sin).to_kind(kind);
+        let v = heads(&a.v_proj, c.num_key_value_heads).to_kind(kind);
         let gqa = c.num_key_value_heads != c.num_attention_heads;
         let out = Tensor::f_scaled_dot_product_attention::<Tensor>(
             &q, &k, &v, None, 0.0, true, None, gqa,
         )?;
-        Ok(out
-            .transpose(1, 2)
-            .reshape([b, t, c.num_attention_heads * c.head_dim])
-            .linear::<Tensor>(&a.o_proj, None))
+        Ok(self.linear(
+            &out.transpose(1, 2)
+                .reshape([b, t, c.num_attention_heads * c.head_dim]),
+            &a.o_proj,
+        ))
     }
 
     /// cos and sin `[seq, head_dim]` as transformers' default rotary embedding computes them

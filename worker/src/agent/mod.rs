@@ -56,6 +56,8 @@ pub struct JoinOptions {
     pub reconnect: Duration,
     /// Fault injection (tests only; none by default).
     pub faults: Faults,
+    /// bf16 and the fused optimizer (fp32 and element-wise by default).
+    pub fast_path: crate::train::FastPath,
 }
 
 enum Command {
@@ -259,6 +261,7 @@ async fn session(opts: JoinOptions) -> Result<()> {
             metrics_out: opts.metrics_out.clone(),
             prom: metrics,
             faults: opts.faults.clone(),
+            fast_path: opts.fast_path,
             heartbeats: heartbeats.clone(),
         };
         std::thread::Builder::new()
@@ -559,6 +562,7 @@ mod tests {
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
             reconnect: Duration::from_secs(reconnect_secs),
             faults: Faults::default(),
+            fast_path: Default::default(),
         }
     }
 

@@ -95,6 +95,7 @@ pub(super) struct Setup {
     pub(super) metrics_out: Option<PathBuf>,
     pub(super) prom: Arc<Metrics>,
     pub(super) faults: Faults,
+    pub(super) fast_path: crate::train::FastPath,
     /// Cleared to stop heartbeats (fault injection).
     pub(super) heartbeats: Arc<AtomicBool>,
 }
@@ -111,6 +112,7 @@ pub(super) fn trainer_thread(setup: Setup) -> Result<()> {
         metrics_out,
         prom,
         faults,
+        fast_path,
         heartbeats,
     } = setup;
     let _span = tracing::info_span!("trainer", job = %job.name, worker = %worker_id).entered();
@@ -118,6 +120,7 @@ pub(super) fn trainer_thread(setup: Setup) -> Result<()> {
         let _ = up.blocking_send(Up { epoch, kind });
     };
     let built = Trainer::new(&job, device).and_then(|mut t| {
+        t.set_fast_path(fast_path)?;
         t.set_poison(faults.poison.clone())?;
         let writer = checkpoint::Writer::new()?;
         Ok((t, writer))
@@ -606,6 +609,7 @@ pub(super) mod tests {
                 metrics_out,
                 prom: prom.clone(),
                 faults,
+                fast_path: Default::default(),
                 heartbeats: heartbeats.clone(),
             };
             Harness {
