@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -205,7 +205,7 @@ fn report(machine: &str, rows: &[Row]) -> String {
          timed iterations (after one warm-up that checks the sum) of the slowest rank. \
          algbw = bytes / time; busbw = algbw x 2(n-1)/n, the traffic each rank's link carries; \
          memcpy = one `copy_from_slice` of the same size in the same run. GB = 1e9 bytes.\n",
-        today(),
+        stagecoach_worker::metrics::utc_date(),
     );
     let _ = writeln!(
         s,
@@ -216,21 +216,4 @@ fn report(machine: &str, rows: &[Row]) -> String {
         let _ = writeln!(s, "{}", line(r));
     }
     s
-}
-
-/// Today's UTC date as YYYY-MM-DD (civil-from-days, after Howard Hinnant).
-fn today() -> String {
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let z = (secs / 86_400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
 }
