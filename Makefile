@@ -13,7 +13,7 @@ DEMO    := runs/demo
 .PHONY: setup build demo demo-single test lint fmt bench-cpu clean-demo
 
 # Debian packages the tests start for real (package:binary).
-SERVICES := etcd-server:etcd prometheus:prometheus
+SERVICES := etcd-server:etcd prometheus:prometheus prometheus:promtool
 
 setup:
 	@scripts/setup.sh $(SERVICES)
