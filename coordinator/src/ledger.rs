@@ -7,9 +7,38 @@ use std::sync::Arc;
 use prost::Message;
 use stagecoach_proto::v1;
 
-use crate::driver::Ledger;
 use crate::keys;
 use crate::store::{Op, StateStore, StoreError};
+
+/// Where committed steps and the curriculum's record go (the state store).
+#[async_trait::async_trait]
+pub trait Ledger: Send + Sync {
+    async fn commit(&self, step: &v1::LedgerStep) -> Result<(), String>;
+    /// Replaces the curriculum's durable record (mixture edits, transitions, evaluations).
+    async fn save_curriculum(&self, record: &v1::CurriculumRecord) -> Result<(), String>;
+    /// Adds or replaces a checkpoint in the index.
+    async fn put_checkpoint(&self, _record: &v1::CheckpointRecord) -> Result<(), String> {
+        Ok(())
+    }
+    /// Removes a checkpoint from the index (its folder is gone).
+    async fn delete_checkpoint(&self, _step: u64) -> Result<(), String> {
+        Ok(())
+    }
+    /// Adds or replaces spike event number `index`.
+    async fn put_event(&self, _index: u64, _event: &v1::SpikeEvent) -> Result<(), String> {
+        Ok(())
+    }
+    /// A rollback (event `event`) to the state after `to_step` committed steps: the committed
+    /// steps from `to_step` on move aside (kept, as rolled back), the last committed step is
+    /// `to_step - 1` again.
+    async fn rewind(&self, _to_step: u64, _event: u64) -> Result<(), String> {
+        Ok(())
+    }
+    /// Records samples a rollback skipped.
+    async fn put_skipped(&self, _range: &v1::SkippedRange) -> Result<(), String> {
+        Ok(())
+    }
+}
 
 /// The ledger of one job in a state store.
 pub struct StoreLedger {

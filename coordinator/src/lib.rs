@@ -8,9 +8,8 @@
 //!   arguments.
 //! - [`driver`]: the job driver, one task owning membership, generations, the plan and the
 //!   step in flight; [`workers`]: the `Workers` gRPC service that feeds it.
-//! - [`spec`]: the job file and its wire form; [`plan`]: the deterministic sample plan;
-//!   [`curriculum`]: the stages and their transitions; [`schedule`]: the WSD learning-rate
-//!   schedule; [`spike`]: the loss-spike detector and the checkpoint policy.
+//! - The job logic (job file, plan, curriculum, schedule, spike detector, checkpoint policy)
+//!   is `stagecoach-core`'s; [`datacheck`] checks the data folders a job file names.
 //! - [`metrics`]: the Prometheus metrics of the job and the `/metrics` endpoint (the worker
 //!   serves its own through it too).
 //! - [`error`]: the crate's [`Error`], and its mapping onto gRPC status codes.
@@ -21,17 +20,14 @@
 //! (the user CLI).
 
 pub mod cli;
-pub mod curriculum;
+pub mod datacheck;
 pub mod driver;
 pub mod error;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;
-pub mod plan;
-pub mod schedule;
 pub mod server;
-pub mod spec;
-pub mod spike;
+pub mod status;
 pub mod store;
 pub mod workers;
 

@@ -34,7 +34,7 @@ pub struct Coordinator {
 #[derive(Debug, Clone)]
 pub struct DriverHandle {
     pub events: tokio::sync::mpsc::Sender<crate::driver::Event>,
-    pub snapshot: watch::Receiver<crate::driver::Snapshot>,
+    pub snapshot: watch::Receiver<crate::status::Snapshot>,
 }
 
 impl Coordinator {
@@ -69,7 +69,7 @@ impl Coordinator {
     }
 
     /// The driver's latest snapshot, when this coordinator runs a job.
-    pub fn driver_snapshot(&self) -> Option<crate::driver::Snapshot> {
+    pub fn driver_snapshot(&self) -> Option<crate::status::Snapshot> {
         self.driver.as_ref().map(|d| d.snapshot.borrow().clone())
     }
 

@@ -7,80 +7,54 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stagecoach_coordinator::driver::{
-    ControlReply, ControlRequest, Driver, DriverError, Event, Ledger, Policy, Settings, Snapshot,
+    ControlReply, ControlRequest, Driver, DriverError, Event, Policy, Settings,
 };
-use stagecoach_coordinator::spec::JobFile;
-use stagecoach_coordinator::spike::{CheckpointConfig, Rung, SpikeConfig};
+use stagecoach_coordinator::ledger::Ledger;
+use stagecoach_coordinator::status::Snapshot;
+use stagecoach_core::retention::CheckpointConfig;
+use stagecoach_core::spec::builder::JobBuilder;
+use stagecoach_core::spec::JobFile;
+use stagecoach_core::spike::{Rung, SpikeConfig};
 use stagecoach_proto::v1;
 use stagecoach_proto::v1::worker_message::Kind;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// What every job of these tests shares: the micro preset, 64 tokens per step in
+/// micro-batches of 32, exactly two workers with a lease of 1 s and heartbeats every 100 ms.
+fn base() -> JobBuilder {
+    JobBuilder::bare()
+        .set("model.preset", "micro")
+        .set("schedule.peak_lr", 1e-3)
+        .set("data.global_batch_tokens", 64)
+        .set("data.micro_batch_tokens", 32)
+        .set("workers.min", 2)
+        .set("workers.max", 2)
+        .set("workers.lease_ms", 1000)
+        .set("workers.heartbeat_ms", 100)
+}
+
 /// One stage of 3 steps, 4 samples of 16 tokens per step.
-const JOB: &str = r#"
-    [model]
-    preset = "micro"
-    [schedule]
-    peak_lr = 1e-3
-    [data]
-    global_batch_tokens = 64
-    micro_batch_tokens = 32
-    [[sources]]
-    name = "a"
-    path = "x"
-    [[sources]]
-    name = "b"
-    path = "y"
-    [[stages]]
-    name = "only"
-    until = { steps = 3 }
-    seq_len = 16
-    mix = { a = 0.5, b = 0.5 }
-    [train]
-    [workers]
-    min = 2
-    max = 2
-    lease_ms = 1000
-    heartbeat_ms = 100
-"#;
+fn job() -> String {
+    base()
+        .source("a", "x")
+        .source("b", "y")
+        .stage("only", 3, 16, &[("a", 0.5), ("b", 0.5)])
+        .to_toml()
+}
 
 /// Two stages: 2 steps of a alone at seq_len 16, then 2 steps of an even mix at seq_len 32
 /// with a new RoPE θ; 2 held-out samples per source evaluated at each stage's end.
-const CURRICULUM: &str = r#"
-    [model]
-    preset = "micro"
-    [schedule]
-    peak_lr = 1e-3
-    [data]
-    global_batch_tokens = 64
-    micro_batch_tokens = 32
-    eval_samples = 2
-    eval_seq_len = 16
-    [[sources]]
-    name = "a"
-    path = "x"
-    eval = "xv"
-    [[sources]]
-    name = "b"
-    path = "y"
-    eval = "yv"
-    [[stages]]
-    name = "one"
-    until = { steps = 2 }
-    seq_len = 16
-    mix = { a = 1.0 }
-    [[stages]]
-    name = "two"
-    until = { steps = 4 }
-    seq_len = 32
-    rope_theta = 40000.0
-    mix = { a = 0.5, b = 0.5 }
-    [train]
-    [workers]
-    min = 2
-    max = 2
-    lease_ms = 1000
-    heartbeat_ms = 100
-"#;
+fn curriculum() -> String {
+    base()
+        .set("data.eval_samples", 2)
+        .set("data.eval_seq_len", 16)
+        .source_with_eval("a", "x", "xv")
+        .source_with_eval("b", "y", "yv")
+        .stage("one", 2, 16, &[("a", 1.0)])
+        .stage("two", 4, 32, &[("a", 0.5), ("b", 0.5)])
+        .stage_set("rope_theta", 40000.0)
+        .to_toml()
+}
 
 #[derive(Clone, Default)]
 struct MemLedger(
@@ -127,7 +101,7 @@ struct Harness {
 
 impl Harness {
     fn start() -> Harness {
-        Harness::with_job(JOB)
+        Harness::with_job(&job())
     }
 
     fn with_job(text: &str) -> Harness {
@@ -617,7 +591,7 @@ async fn two_ready(
 #[tokio::test(start_paused = true)]
 async fn stages_change_on_budget_with_an_evaluation_at_each_end_and_pause_holds_steps() {
     use v1::coordinator_message::Kind as C;
-    let h = Harness::with_job(CURRICULUM);
+    let h = Harness::with_job(&curriculum());
     let (a, b, mut ia, mut ib) = two_ready(&h).await;
     for step in 0..2 {
         let (C::Work(x), C::Work(y)) = (next(&mut ia).await, next(&mut ib).await) else {
@@ -783,7 +757,7 @@ async fn stages_change_on_budget_with_an_evaluation_at_each_end_and_pause_holds_
 #[tokio::test(start_paused = true)]
 async fn stage_next_from_the_api_switches_every_rank_at_the_next_step() {
     use v1::coordinator_message::Kind as C;
-    let h = Harness::with_job(CURRICULUM);
+    let h = Harness::with_job(&curriculum());
     // Before any world, there is no curriculum to change.
     assert!(matches!(
         h.control(ControlRequest::ChangeStage {
@@ -867,29 +841,12 @@ async fn stage_next_from_the_api_switches_every_rank_at_the_next_step() {
 }
 
 /// One stage of 30 steps of source a alone.
-const LONG: &str = r#"
-    [model]
-    preset = "micro"
-    [schedule]
-    peak_lr = 1e-3
-    [data]
-    global_batch_tokens = 64
-    micro_batch_tokens = 32
-    [[sources]]
-    name = "a"
-    path = "x"
-    [[stages]]
-    name = "only"
-    until = { steps = 30 }
-    seq_len = 16
-    mix = { a = 1.0 }
-    [train]
-    [workers]
-    min = 2
-    max = 2
-    lease_ms = 1000
-    heartbeat_ms = 100
-"#;
+fn long() -> String {
+    base()
+        .source("a", "x")
+        .stage("only", 30, 16, &[("a", 1.0)])
+        .to_toml()
+}
 
 fn done_with_loss(generation: u64, step: u64, samples: u32, loss: f64) -> Kind {
     Kind::StepDone(v1::StepDone {
@@ -924,7 +881,7 @@ async fn a_spike_rolls_every_rank_back_to_the_checkpoint_and_skips_its_data() {
         }),
         ..Default::default()
     };
-    let h = Harness::with_policy(LONG, policy);
+    let h = Harness::with_policy(&long(), policy);
     let a = h.register("127.0.0.1:5001").await.unwrap().worker_id;
     let b = h.register("127.0.0.1:5002").await.unwrap().worker_id;
     let mut ia = h.attach(&a).await;
@@ -1095,7 +1052,7 @@ async fn a_manual_rollback_replays_from_the_checkpoint() {
         }),
         ..Default::default()
     };
-    let h = Harness::with_policy(LONG, policy);
+    let h = Harness::with_policy(&long(), policy);
     let a = h.register("127.0.0.1:5001").await.unwrap().worker_id;
     let b = h.register("127.0.0.1:5002").await.unwrap().worker_id;
     let mut ia = h.attach(&a).await;
@@ -1218,7 +1175,7 @@ async fn a_spike_with_no_checkpoint_to_roll_back_to_pauses_the_job_and_says_why(
         }),
         ..Default::default()
     };
-    let h = Harness::with_policy(LONG, policy);
+    let h = Harness::with_policy(&long(), policy);
     let a = h.register("127.0.0.1:5001").await.unwrap().worker_id;
     let b = h.register("127.0.0.1:5002").await.unwrap().worker_id;
     let mut ia = h.attach(&a).await;

@@ -5,8 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use stagecoach_coordinator::spec::JobFile;
-use stagecoach_coordinator::spike::{Rung, SpikeConfig};
+use stagecoach_coordinator::datacheck::check_data;
+use stagecoach_core::spec::JobFile;
+use stagecoach_core::spike::{Rung, SpikeConfig};
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -137,10 +138,10 @@ fn the_spec_the_fixtures_change_is_valid_and_finds_its_data() {
     let job = JobFile::load(&base).unwrap_or_else(|e| panic!("{}:\n{e}", base.display()));
     let root = tempfile::tempdir().unwrap();
     fake_corpus(root.path());
-    assert_eq!(job.check_data(root.path()), vec![]);
+    assert_eq!(check_data(&job, root.path()), vec![]);
     // Without the corpus, every folder is missing: three sources and one eval folder.
     let empty = tempfile::tempdir().unwrap();
-    let problems = job.check_data(empty.path());
+    let problems = check_data(&job, empty.path());
     assert_eq!(problems.len(), 4, "{problems:#?}");
     assert!(problems.iter().all(|p| p.0.contains("does not exist")));
 }
@@ -156,7 +157,7 @@ fn specs_pointing_at_missing_or_empty_folders_fail_the_data_check_only() {
         let job = JobFile::load(file).unwrap_or_else(|e| {
             panic!("{}: the spec itself should be valid:\n{e}", file.display())
         });
-        let problems = job.check_data(root.path());
+        let problems = check_data(&job, root.path());
         assert_eq!(problems.len(), 1, "{}: {problems:#?}", file.display());
         let msg = &problems[0].0;
         assert!(
@@ -224,7 +225,7 @@ fn the_demo_example_is_the_four_stage_shape_then_a_context_extension() {
     if root.join("runs/demo/data/long").is_dir() {
         for name in ["demo.toml", "single-worker.toml"] {
             let job = JobFile::load(&root.join("examples").join(name)).unwrap();
-            assert_eq!(job.check_data(&root), vec![], "examples/{name}");
+            assert_eq!(check_data(&job, &root), vec![], "examples/{name}");
         }
     }
 }
@@ -267,7 +268,7 @@ fn the_smollm2_example_is_the_papers_run_and_needs_its_data() {
     assert_eq!((spikes.skip_before, spikes.skip_after), (100, 200));
     assert_eq!(job.checkpoint_config().every_steps, 2000);
     // Its paths are placeholders: the data check names the first missing folder.
-    let problems = job.check_data(&workspace_dir());
+    let problems = check_data(&job, &workspace_dir());
     assert!(
         problems[0].0.starts_with(
             "sources[0] (\"fineweb-edu\").path: the folder /data/smollm2/fineweb-edu/train \

@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use stagecoach_coordinator::driver::{Driver, Ledger, Settings};
+use stagecoach_coordinator::driver::{Driver, Settings};
+use stagecoach_coordinator::ledger::Ledger;
 use stagecoach_coordinator::server::DriverHandle;
-use stagecoach_coordinator::spec::JobFile;
 use stagecoach_coordinator::{serve, Coordinator};
+use stagecoach_core::spec::builder::JobBuilder;
+use stagecoach_core::spec::JobFile;
 use stagecoach_proto::v1;
 use stagecoach_proto::v1::control_client::ControlClient;
 use stagecoach_proto::v1::workers_client::WorkersClient;
@@ -26,30 +28,22 @@ impl Ledger for NoLedger {
     }
 }
 
-const JOB: &str = r#"
-    [model]
-    preset = "micro"
-    [schedule]
-    peak_lr = 1e-3
-    [data]
-    global_batch_tokens = 64
-    micro_batch_tokens = 32
-    [[sources]]
-    name = "a"
-    path = "x"
-    [[stages]]
-    name = "only"
-    until = { steps = 3 }
-    seq_len = 16
-    mix = { a = 1.0 }
-    [train]
-    [workers]
-    min = 2
-    max = 2
-"#;
+/// One stage of 3 steps of source a alone, two workers.
+fn job() -> String {
+    JobBuilder::bare()
+        .set("model.preset", "micro")
+        .set("schedule.peak_lr", 1e-3)
+        .set("data.global_batch_tokens", 64)
+        .set("data.micro_batch_tokens", 32)
+        .set("workers.min", 2)
+        .set("workers.max", 2)
+        .source("a", "x")
+        .stage("only", 3, 16, &[("a", 1.0)])
+        .to_toml()
+}
 
 async fn start() -> String {
-    let job: JobFile = toml::from_str(JOB).unwrap();
+    let job: JobFile = toml::from_str(&job()).unwrap();
     let settings = Settings {
         min: 2,
         max: 2,

@@ -13,10 +13,9 @@
 //! the last committed step, and rewinds to the latter when a step is abandoned; requests from the
 //! control API are applied to both, so a rewind never loses one.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use stagecoach_proto::v1;
 
+use crate::clock::now_ms;
 use crate::plan::{Plan, PlanError, SampleId};
 use crate::schedule::Wsd;
 
@@ -83,12 +82,6 @@ pub struct Curriculum {
     pending: Option<Change>,
     transitions: Vec<v1::Transition>,
     evaluations: Vec<v1::Evaluation>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Curriculum {

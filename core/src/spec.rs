@@ -85,8 +85,8 @@
 //! Relative paths are relative to the working directory of the workers. Unknown keys are errors.
 //!
 //! [`JobFile::validate`] reports every problem at once, each starting with its path in the file
-//! (`stages[2] ("stage3").mix: ...`) and saying what to change; [`JobFile::check_data`] then checks
-//! the folders, which only a machine that sees the data can do.
+//! (`stages[2] ("stage3").mix: ...`) and saying what to change; the coordinator's `datacheck`
+//! then checks the folders, which only a machine that sees the data can do.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -95,14 +95,15 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use stagecoach_proto::v1;
 
+pub mod builder;
 mod check;
-mod data;
 mod parse_error;
 
-pub use check::align_mix;
+pub use check::{align_mix, item_path, Problems};
 use parse_error::toml_error;
 
-use crate::spike::{CheckpointConfig, Rung, SpikeConfig};
+use crate::retention::CheckpointConfig;
+use crate::spike::{Rung, SpikeConfig};
 
 /// A model preset: its context length and RoPE θ. The worker holds the full shapes and tests
 /// that its presets agree with this table.
@@ -571,7 +572,7 @@ fn mix<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, f64)>, D::Error> 
     d.deserialize_map(MixVisitor)
 }
 impl JobFile {
-    /// Reads, parses and validates a job file; looks at no data (see [`JobFile::check_data`]).
+    /// Reads, parses and validates a job file; looks at no data.
     pub fn load(path: &Path) -> Result<JobFile, SpecErrors> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| SpecError(format!("{}: cannot read the job file: {e}", path.display())))?;
@@ -1119,31 +1120,6 @@ mod tests {
         assert_eq!(
             align_mix(&sources, &bad).unwrap_err(),
             vec!["weights sum to 0.4; they must sum to 1 (change one of code)".to_owned()]
-        );
-    }
-
-    #[test]
-    fn data_folders_are_checked() {
-        let root = std::env::temp_dir().join(format!("stagecoach-spec-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("x/part-0")).unwrap();
-        std::fs::write(root.join("x/part-0/a.ds"), b"").unwrap();
-        std::fs::create_dir_all(root.join("y")).unwrap();
-        std::fs::write(root.join("y/readme.txt"), b"").unwrap();
-        let job = JobFile::parse(GOOD).unwrap();
-        let problems: Vec<String> = job.check_data(&root).into_iter().map(|e| e.0).collect();
-        let _ = std::fs::remove_dir_all(&root);
-        assert_eq!(problems.len(), 2, "{problems:#?}");
-        assert!(
-            problems[0].starts_with("sources[0] (\"a\").eval: the folder xv does not exist"),
-            "{}",
-            problems[0]
-        );
-        assert!(
-            problems[1].starts_with("sources[1] (\"b\").path: y ")
-                && problems[1].contains("holds no .ds shards"),
-            "{}",
-            problems[1]
         );
     }
 

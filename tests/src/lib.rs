@@ -1,10 +1,13 @@
-//! Helpers for the end-to-end tests: locate the binaries `make test` built, start them as real
-//! processes, and make sure they are killed when a test ends, passed or failed.
+//! Helpers for the end-to-end tests: build and locate the workspace's binaries, start them as
+//! real processes, and make sure they are killed when a test ends, passed or failed.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+pub use stagecoach_core::spec::builder::JobBuilder;
 
 /// The folder holding the workspace's binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
@@ -16,12 +19,42 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// A binary of the workspace; panics with what to run if it is not built.
+/// The workspace's root folder.
+pub fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace")
+        .to_path_buf()
+}
+
+/// Builds every binary of the workspace, once per test process, so a test never runs binaries
+/// older than the sources (`cargo test -p stagecoach-e2e` alone does not build them). Under
+/// `make test` they are already built by the same `cargo` invocation's feature set, and this is
+/// a no-op of well under a second.
+fn build_binaries() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(&cargo)
+            .args(["build", "--workspace", "--bins", "--quiet"])
+            .current_dir(workspace_dir())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {cargo} to build the binaries: {e}"));
+        assert!(
+            status.success(),
+            "`cargo build --workspace --bins` failed ({status}); the worker needs libtorch: run \
+             the tests with `make test`, which sets LIBTORCH_USE_PYTORCH and the venv"
+        );
+    });
+}
+
+/// A binary of the workspace, built from the current sources.
 pub fn bin(name: &str) -> PathBuf {
+    build_binaries();
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
-        "{} is not built; run `make test` (it builds every binary first)",
+        "{} is not a binary of the workspace",
         p.display()
     );
     p
@@ -146,51 +179,38 @@ pub fn micro_job(
 ) -> PathBuf {
     // The decay must start after the 4 warmup steps and before the end.
     let decay_start = steps.saturating_sub(4).max(4);
-    let text = format!(
-        r#"
-[job]
-name = "{name}"
-[model]
-preset = "micro"
-[schedule]
-peak_lr = 3e-3
-warmup_steps = 4
-decay_start = {{ step = {decay_start} }}
-[data]
-seed = 3
-global_batch_tokens = 512
-micro_batch_tokens = 256
-[[sources]]
-name = "prose"
-path = "{d}/prose/train"
-[[sources]]
-name = "math"
-path = "{d}/math/train"
-[[sources]]
-name = "code"
-path = "{d}/code/train"
-[[stages]]
-name = "main"
-until = {{ steps = {steps} }}
-seq_len = 64
-mix = {{ prose = 0.5, math = 0.3, code = 0.2 }}
-[train]
-threads = 1
-log_every = 5
-[workers]
-min = {workers}
-max = {workers}
-lease_ms = 5000
-heartbeat_ms = 200
-collective_timeout_ms = 5000
-[checkpoints]
-dir = "{ckpt}"
-every_steps = 50
-"#,
-        d = data.display(),
-        ckpt = dir.join(format!("{name}-checkpoints")).display(),
-    );
-    let path = dir.join(file);
-    std::fs::write(&path, text).expect("write the job file");
-    path
+    micro(name, data, workers)
+        .stage("main", steps, 64, MIX)
+        .set(
+            "checkpoints.dir",
+            dir.join(format!("{name}-checkpoints"))
+                .to_string_lossy()
+                .into_owned(),
+        )
+        .set("schedule.decay_start.step", decay_start as i64)
+        .set("data.seed", 3)
+        .set("train.log_every", 5)
+        .set("checkpoints.every_steps", 50)
+        .write(dir.join(file))
+}
+
+/// The demo corpus mixture most end-to-end tests train.
+pub const MIX: &[(&str, f64)] = &[("prose", 0.5), ("math", 0.3), ("code", 0.2)];
+
+/// The job most end-to-end tests start from: `name` training the micro preset on the demo
+/// corpus at `data` (prose, math and code), 8 samples of 64 tokens per step, with exactly
+/// `workers` workers (lease 5 s), checkpoints under `<data>/../<name>-checkpoints`. Tests add
+/// stages (`stage("main", steps, 64, MIX)`) and change keys with `set`.
+pub fn micro(name: &str, data: &Path, workers: u32) -> JobBuilder {
+    let checkpoints = data
+        .parent()
+        .unwrap_or(data)
+        .join(format!("{name}-checkpoints"));
+    JobBuilder::new(name)
+        .demo_sources(data, false)
+        .workers(workers, 5000)
+        .set(
+            "checkpoints.dir",
+            checkpoints.to_string_lossy().into_owned(),
+        )
 }

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use stagecoach_coordinator::curriculum::Curriculum;
 use stagecoach_coordinator::ledger::StoreLedger;
-use stagecoach_coordinator::spec::JobFile;
-use stagecoach_e2e::{bin, coordinator, join_worker, Proc};
+use stagecoach_core::curriculum::Curriculum;
+use stagecoach_core::spec::JobFile;
+use stagecoach_e2e::{bin, coordinator, join_worker, micro, Proc, MIX};
 use stagecoach_proto::v1;
 
 /// Writes a corpus big enough that no source wraps around within the demo job (the prose
@@ -311,57 +311,22 @@ fn the_demo_curriculum_runs_through_every_stage() {
 /// Two stages on the micro preset: `first` until step 200 at seq_len 64, then `second` until
 /// step 240 at seq_len 128 with a new RoPE θ.
 fn two_stage_job(dir: &Path, data: &Path) -> PathBuf {
-    let text = format!(
-        r#"
-[job]
-name = "manual"
-[model]
-preset = "micro"
-[schedule]
-peak_lr = 3e-3
-warmup_steps = 4
-[data]
-seed = 5
-global_batch_tokens = 512
-micro_batch_tokens = 256
-[[sources]]
-name = "prose"
-path = "{d}/prose/train"
-[[sources]]
-name = "math"
-path = "{d}/math/train"
-[[sources]]
-name = "code"
-path = "{d}/code/train"
-[[stages]]
-name = "first"
-until = {{ steps = 200 }}
-seq_len = 64
-mix = {{ prose = 0.5, math = 0.3, code = 0.2 }}
-[[stages]]
-name = "second"
-until = {{ steps = 240 }}
-seq_len = 128
-rope_theta = 40000.0
-mix = {{ prose = 0.2, math = 0.6, code = 0.2 }}
-[train]
-threads = 1
-log_every = 20
-[workers]
-min = 2
-max = 2
-lease_ms = 5000
-heartbeat_ms = 200
-collective_timeout_ms = 5000
-[checkpoints]
-dir = "{ckpt}"
-"#,
-        d = data.display(),
-        ckpt = dir.join("checkpoints").display(),
-    );
-    let path = dir.join("manual.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    micro("manual", data, 2)
+        .stage("first", 200, 64, MIX)
+        .set("data.seed", 5)
+        .set("train.log_every", 20)
+        .stage(
+            "second",
+            240,
+            128,
+            &[("prose", 0.2), ("math", 0.6), ("code", 0.2)],
+        )
+        .stage_set("rope_theta", 40000.0)
+        .set(
+            "checkpoints.dir",
+            dir.join("checkpoints").to_string_lossy().into_owned(),
+        )
+        .write(dir.join("manual.toml"))
 }
 
 /// Runs the `stagecoach` CLI against `url`; panics with its output unless it succeeds.

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use stagecoach_coordinator::ledger::StoreLedger;
-use stagecoach_coordinator::plan::Plan;
+use stagecoach_core::plan::Plan;
 use stagecoach_e2e::{coordinator, demo_corpus, join_worker, micro_job, Proc};
 
 const STEPS: u64 = 20;

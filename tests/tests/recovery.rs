@@ -3,68 +3,34 @@
 //! killed resumes from its last checkpoint with the losses of the uninterrupted run; a job whose
 //! coordinator alone is killed and restarted finishes with its workers reconnected.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use stagecoach_coordinator::curriculum::Curriculum;
 use stagecoach_coordinator::ledger::StoreLedger;
-use stagecoach_coordinator::spec::JobFile;
-use stagecoach_e2e::{bin, coordinator, demo_corpus, join_worker, Proc};
+use stagecoach_core::curriculum::Curriculum;
+use stagecoach_core::spec::JobFile;
+use stagecoach_e2e::{bin, coordinator, demo_corpus, join_worker, micro, JobBuilder, Proc, MIX};
 use stagecoach_proto::v1;
 
 /// A one-stage micro job of `steps` steps (8 samples of 64 tokens each), checkpoints every 10
-/// steps, with `extra` appended (e.g. a [spikes] section).
-fn job(dir: &Path, name: &str, data: &Path, steps: u64, workers: u32, extra: &str) -> PathBuf {
-    let text = format!(
-        r#"
-[job]
-name = "{name}"
-[model]
-preset = "micro"
-[schedule]
-peak_lr = 3e-3
-warmup_steps = 5
-[data]
-seed = 11
-global_batch_tokens = 512
-micro_batch_tokens = 256
-[[sources]]
-name = "prose"
-path = "{d}/prose/train"
-[[sources]]
-name = "math"
-path = "{d}/math/train"
-[[sources]]
-name = "code"
-path = "{d}/code/train"
-[[stages]]
-name = "only"
-until = {{ steps = {steps} }}
-seq_len = 64
-mix = {{ prose = 0.5, math = 0.3, code = 0.2 }}
-[train]
-threads = 1
-log_every = 5
-[workers]
-min = {workers}
-max = {workers}
-lease_ms = 4000
-heartbeat_ms = 200
-collective_timeout_ms = 5000
-rendezvous_ms = 1000
-[checkpoints]
-dir = "{ckpt}"
-every_steps = 10
-keep = 3
-{extra}
-"#,
-        d = data.display(),
-        ckpt = dir.join(format!("{name}-checkpoints")).display(),
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+/// steps under `dir`; callers add sections (e.g. [spikes]) with `set` and `write` it.
+fn job(dir: &Path, name: &str, data: &Path, steps: u64, workers: u32) -> JobBuilder {
+    micro(name, data, workers)
+        .stage("only", steps, 64, MIX)
+        .set("schedule.warmup_steps", 5)
+        .set("data.seed", 11)
+        .set("train.log_every", 5)
+        .set("workers.lease_ms", 4000)
+        .set("workers.rendezvous_ms", 1000)
+        .set(
+            "checkpoints.dir",
+            dir.join(format!("{name}-checkpoints"))
+                .to_string_lossy()
+                .into_owned(),
+        )
+        .set("checkpoints.every_steps", 10)
+        .set("checkpoints.keep", 3)
 }
 
 fn tokens(dir: &Path) -> u64 {
@@ -144,18 +110,16 @@ fn a_poisoned_range_spikes_and_the_coordinator_rolls_back_past_it() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let data = demo_corpus(d);
-    let spikes = r#"
-[spikes]
-window = 20
-min_steps = 10
-zscore = 5.0
-ratio = 1.5
-consecutive = 1
-ladder = ["rollback"]
-skip_before = 0
-skip_after = 1
-"#;
-    let path = job(d, "spike", &data, 60, 2, spikes);
+    let path = job(d, "spike", &data, 60, 2)
+        .set("spikes.window", 20)
+        .set("spikes.min_steps", 10)
+        .set("spikes.zscore", 5.0)
+        .set("spikes.ratio", 1.5)
+        .set("spikes.consecutive", 1)
+        .set("spikes.ladder", vec!["rollback"])
+        .set("spikes.skip_before", 0)
+        .set("spikes.skip_after", 1)
+        .write(d.join("spike.toml"));
     let spec = JobFile::load(&path).unwrap().to_proto();
     let tokens = source_tokens(&spec);
 
@@ -266,7 +230,7 @@ skip_after = 1
 
 /// Runs the `resume` job alone with one worker; returns the ledger's losses.
 fn uninterrupted(d: &Path, data: &Path) -> Vec<f64> {
-    let path = job(d, "reference", data, 40, 1, "");
+    let path = job(d, "reference", data, 40, 1).write(d.join("reference.toml"));
     let state = d.join("state-reference");
     let (mut coord, url) = coordinator(&path, &state, &d.join("reference.log"));
     let mut w = vec![join_worker(&url, d, "reference-worker", &[])];
@@ -326,7 +290,7 @@ fn a_restarted_coordinator_picks_the_job_up_with_its_workers() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let data = demo_corpus(d);
-    let path = job(d, "restart", &data, 60, 2, "");
+    let path = job(d, "restart", &data, 60, 2).write(d.join("restart.toml"));
     let state = d.join("state-restart");
     // The workers must find the new coordinator at the same address.
     let port = {

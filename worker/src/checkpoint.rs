@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -211,9 +211,7 @@ impl Snapshot {
         let config =
             serde_json::to_string_pretty(&crate::hf::config_json(state.config, Kind::Float))
                 .expect("a JSON value serializes");
-        let created_unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let created_unix_ms = stagecoach_core::clock::now_ms();
         Ok(Snapshot {
             weights,
             moments,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use stagecoach_coordinator::spec::JobFile;
+use stagecoach_core::spec::JobFile;
 use stagecoach_worker::corpus::{self, Domain};
 use stagecoach_worker::fault::{Faults, Poison};
 use stagecoach_worker::model::Precision;

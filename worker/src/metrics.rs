@@ -1,5 +1,5 @@
 //! The worker's Prometheus metrics. The trainer thread updates them (they are atomics); the
-//! async side serves them with [`stagecoach_coordinator::metrics::serve`].
+//! async side serves them with [`stagecoach_core::metrics::serve`].
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -7,7 +7,7 @@ use std::time::Instant;
 use prometheus::{
     Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
-use stagecoach_coordinator::metrics::{register, Throughput};
+use stagecoach_core::metrics::{register, Throughput};
 
 use crate::checkpoint::Saved;
 use crate::train::Timing;
@@ -230,24 +230,6 @@ impl Metrics {
             self.tokens_per_second.set(rate);
         }
     }
-}
-
-/// Today's UTC date as YYYY-MM-DD, for the benchmarks' result files (civil-from-days, after
-/// Howard Hinnant).
-pub fn utc_date() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let z = (secs / 86_400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
 }
 
 #[cfg(test)]

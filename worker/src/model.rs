@@ -533,7 +533,7 @@ mod tests {
     /// since it never builds a model: the two must agree, name for name.
     #[test]
     fn presets_agree_with_the_coordinators_table() {
-        use stagecoach_coordinator::spec::PRESETS as TABLE;
+        use stagecoach_core::spec::PRESETS as TABLE;
         let names: Vec<&str> = TABLE.iter().map(|p| p.name).collect();
         assert_eq!(names, PRESETS);
         for p in TABLE {

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::Serialize;
-use stagecoach_coordinator::curriculum::Curriculum;
+use stagecoach_core::curriculum::Curriculum;
 use stagecoach_proto::v1;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};

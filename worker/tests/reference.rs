@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use stagecoach_coordinator::schedule::{DecayShape, Wsd};
+use stagecoach_core::schedule::{DecayShape, Wsd};
 use stagecoach_proto::v1;
 use stagecoach_worker::checkpoint::{self, Meta, Request};
 use stagecoach_worker::collective::Solo;

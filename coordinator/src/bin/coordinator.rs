@@ -8,10 +8,10 @@ use anyhow::Context;
 use clap::Parser;
 use stagecoach_coordinator::driver::{Driver, Policy, Resume, Settings};
 use stagecoach_coordinator::ledger::StoreLedger;
-use stagecoach_coordinator::metrics::{self, Metrics};
+use stagecoach_coordinator::metrics::Metrics;
 use stagecoach_coordinator::server::DriverHandle;
-use stagecoach_coordinator::spec::JobFile;
 use stagecoach_coordinator::{serve, shutdown_signal, Coordinator};
+use stagecoach_core::spec::JobFile;
 use stagecoach_proto::v1::JobState;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -73,7 +73,10 @@ async fn main() -> anyhow::Result<()> {
     stdout.flush()?;
     drop(stdout);
     let metrics = Arc::new(Metrics::new());
-    tokio::spawn(metrics::serve(metrics_listener, metrics.registry().clone()));
+    tokio::spawn(stagecoach_core::metrics::serve(
+        metrics_listener,
+        metrics.registry().clone(),
+    ));
 
     let Some(job_path) = args.job else {
         serve(listener, Arc::new(Coordinator::new("none")), shutdown).await?;

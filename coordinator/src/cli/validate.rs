@@ -9,8 +9,9 @@ use super::render::{
     format_lr, format_theta, format_weights, human_count, lr_phase_name, to_json, Align, Table,
     WeightReport,
 };
-use crate::spec::{JobFile, SpecErrors};
-use crate::spike::{CheckpointConfig, SpikeConfig};
+use stagecoach_core::retention::CheckpointConfig;
+use stagecoach_core::spec::{JobFile, SpecErrors};
+use stagecoach_core::spike::SpikeConfig;
 
 /// What `stagecoach validate` prints, and whether the job file passed.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,7 +95,8 @@ struct PlannedStage<'a> {
 pub fn validate(path: &Path, data_root: Option<&Path>, json: bool) -> Validation {
     let (spec, policy, problems) = match JobFile::load(path) {
         Ok(file) => {
-            let problems = data_root.map_or_else(Vec::new, |root| file.check_data(root));
+            let problems =
+                data_root.map_or_else(Vec::new, |root| crate::datacheck::check_data(&file, root));
             let policy = (file.checkpoint_config(), file.spike_config());
             (Some(file.to_proto()), Some(policy), problems)
         }
@@ -267,7 +269,7 @@ fn describe_spikes(s: &SpikeConfig) -> String {
         true => "; detection only".to_owned(),
         false => format!("; {}", ladder.join(", ")),
     };
-    if s.has(crate::spike::Rung::Rollback) {
+    if s.has(stagecoach_core::spike::Rung::Rollback) {
         out += &format!(
             " (data of {} steps before to {} after); at most {} rollbacks in {} steps",
             s.skip_before, s.skip_after, s.max_rollbacks, s.window_steps

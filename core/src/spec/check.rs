@@ -9,16 +9,16 @@ use crate::spike::Rung;
 
 /// Collects problems, each prefixed with its path in the file.
 #[derive(Default)]
-pub(super) struct Problems(pub(super) Vec<SpecError>);
+pub struct Problems(pub Vec<SpecError>);
 
 impl Problems {
-    pub(super) fn at(&mut self, path: impl fmt::Display, msg: impl fmt::Display) {
+    pub fn at(&mut self, path: impl fmt::Display, msg: impl fmt::Display) {
         self.0.push(SpecError(format!("{path}: {msg}")));
     }
 }
 
 /// `stages[2] ("stage3")`, or `stages[2]` for a stage without a name.
-pub(super) fn item_path(list: &str, i: usize, name: &str) -> String {
+pub fn item_path(list: &str, i: usize, name: &str) -> String {
     if name.is_empty() {
         format!("{list}[{i}]")
     } else {

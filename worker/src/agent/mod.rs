@@ -230,7 +230,7 @@ async fn session(opts: JoinOptions) -> Result<()> {
         .await
         .at(format!("metrics endpoint {}", opts.metrics_listen))?;
     let metrics_address = metrics_listener.local_addr().at("metrics endpoint")?;
-    let _metrics_server = AbortOnDrop(tokio::spawn(stagecoach_coordinator::metrics::serve(
+    let _metrics_server = AbortOnDrop(tokio::spawn(stagecoach_core::metrics::serve(
         metrics_listener,
         metrics.registry().clone(),
     )));

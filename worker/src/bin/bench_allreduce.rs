@@ -205,7 +205,7 @@ fn report(machine: &str, rows: &[Row]) -> String {
          timed iterations (after one warm-up that checks the sum) of the slowest rank. \
          algbw = bytes / time; busbw = algbw x 2(n-1)/n, the traffic each rank's link carries; \
          memcpy = one `copy_from_slice` of the same size in the same run. GB = 1e9 bytes.\n",
-        stagecoach_worker::metrics::utc_date(),
+        stagecoach_core::clock::utc_date(),
     );
     let _ = writeln!(
         s,

@@ -215,7 +215,7 @@ fn report(machine: &str, threads: i32, rows: &[Row]) -> String {
          previous write ended. The first asynchronous save copies into fresh memory; later ones \
          copy into the buffers the writer kept from the save before (median over the rounds). \
          Ratio = async blocked (median) / sync save (median). MB = 1e6 bytes.\n",
-        stagecoach_worker::metrics::utc_date(),
+        stagecoach_core::clock::utc_date(),
     );
     let _ = writeln!(
         s,

@@ -1,0 +1,141 @@
+//! What the driver is asked and how it answers: the events of its queue, the control
+//! requests, its refusals, and how it is set up.
+
+use std::time::Duration;
+
+use stagecoach_core::curriculum::CurriculumError;
+use stagecoach_core::retention::CheckpointConfig;
+use stagecoach_core::spike::SpikeConfig;
+use stagecoach_proto::v1;
+use tokio::sync::{mpsc, oneshot};
+
+/// Events the driver reacts to.
+#[derive(Debug)]
+pub enum Event {
+    Register {
+        request: v1::RegisterRequest,
+        reply: oneshot::Sender<Result<v1::RegisterResponse, DriverError>>,
+    },
+    /// Session `session` opened for `worker_id`; messages for it go to `outbox`.
+    Attach {
+        worker_id: String,
+        session: u64,
+        outbox: mpsc::Sender<v1::CoordinatorMessage>,
+        reply: oneshot::Sender<Result<(), DriverError>>,
+    },
+    Message {
+        worker_id: String,
+        kind: v1::worker_message::Kind,
+        reply: oneshot::Sender<Result<(), DriverError>>,
+    },
+    /// Session `session` of `worker_id` ended (its lease still decides whether it is dead); a
+    /// newer session of the same worker is left alone.
+    Detach { worker_id: String, session: u64 },
+    /// A request from the control API.
+    Control {
+        request: ControlRequest,
+        reply: oneshot::Sender<Result<ControlReply, DriverError>>,
+    },
+}
+
+/// What the control API asks of the job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ControlRequest {
+    ListStages,
+    /// `stage: None`: the next stage.
+    ChangeStage {
+        stage: Option<String>,
+        requested_by: String,
+    },
+    SetMix {
+        stage: String,
+        weights: Vec<(String, f64)>,
+        requested_by: String,
+    },
+    Pause {
+        requested_by: String,
+    },
+    Resume {
+        requested_by: String,
+    },
+    Evaluate {
+        requested_by: String,
+    },
+    CheckpointNow {
+        requested_by: String,
+    },
+    ListCheckpoints,
+    /// `checkpoint: None`: the latest known-good one.
+    Rollback {
+        checkpoint: Option<String>,
+        requested_by: String,
+    },
+    ListEvents,
+}
+
+/// The driver's answer to a [`ControlRequest`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ControlReply {
+    Stages(v1::ListStagesResponse),
+    StageChanged(v1::ChangeStageResponse),
+    MixSet(v1::SetMixResponse),
+    Paused(v1::PauseResponse),
+    Resumed(v1::ResumeResponse),
+    Evaluating(v1::EvaluateResponse),
+    CheckpointScheduled(v1::CheckpointNowResponse),
+    Checkpoints(v1::ListCheckpointsResponse),
+    RolledBack(v1::RollbackResponse),
+    Events(v1::ListEventsResponse),
+}
+
+/// Why the driver refused an event; the service maps these onto gRPC codes.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DriverError {
+    #[error("unknown worker {0:?}: register first")]
+    UnknownWorker(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl From<CurriculumError> for DriverError {
+    fn from(e: CurriculumError) -> DriverError {
+        match e {
+            CurriculumError::NotFound(m) => DriverError::NotFound(m),
+            CurriculumError::Refused(m) => DriverError::FailedPrecondition(m),
+            e => DriverError::InvalidArgument(e.to_string()),
+        }
+    }
+}
+
+/// The checkpoint and spike policy of a job, and what a restarted coordinator found of it.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub checkpoints: Option<CheckpointConfig>,
+    pub spikes: Option<SpikeConfig>,
+    /// The checkpoint index and the spike events so far (from the state store).
+    pub index: Vec<v1::CheckpointRecord>,
+    pub events: Vec<v1::SpikeEvent>,
+}
+
+/// Where a restarted coordinator picks the job up: its last committed step and the
+/// curriculum's record.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    pub last: Option<v1::LedgerStep>,
+    pub record: Option<v1::CurriculumRecord>,
+}
+
+/// Membership and timing settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub min: u32,
+    pub max: u32,
+    pub lease: Duration,
+    pub heartbeat: Duration,
+    /// Once `min` workers are present, how long to wait for more (up to `max`) before forming.
+    pub rendezvous: Duration,
+}

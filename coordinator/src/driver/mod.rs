@@ -1,0 +1,413 @@
+//! The job driver: one task that owns the job's state (membership, the current world, the
+//! sample plan, the step in flight, evaluations, checkpoints, spike verdicts and rollbacks) and
+//! reacts to events from worker sessions, the control API and its clock.
+//!
+//! **Invariant: one task owns all job state.** Everything below is `&mut self` of one
+//! [`Driver`], run by one task ([`Driver::run`]). gRPC handlers only forward [`Event`]s and
+//! relay messages, so no lock is held across an `.await` and every decision is made in one
+//! place, in order. A submodule is a concern of that one task, not a separate actor:
+//!
+//! | file | concern |
+//! |---|---|
+//! | `mod.rs` | the state ([`Driver`]), its construction, the event loop, status publishing, the job's end |
+//! | `events.rs` | what the driver is asked ([`Event`], [`ControlRequest`]) and answers |
+//! | `membership.rs` | registration, sessions, leases, routing worker messages |
+//! | `world.rs` | world formation, `Ready`, the start and end of a generation |
+//! | `step.rs` | dispatching the next step, step reports, committing to the ledger |
+//! | `eval.rs` | held-out evaluations |
+//! | `checkpoints.rs` | when to checkpoint, rank 0's reports, the index |
+//! | `recovery.rs` | spike verdicts, rollbacks, restoring a checkpoint, skip ranges |
+//! | `control.rs` | requests from the control API |
+//!
+//! Life of a job: workers register and open sessions; when `min` are present a world forms
+//! (generation + 1, ranks in registration order, up to `max`) and each member gets `World`;
+//! when all answer `Ready` (at the committed step, with per-source sample counts that agree) the
+//! plan is built and steps are dispatched: each step's global batch comes from the plan and is cut
+//! into one contiguous slice per rank. When every rank reports `StepDone`, the step is committed
+//! to the ledger and the next step goes out. A worker whose lease expires (no message for
+//! `lease`) ends the generation: the survivors get `Stop` and leave their collective, the
+//! uncommitted step is rewound, and a new world forms from whoever is left (if enough are).
+
+mod checkpoints;
+mod control;
+mod eval;
+mod events;
+mod membership;
+mod recovery;
+mod step;
+mod world;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use stagecoach_core::clock::now_ms;
+use stagecoach_core::curriculum::Curriculum;
+use stagecoach_core::metrics::Throughput;
+use stagecoach_core::plan::SampleId;
+use stagecoach_core::retention::CheckpointConfig;
+use stagecoach_core::spike::Detector;
+use stagecoach_proto::v1;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+pub use events::{ControlReply, ControlRequest, DriverError, Event, Policy, Resume, Settings};
+
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
+use crate::status::Snapshot;
+use membership::Member;
+use recovery::PendingSkip;
+use world::World;
+
+/// The driver's state. Create with [`Driver::new`], run with [`Driver::run`].
+pub struct Driver {
+    job: v1::JobSpec,
+    settings: Settings,
+    ledger: Box<dyn Ledger>,
+    next_id: u64,
+    members: BTreeMap<String, Member>,
+    /// Registration order of the live members.
+    order: Vec<String>,
+    world: Option<World>,
+    generation: u64,
+    /// When `min` workers became present while fewer than `max` were.
+    forming_since: Option<Instant>,
+    /// Why the last generation ended, shown while the next one forms.
+    last_end: Option<String>,
+    /// The curriculum at the last committed step, and the one planning (built when the first
+    /// world is ready: it needs the sizes of the sources).
+    committed: Option<Curriculum>,
+    curriculum: Option<Curriculum>,
+    /// What to build it from after a restart.
+    resume: Option<Resume>,
+    /// Held-out tokens per source, from the workers.
+    eval_tokens: Vec<u64>,
+    /// Who paused the job, while it is paused.
+    paused: Option<String>,
+    /// Who asked for an evaluation that has not run yet.
+    eval_wanted: Option<String>,
+    /// The step of the last evaluation, so a boundary is evaluated once.
+    last_eval_step: Option<u64>,
+    next_eval_id: u64,
+    /// Committed steps per second over the last few commits.
+    rate: Throughput,
+    lr: f64,
+    /// Tokens per source (from the workers), to rebuild the curriculum at a checkpoint.
+    source_tokens: Vec<u64>,
+    checkpoints: Option<CheckpointConfig>,
+    /// The checkpoint index, by step.
+    index: Vec<v1::CheckpointRecord>,
+    /// The checkpoint being written: its request id and its record-to-be.
+    saving: Option<(u64, v1::CheckpointRecord)>,
+    /// Checkpoints asked for in generations that ended before rank 0 answered.
+    late_saves: Vec<(u64, v1::CheckpointRecord)>,
+    /// Checkpoints asked for in a lineage a rollback abandoned: their reports are ignored.
+    discarded: Vec<u64>,
+    /// Who asked for a checkpoint that has not been requested from rank 0 yet.
+    checkpoint_wanted: Option<String>,
+    next_checkpoint_id: u64,
+    /// The checkpoint this run last restored from: the parent of the next one.
+    lineage: String,
+    /// Folders of checkpoints a rollback left behind (after its target), to delete with the
+    /// next checkpoint.
+    abandoned: Vec<String>,
+    /// What the next world loads before it trains.
+    restore: Option<v1::CheckpointRef>,
+    detector: Option<Detector>,
+    events: Vec<v1::SpikeEvent>,
+    skip: Option<PendingSkip>,
+    /// After a rollback: the LR factor and the step it holds until.
+    lr_scale: Option<(f64, u64)>,
+    /// Steps committed (the next step to commit).
+    step: u64,
+    loss: Option<f64>,
+    state: v1::JobState,
+    detail: String,
+    snapshot: watch::Sender<Snapshot>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Driver {
+    /// A driver for `job`, picking it up where `resume` says (a new job without one).
+    pub fn new(
+        job: v1::JobSpec,
+        settings: Settings,
+        ledger: Box<dyn Ledger>,
+        resume: Option<Resume>,
+    ) -> Result<(Driver, watch::Receiver<Snapshot>), stagecoach_core::spec::SpecError> {
+        stagecoach_core::schedule::Wsd::from_job(&job)?;
+        if job.stages.is_empty() {
+            return Err(stagecoach_core::spec::SpecError(
+                "the job has no stage".into(),
+            ));
+        }
+        let step = resume
+            .as_ref()
+            .and_then(|r| r.last.as_ref())
+            .map_or(0, |l| l.step + 1);
+        // Generations keep counting across coordinator restarts.
+        let generation = resume
+            .as_ref()
+            .and_then(|r| r.last.as_ref())
+            .map_or(0, |l| l.generation);
+        let paused = resume
+            .as_ref()
+            .and_then(|r| r.record.as_ref())
+            .filter(|r| r.paused)
+            .map(|_| "a previous coordinator".to_owned());
+        let (snapshot, rx) = watch::channel(Snapshot::default());
+        let d = Driver {
+            job,
+            settings,
+            ledger,
+            next_id: 1,
+            members: BTreeMap::new(),
+            order: Vec::new(),
+            world: None,
+            generation,
+            forming_since: None,
+            last_end: None,
+            committed: None,
+            curriculum: None,
+            resume,
+            eval_tokens: vec![],
+            paused,
+            eval_wanted: None,
+            last_eval_step: None,
+            next_eval_id: 1,
+            rate: Throughput::default(),
+            lr: 0.0,
+            source_tokens: vec![],
+            checkpoints: None,
+            index: vec![],
+            saving: None,
+            late_saves: vec![],
+            discarded: vec![],
+            checkpoint_wanted: None,
+            next_checkpoint_id: 1,
+            lineage: String::new(),
+            abandoned: vec![],
+            restore: None,
+            detector: None,
+            events: vec![],
+            skip: None,
+            lr_scale: None,
+            step,
+            loss: None,
+            state: v1::JobState::Waiting,
+            detail: "waiting for workers".into(),
+            snapshot,
+            metrics: None,
+        };
+        d.publish();
+        Ok((d, rx))
+    }
+
+    /// Also keeps `metrics` up to date.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Driver {
+        metrics.job(&self.job);
+        self.metrics = Some(metrics);
+        self.publish();
+        self
+    }
+
+    /// Checkpoints and spike handling as `policy` says.
+    pub fn with_policy(mut self, policy: Policy) -> Driver {
+        self.checkpoints = policy.checkpoints;
+        self.detector = policy.spikes.map(Detector::new);
+        self.index = policy.index;
+        self.index.sort_by_key(|r| r.step);
+        self.events = policy.events;
+        self.lineage = self
+            .index
+            .iter()
+            .rev()
+            .find(|r| r.step <= self.step)
+            .map(|r| r.path.clone())
+            .unwrap_or_default();
+        self
+    }
+
+    /// Runs until `events` closes or the job ends.
+    pub async fn run(mut self, mut events: mpsc::Receiver<Event>) {
+        let mut tick = tokio::time::interval(self.settings.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => self.handle(ev).await,
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    self.check_leases().await;
+                    self.maybe_form_world();
+                }
+            }
+            self.publish();
+        }
+    }
+
+    pub(super) async fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Register { request, reply } => {
+                let _ = reply.send(self.register(request));
+            }
+            Event::Attach {
+                worker_id,
+                session,
+                outbox,
+                reply,
+            } => {
+                let r = match self.members.get_mut(&worker_id) {
+                    None => Err(DriverError::UnknownWorker(worker_id)),
+                    Some(m) => {
+                        m.outbox = Some(outbox);
+                        m.session = session;
+                        m.lease_until = Instant::now() + self.settings.lease;
+                        Ok(())
+                    }
+                };
+                let ok = r.is_ok();
+                let _ = reply.send(r);
+                if ok {
+                    self.maybe_form_world();
+                }
+            }
+            Event::Message {
+                worker_id,
+                kind,
+                reply,
+            } => {
+                let r = self.message(&worker_id, kind).await;
+                let _ = reply.send(r);
+            }
+            Event::Detach { worker_id, session } => {
+                if let Some(m) = self
+                    .members
+                    .get_mut(&worker_id)
+                    .filter(|m| m.session == session)
+                {
+                    m.outbox = None;
+                }
+            }
+            Event::Control { request, reply } => {
+                let r = self.control(request).await;
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// Writes the curriculum's record; false (and the job failed) if the store refuses.
+    pub(super) async fn save_record(&mut self) -> bool {
+        let Some(c) = &self.curriculum else {
+            return true;
+        };
+        let record = c.record(self.paused.is_some());
+        if let Err(e) = self.ledger.save_curriculum(&record).await {
+            self.fail(format!("cannot write the curriculum record: {e}"));
+            return false;
+        }
+        true
+    }
+
+    pub(super) fn finish(&mut self) {
+        info!(
+            step = self.step,
+            loss = self.loss.unwrap_or(f64::NAN),
+            "job finished"
+        );
+        self.state = v1::JobState::Finished;
+        self.detail = format!("finished at step {}", self.step);
+        self.stop_all(v1::StopReason::JobFinished);
+    }
+
+    pub(super) fn fail(&mut self, detail: String) {
+        warn!(%detail, "job failed");
+        self.state = v1::JobState::Failed;
+        self.detail = detail;
+        self.stop_all(v1::StopReason::JobFailed);
+    }
+
+    pub(super) fn stop_all(&mut self, reason: v1::StopReason) {
+        let generation = self
+            .world
+            .as_ref()
+            .map_or(self.generation, |w| w.generation);
+        for id in self.order.clone() {
+            let stop = v1::Stop {
+                reason: reason.into(),
+                generation,
+                detail: self.detail.clone(),
+            };
+            send(
+                &self.members,
+                &id,
+                v1::coordinator_message::Kind::Stop(stop),
+            );
+        }
+        self.world = None;
+    }
+
+    pub(super) fn publish(&self) {
+        let c = self.committed.as_ref();
+        let stage = c.map_or(&self.job.stages[0], |c| c.current_spec());
+        let snapshot = Snapshot {
+            state: self.state.into(),
+            generation: self.generation,
+            step: self.step,
+            total_steps: self.job.total_steps,
+            loss: self.loss,
+            workers_alive: self.members.len() as u32,
+            world_size: self.world.as_ref().map_or(0, |w| w.members.len() as u32),
+            detail: self.detail.clone(),
+            stage: stage.name.clone(),
+            stage_index: c.map_or(0, |c| c.current() as u32),
+            stages: self.job.stages.len() as u32,
+            tokens: self.step * self.job.global_batch_tokens,
+            total_tokens: self.job.total_steps * self.job.global_batch_tokens,
+            next_transition: c.map_or_else(
+                || {
+                    self.job
+                        .stages
+                        .get(1)
+                        .map(|s| (s.name.clone(), self.job.stages[0].until_step))
+                },
+                |c| c.next_transition(),
+            ),
+            seq_len: stage.seq_len,
+            rope_theta: stage.rope_theta,
+            lr: self.lr,
+            steps_per_second: self.rate.rate(),
+        };
+        if let Some(m) = &self.metrics {
+            m.observe(&snapshot);
+        }
+        self.snapshot.send_if_modified(|s| {
+            let changed = *s != snapshot;
+            *s = snapshot;
+            changed
+        });
+    }
+}
+
+fn refs(samples: &[SampleId]) -> Vec<v1::SampleRef> {
+    samples
+        .iter()
+        .map(|s| v1::SampleRef {
+            source: s.source as u32,
+            index: s.index,
+        })
+        .collect()
+}
+
+/// Queues a message for a member; a full or closed outbox is logged (its lease decides its fate).
+fn send(members: &BTreeMap<String, Member>, id: &str, kind: v1::coordinator_message::Kind) {
+    let Some(outbox) = members.get(id).and_then(|m| m.outbox.as_ref()) else {
+        warn!(worker = %id, "no session to send to");
+        return;
+    };
+    if let Err(e) = outbox.try_send(v1::CoordinatorMessage { kind: Some(kind) }) {
+        warn!(worker = %id, error = %e, "cannot queue a message");
+    }
+}
