@@ -55,6 +55,7 @@ const SECTIONS: &[&str] = &[
     "workers",
     "checkpoints",
     "spikes",
+    "recovery",
 ];
 
 fn starts_with_a_place(msg: &str) -> bool {
@@ -275,5 +276,25 @@ fn the_smollm2_example_is_the_papers_run_and_needs_its_data() {
              does not exist"
         ),
         "{problems:#?}"
+    );
+}
+
+/// A huge input is refused with a message that quotes it cut short, not whole.
+#[test]
+fn a_three_megabyte_name_gets_a_short_message() {
+    let base = std::fs::read_to_string(crate_dir().join("tests/fixtures/valid/base.toml")).unwrap();
+    let huge = "x".repeat(3 << 20);
+    let text = base.replacen("name = \"stable\"", &format!("name = \"{huge}\""), 1);
+    let problems = JobFile::parse(&text).unwrap_err().0;
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    let msg = &problems[0].0;
+    assert!(msg.contains("longer than 64 characters"), "{}", &msg[..200]);
+    assert!(msg.len() < 400, "a message of {} bytes", msg.len());
+    // Binary garbage is no job file, and says so.
+    let garbage = String::from_utf8_lossy(&[0xff, 0xfe, 0x00, 0x9c, b'[', 0x01]).into_owned();
+    let problems = JobFile::parse(&garbage).unwrap_err().0;
+    assert!(
+        !problems.is_empty() && problems[0].0.len() < 400,
+        "{problems:?}"
     );
 }

@@ -10,6 +10,8 @@
 //!   mixture edits, the LR of each step, skip ranges, and its durable record.
 //! - [`schedule`]: the WSD learning-rate schedule.
 //! - [`spike`]: the loss-spike detector and the step guard.
+//! - [`recovery`]: the `[recovery]` section and the failure budget (retries, backoff, pause or
+//!   fail).
 //! - [`retention`]: the checkpoint policy (`[checkpoints]`) and which checkpoints retention
 //!   removes.
 //! - [`clock`]: timestamps (`now_ms`) and the date of result files.
@@ -23,6 +25,7 @@ pub mod clock;
 pub mod curriculum;
 pub mod metrics;
 pub mod plan;
+pub mod recovery;
 pub mod retention;
 pub mod schedule;
 pub mod spec;

@@ -99,9 +99,13 @@ pub mod builder;
 mod check;
 mod parse_error;
 
-pub use check::{align_mix, item_path, Problems};
+pub use check::{
+    align_mix, item_path, shown, Problems, MAX_BATCH_TOKENS, MAX_EVAL_SAMPLES, MAX_MS, MAX_NAME,
+    MAX_SAMPLES_PER_STEP, MAX_STEPS, MAX_THREADS, MAX_TOKENS, MAX_WORKERS,
+};
 use parse_error::toml_error;
 
+use crate::recovery::RecoveryConfig;
 use crate::retention::CheckpointConfig;
 use crate::spike::{Rung, SpikeConfig};
 
@@ -201,7 +205,9 @@ pub struct JobFile {
     #[serde(default)]
     pub checkpoints: CheckpointsSection,
     #[serde(default)]
-    pub spikes: SpikesSection,
+    pub spikes: SpikeConfig,
+    #[serde(default)]
+    pub recovery: RecoveryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -478,49 +484,6 @@ impl Default for CheckpointsSection {
     }
 }
 
-/// `[spikes]`: see [`SpikeConfig`]. The ladder stays as written until it is validated, so that
-/// a misspelt rung is reported with its place.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SpikesSection {
-    pub enabled: bool,
-    pub window: u32,
-    pub min_steps: u32,
-    pub zscore: f64,
-    pub ratio: f64,
-    pub grad_norm_zscore: f64,
-    pub consecutive: u32,
-    pub ladder: Vec<String>,
-    pub skip_before: u64,
-    pub skip_after: u64,
-    pub lr_factor: f64,
-    pub lr_steps: u64,
-    pub max_rollbacks: u32,
-    pub window_steps: u64,
-}
-
-impl Default for SpikesSection {
-    fn default() -> Self {
-        let d = SpikeConfig::default();
-        SpikesSection {
-            enabled: d.enabled,
-            window: d.window,
-            min_steps: d.min_steps,
-            zscore: d.zscore,
-            ratio: d.ratio,
-            grad_norm_zscore: d.grad_norm_zscore,
-            consecutive: d.consecutive,
-            ladder: d.ladder.iter().map(|r| r.name().to_owned()).collect(),
-            skip_before: d.skip_before,
-            skip_after: d.skip_after,
-            lr_factor: d.lr_factor,
-            lr_steps: d.lr_steps,
-            max_rollbacks: d.max_rollbacks,
-            window_steps: d.window_steps,
-        }
-    }
-}
-
 /// A whole number of steps or tokens: an integer, or a float with no fraction so that
 /// `tokens = 6e12` reads as it is meant.
 fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -734,23 +697,9 @@ impl JobFile {
     /// The spike detector's configuration: `[spikes]` with its defaults. Meaningful on a
     /// validated spec (a rung it does not know is left out).
     pub fn spike_config(&self) -> SpikeConfig {
-        let s = &self.spikes;
-        SpikeConfig {
-            enabled: s.enabled,
-            window: s.window,
-            min_steps: s.min_steps,
-            zscore: s.zscore,
-            ratio: s.ratio,
-            grad_norm_zscore: s.grad_norm_zscore,
-            consecutive: s.consecutive,
-            ladder: s.ladder.iter().filter_map(|r| Rung::parse(r)).collect(),
-            skip_before: s.skip_before,
-            skip_after: s.skip_after,
-            lr_factor: s.lr_factor,
-            lr_steps: s.lr_steps,
-            max_rollbacks: s.max_rollbacks,
-            window_steps: s.window_steps,
-        }
+        let mut c = self.spikes.clone();
+        c.ladder.retain(|r| !matches!(r, Rung::Unknown(_)));
+        c
     }
 
     /// The wire form that workers receive.

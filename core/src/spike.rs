@@ -35,8 +35,11 @@
 //! the step numbers go back, the count of work done does not.
 //!
 //! A stage transition or a mixture change moves the loss level for a known reason;
-//! [`Detector::reset_statistics`] starts the statistics again there (the detector re-arms after
-//! `min_steps`), so the new level is not taken for a spike.
+//! [`Detector::level_changed`] starts the statistics of a new level there (the rules above
+//! re-arm after `min_steps` steps of it), so the new level is not taken for a spike. Until
+//! then the step is never unprotected: a loss above `carry_ratio` times the mean of the level
+//! before is flagged, and once the new level has three steps, a loss above `ratio` times their
+//! median, so a spike two steps after new data enters (SmolLM2's stage 3) is caught.
 //!
 
 use std::collections::VecDeque;
@@ -52,13 +55,17 @@ pub const STD_FLOOR: f64 = 1e-4;
 /// after a rollback it judges the replay against the statistics it had then.
 const HISTORY: usize = 10_000;
 
-/// A rung of the spike ladder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A rung of the spike ladder, as a job file names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(from = "String")]
 pub enum Rung {
     /// Drop the update of every flagged step (the step guard).
     Skip,
     /// On a spike, return to the last known-good checkpoint before it and skip its data.
     Rollback,
+    /// A name that is no rung: kept as written so validation reports it with its place; the
+    /// detector ignores it.
+    Unknown(String),
 }
 
 impl Rung {
@@ -66,10 +73,11 @@ impl Rung {
     pub const ALL: [Rung; 2] = [Rung::Skip, Rung::Rollback];
 
     /// The name in a job file.
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &str {
         match self {
             Rung::Skip => "skip",
             Rung::Rollback => "rollback",
+            Rung::Unknown(name) => name,
         }
     }
 
@@ -79,14 +87,22 @@ impl Rung {
     }
 }
 
+impl From<String> for Rung {
+    fn from(name: String) -> Rung {
+        Rung::parse(&name).unwrap_or(Rung::Unknown(name))
+    }
+}
+
 impl fmt::Display for Rung {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
 }
 
-/// The `[spikes]` section of a job file, validated (see the module documentation).
-#[derive(Debug, Clone, PartialEq)]
+/// The `[spikes]` section of a job file (see the module documentation); every key has the
+/// default below. The job file's validation checks it.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SpikeConfig {
     pub enabled: bool,
     /// Unflagged steps in the rolling mean and variance.
@@ -112,6 +128,9 @@ pub struct SpikeConfig {
     /// More rollbacks than this within `window_steps` observed steps pause the job.
     pub max_rollbacks: u32,
     pub window_steps: u64,
+    /// Until a new level (a stage change, a mixture change) has `min_steps` steps of its own,
+    /// flag a loss above this many times the mean of the level before (0: off).
+    pub carry_ratio: f64,
 }
 
 impl Default for SpikeConfig {
@@ -134,6 +153,7 @@ impl Default for SpikeConfig {
             lr_steps: 0,
             max_rollbacks: 3,
             window_steps: 1000,
+            carry_ratio: 3.0,
         }
     }
 }
@@ -211,7 +231,13 @@ pub struct Detector {
     observed: u64,
     /// The rollbacks within `window_steps`: when (by `observed`) and the step detected at.
     rollbacks: Vec<(u64, u64)>,
+    /// The first steps of the loss levels after the first (stage and mixture changes), in
+    /// order: the statistics are of the last level; the one before judges it until it arms.
+    levels: Vec<u64>,
 }
+
+/// Steps of a new level before its median judges the next ones (with `ratio`).
+const LEVEL_MEDIAN_STEPS: usize = 3;
 
 impl Detector {
     pub fn new(cfg: SpikeConfig) -> Detector {
@@ -221,7 +247,74 @@ impl Detector {
             run: None,
             observed: 0,
             rollbacks: Vec::new(),
+            levels: Vec::new(),
         }
+    }
+
+    /// The first step of the current level.
+    fn level_start(&self) -> u64 {
+        self.levels.last().copied().unwrap_or(0)
+    }
+
+    /// The unflagged steps of the current level, newest first.
+    fn level(&self) -> impl Iterator<Item = &Sample> + Clone {
+        let start = self.level_start();
+        self.history
+            .iter()
+            .rev()
+            .take_while(move |s| s.step >= start)
+    }
+
+    /// Until the current level arms: the bar a loss must stay under, from the level before
+    /// (`carry_ratio` × its mean) and, after a few steps, from this one (`ratio` × its
+    /// median), with the rule that set it.
+    fn carried(&self) -> Option<(f64, String)> {
+        if !self.cfg.enabled || self.armed() || self.levels.is_empty() {
+            return None;
+        }
+        let start = self.level_start();
+        let window = (self.cfg.window as usize).max(2);
+        let before: Vec<f64> = self
+            .history
+            .iter()
+            .rev()
+            .filter(|s| s.step < start)
+            .take(window)
+            .map(|s| s.loss)
+            .collect();
+        let mut bars: Vec<(f64, String)> = vec![];
+        if self.cfg.carry_ratio > 0.0 && before.len() >= 2 {
+            let mean = before.iter().sum::<f64>() / before.len() as f64;
+            if mean > 0.0 {
+                bars.push((
+                    self.cfg.carry_ratio * mean,
+                    format!(
+                        "{}x the previous level's mean {mean:.4} (the new level has {} of spikes.min_steps = {} steps)",
+                        self.cfg.carry_ratio,
+                        self.level().count(),
+                        self.cfg.min_steps
+                    ),
+                ));
+            }
+        }
+        let mut recent: Vec<f64> = self.level().map(|s| s.loss).collect();
+        if self.cfg.ratio > 0.0 && recent.len() >= LEVEL_MEDIAN_STEPS {
+            recent.sort_by(f64::total_cmp);
+            let median = recent[recent.len() / 2];
+            if median > 0.0 {
+                bars.push((
+                    self.cfg.ratio * median,
+                    format!(
+                        "{}x the median {median:.4} of the new level's {} steps",
+                        self.cfg.ratio,
+                        recent.len()
+                    ),
+                ));
+            }
+        }
+        bars.into_iter()
+            .filter(|(bar, _)| bar.is_finite())
+            .min_by(|a, b| a.0.total_cmp(&b.0))
     }
 
     pub fn config(&self) -> &SpikeConfig {
@@ -237,7 +330,7 @@ impl Detector {
     /// Whether the detector judges losses (before that only NaN/Inf is flagged).
     pub fn armed(&self) -> bool {
         let need = (self.cfg.min_steps as usize).clamp(2, self.capacity());
-        self.cfg.enabled && self.history.len() >= need
+        self.cfg.enabled && self.level().take(need).count() >= need
     }
 
     /// The statistics the next step is judged against; `None` while not armed.
@@ -246,7 +339,7 @@ impl Detector {
             return None;
         }
         let window = (self.cfg.window as usize).max(2);
-        let recent = || self.history.iter().rev().take(window);
+        let recent = || self.level().take(window);
         let (mean, std) = mean_std(recent().map(|s| s.loss));
         let (grad_mean, grad_std) = mean_std(recent().map(|s| s.grad_norm));
         Some(Stats {
@@ -268,7 +361,11 @@ impl Detector {
             return v1::StepGuard::default();
         }
         let Some(s) = self.stats() else {
-            return v1::StepGuard::default();
+            let max_loss = self.carried().map_or(0.0, |(bar, _)| bar);
+            return v1::StepGuard {
+                max_loss,
+                max_grad_norm: 0.0,
+            };
         };
         v1::StepGuard {
             max_loss: self.loss_limit(&s).unwrap_or(0.0),
@@ -303,6 +400,11 @@ impl Detector {
             rules.push(format!("grad norm is {grad_norm}"));
         }
         let Some(s) = stats else {
+            if let Some((bar, rule)) = self.carried() {
+                if loss.is_finite() && loss > bar {
+                    rules.push(format!("loss {loss:.4} above {rule}"));
+                }
+            }
             return rules;
         };
         // The limit is the lowest of the rules' bars: above it, at least one rule holds.
@@ -409,8 +511,10 @@ impl Detector {
                 };
             }
             // Detection only: the loss has moved to a new level for a whole window; judge
-            // what follows against that level.
-            self.reset_statistics();
+            // what follows against that level alone.
+            self.history.clear();
+            self.levels.clear();
+            self.run = None;
         }
         Verdict::Flagged { rule, mean, std }
     }
@@ -455,15 +559,24 @@ impl Detector {
             self.history.pop_back();
         }
         // Steps only go back at a rewind, which drops everything at or after its step, so the
-        // history stays sorted by step.
+        // history stays sorted by step. Levels that begin there begin again in the replay.
+        while self.levels.last().is_some_and(|l| *l >= step) {
+            self.levels.pop();
+        }
         self.run = None;
     }
 
-    /// Forgets the statistics (the detector re-arms after `min_steps`), keeping the count of
-    /// rollbacks: for when the loss level moves for a known reason, e.g. a stage that changes
-    /// the data mixture or the sequence length.
-    pub fn reset_statistics(&mut self) {
-        self.history.clear();
+    /// The loss level moves for a known reason from `step` on (a stage that changes the data
+    /// mixture or the sequence length, a mixture change): the statistics of the rules start
+    /// again there (they re-arm after `min_steps` steps), and until then the level before
+    /// judges the new one with a wider bar (`carry_ratio`). Rollbacks stay counted.
+    pub fn level_changed(&mut self, step: u64) {
+        if self.levels.last() != Some(&step) && step > 0 {
+            if self.levels.len() == 1024 {
+                self.levels.remove(0);
+            }
+            self.levels.push(step);
+        }
         self.run = None;
     }
 }
@@ -923,11 +1036,57 @@ mod tests {
         let losses = curve(200);
         let mut d = Detector::new(config(&[Rung::Skip]));
         replay(&mut d, &losses[..150], 0);
-        d.reset_statistics();
+        d.level_changed(150);
         assert!(!d.armed());
         // A new level right after the change is not a spike.
         assert_eq!(replay(&mut d, &[(4.0, 0.3); 30], 150), []);
         assert!((d.stats().unwrap().mean - 4.0).abs() < 1e-12);
+    }
+
+    /// SmolLM2's stage-3 case: a spike two steps after new data enters is caught although the
+    /// new level has none of its own statistics yet; an honest move of the level is not.
+    #[test]
+    fn no_step_after_a_level_change_is_unprotected() {
+        let losses = curve(200);
+        let mut d = Detector::new(config(&[Rung::Skip, Rung::Rollback]));
+        assert_eq!(replay(&mut d, &losses[..150], 0), []);
+        let before = d.stats().unwrap().mean;
+        d.level_changed(150);
+        assert!(!d.armed());
+        // The new mixture moves the loss up by a third: not a spike.
+        let moved: Vec<(f64, f64)> = losses[150..152]
+            .iter()
+            .map(|(l, g)| (l * 1.33, *g))
+            .collect();
+        assert_eq!(replay(&mut d, &moved, 150), []);
+        // Step 152, the third of the stage, is a spike of 4x: flagged and rolled back.
+        let v = d.observe(152, 4.0 * before, 0.3, false);
+        match v {
+            Verdict::Rollback {
+                first_step, rule, ..
+            } => {
+                assert_eq!(first_step, 152);
+                assert!(rule.contains("previous level"), "{rule}");
+            }
+            v => panic!("expected a rollback, got {v:?}"),
+        }
+        // The guard of the next step carries the bar too.
+        assert!(d.guard().max_loss > 0.0 && d.guard().max_loss < 4.0 * before);
+        // Once the new level has steps of its own, a spike against them is caught as well.
+        let mut d = Detector::new(SpikeConfig {
+            carry_ratio: 0.0,
+            ..config(&[Rung::Skip, Rung::Rollback])
+        });
+        replay(&mut d, &losses[..150], 0);
+        d.level_changed(150);
+        assert_eq!(replay(&mut d, &[(6.0, 0.3); 3], 150), []);
+        assert!(matches!(
+            d.observe(153, 13.0, 0.3, false),
+            Verdict::Rollback { ref rule, .. } if rule.contains("median")
+        ));
+        // A rewind to before the change forgets it (the replay makes it again).
+        d.rewind(140);
+        assert!(d.armed());
     }
 
     #[test]

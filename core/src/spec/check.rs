@@ -17,13 +17,64 @@ impl Problems {
     }
 }
 
-/// `stages[2] ("stage3")`, or `stages[2]` for a stage without a name.
+/// `stages[2] ("stage3")`, or `stages[2]` for a stage without a name (a name too long to be
+/// one is cut, so a message never quotes a huge input).
 pub fn item_path(list: &str, i: usize, name: &str) -> String {
     if name.is_empty() {
         format!("{list}[{i}]")
     } else {
-        format!("{list}[{i}] ({name:?})")
+        format!("{list}[{i}] ({:?})", shown(name))
     }
+}
+
+/// The longest duration in milliseconds any setting may have: a week.
+pub const MAX_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// The longest name (of the job, a source or a stage).
+pub const MAX_NAME: usize = 64;
+
+/// The most steps a job may have: far beyond any run (11T tokens at 2M per step is 5.5M
+/// steps), small enough that every count of steps, tokens and samples fits a u64.
+pub const MAX_STEPS: u64 = 1 << 40;
+
+/// The most tokens a job may train (2^62), and per step.
+pub const MAX_TOKENS: u64 = 1 << 62;
+pub const MAX_BATCH_TOKENS: u64 = 1 << 40;
+
+/// The most samples one step may have.
+pub const MAX_SAMPLES_PER_STEP: u64 = 1 << 24;
+
+/// The most held-out samples per source an evaluation may use.
+pub const MAX_EVAL_SAMPLES: u32 = 1_000_000;
+
+/// The most workers a job may have, and training threads per worker.
+pub const MAX_WORKERS: u32 = 1 << 20;
+pub const MAX_THREADS: u32 = 4096;
+
+/// `name`, cut to at most [`MAX_NAME`] characters with an ellipsis, for messages.
+pub fn shown(name: &str) -> String {
+    if name.chars().count() <= MAX_NAME {
+        return name.to_owned();
+    }
+    let cut: String = name.chars().take(MAX_NAME).collect();
+    format!("{cut}… ({} bytes)", name.len())
+}
+
+/// What is wrong with a name of the job file (`what` names its kind for the message), if
+/// anything: empty, too long, or outside the plain alphabet.
+fn name_problem(name: &str, why: &str) -> Option<String> {
+    if name.chars().count() > MAX_NAME {
+        return Some(format!(
+            "{:?} is longer than {MAX_NAME} characters; use a shorter name",
+            shown(name)
+        ));
+    }
+    bad_name_char(name).map(|c| {
+        format!(
+            "{:?} holds {c:?}; use letters, digits, '-', '_', '.' or '+' ({why})",
+            shown(name)
+        )
+    })
 }
 
 /// Names are typed on the command line (`stage set NAME`, `mix set STAGE source=weight`) and
@@ -146,6 +197,7 @@ impl JobFile {
         self.check_train_and_workers(&mut p);
         self.check_checkpoints(&mut p);
         self.check_spikes(&mut p);
+        self.check_recovery(&mut p);
         // Stage budgets are checked first (the schedule needs them) but belong with the stages.
         p.0.sort_by_key(|e| section_rank(&e.0));
         if p.0.is_empty() {
@@ -156,10 +208,21 @@ impl JobFile {
     }
 
     fn check_job(&self, p: &mut Problems) {
-        if self.job.name.trim().is_empty() {
+        let name = &self.job.name;
+        if name.trim().is_empty() {
             p.at(
                 "job.name",
                 "empty; name the job (it labels the metrics and the state)",
+            );
+        } else if let Some(msg) = name_problem(
+            name,
+            "the name is a folder of the state and of the checkpoints",
+        ) {
+            p.at("job.name", msg);
+        } else if name.starts_with('.') {
+            p.at(
+                "job.name",
+                format!("{name:?} starts with '.'; the job name is a folder name (checkpoints/<job name>), start it with a letter or digit"),
             );
         }
     }
@@ -262,6 +325,18 @@ impl JobFile {
                 ok = false;
                 continue;
             };
+            let too_far = match until {
+                Until::Steps(n) => (n > MAX_STEPS).then(|| format!("{MAX_STEPS} steps")),
+                Until::Tokens(t) => (t > MAX_TOKENS).then(|| format!("{MAX_TOKENS} tokens")),
+            };
+            if let Some(limit) = too_far {
+                p.at(
+                    format!("{path}.until"),
+                    format!("{until} is beyond the largest job stagecoach runs ({limit}); give the stage's real budget"),
+                );
+                ok = false;
+                continue;
+            }
             if matches!(until, Until::Steps(0) | Until::Tokens(0)) {
                 p.at(
                     format!("{path}.until"),
@@ -312,6 +387,17 @@ impl JobFile {
                     continue;
                 }
             }
+            if step.checked_mul(g).is_none_or(|t| t > MAX_TOKENS) {
+                p.at(
+                    format!("{path}.until"),
+                    format!(
+                        "{until} at {g} tokens per step is more than {MAX_TOKENS} tokens; give \
+                         the stage's real budget"
+                    ),
+                );
+                ok = false;
+                continue;
+            }
             prev = Some((path, until, step));
         }
         ok && g > 0
@@ -325,7 +411,7 @@ impl JobFile {
                 format!("must be a positive number, got {}", s.peak_lr),
             );
         }
-        if !(0.0..=s.peak_lr).contains(&s.min_lr) {
+        if positive_number(s.peak_lr) && !(0.0..=s.peak_lr).contains(&s.min_lr) {
             p.at(
                 "schedule.min_lr",
                 format!("{} must lie in [0, peak_lr] = [0, {}]", s.min_lr, s.peak_lr),
@@ -421,6 +507,29 @@ impl JobFile {
 
     fn check_data_section(&self, p: &mut Problems) {
         let d = &self.data;
+        for (key, tokens) in [
+            ("global_batch_tokens", d.global_batch_tokens),
+            ("micro_batch_tokens", d.micro_batch_tokens),
+        ] {
+            if tokens > MAX_BATCH_TOKENS {
+                p.at(
+                    format!("data.{key}"),
+                    format!(
+                        "{tokens} is more than {MAX_BATCH_TOKENS} tokens; give a real batch size"
+                    ),
+                );
+            }
+        }
+        if d.eval_samples.is_some_and(|n| n > MAX_EVAL_SAMPLES) {
+            p.at(
+                "data.eval_samples",
+                format!(
+                    "{} held-out samples per source is more than {MAX_EVAL_SAMPLES}; an \
+                     evaluation runs between two steps, keep it to a few hundred",
+                    d.eval_samples.unwrap_or_default()
+                ),
+            );
+        }
         if d.global_batch_tokens == 0 {
             p.at(
                 "data.global_batch_tokens",
@@ -484,15 +593,11 @@ impl JobFile {
                     format!("{path}.name"),
                     "missing or empty; name the source (stages weigh it by name)",
                 );
-            } else if let Some(c) = bad_name_char(&src.name) {
-                p.at(
-                    format!("{path}.name"),
-                    format!(
-                        "{:?} holds {c:?}; use letters, digits, '-', '_', '.' or '+' (names are \
-                         typed as source=weight on the command line)",
-                        src.name
-                    ),
-                );
+            } else if let Some(msg) = name_problem(
+                &src.name,
+                "names are typed as source=weight on the command line",
+            ) {
+                p.at(format!("{path}.name"), msg);
             } else if let Some(first) = seen.insert(&src.name, i) {
                 seen.insert(&src.name, first);
                 p.at(
@@ -543,15 +648,9 @@ impl JobFile {
                     format!("{path}.name"),
                     "missing or empty; name the stage (`stage set NAME` and the metrics use it)",
                 );
-            } else if let Some(c) = bad_name_char(&st.name) {
-                p.at(
-                    format!("{path}.name"),
-                    format!(
-                        "{:?} holds {c:?}; use letters, digits, '-', '_', '.' or '+' (names are \
-                         typed on the command line)",
-                        st.name
-                    ),
-                );
+            } else if let Some(msg) = name_problem(&st.name, "names are typed on the command line")
+            {
+                p.at(format!("{path}.name"), msg);
             } else if let Some(first) = names.insert(&st.name, i) {
                 names.insert(&st.name, first);
                 p.at(
@@ -664,9 +763,27 @@ impl JobFile {
                 ),
             );
         }
+        // The shortest samples make the most per step: each is a sample reference in every
+        // step's message and ledger record.
+        if let Some((smallest, at)) = lengths.iter().min_by_key(|(s, _)| *s) {
+            let most = d.global_batch_tokens / smallest;
+            if most > MAX_SAMPLES_PER_STEP && d.global_batch_tokens <= MAX_BATCH_TOKENS {
+                p.at(
+                    "data.global_batch_tokens",
+                    format!(
+                        "{} tokens at seq_len {smallest} ({at}) make {most} samples per step, more \
+                         than {MAX_SAMPLES_PER_STEP}; lower the batch or raise the seq_len",
+                        d.global_batch_tokens
+                    ),
+                );
+            }
+        }
         // The longest samples make the fewest per step.
         let samples = d.global_batch_tokens / largest;
-        if d.global_batch_tokens > 0 && samples < u64::from(self.workers.max) {
+        if d.global_batch_tokens > 0
+            && samples < u64::from(self.workers.max)
+            && self.workers.max <= MAX_WORKERS
+        {
             let at = lengths
                 .iter()
                 .find(|(s, _)| *s == largest)
@@ -687,7 +804,32 @@ impl JobFile {
         if self.train.log_every == 0 {
             p.at("train.log_every", "must be positive");
         }
+        if self.train.threads > MAX_THREADS {
+            p.at(
+                "train.threads",
+                format!("{} is more than {MAX_THREADS}; give the threads of one worker (0: libtorch's default)", self.train.threads),
+            );
+        }
         let w = &self.workers;
+        if w.max > MAX_WORKERS {
+            p.at(
+                "workers.max",
+                format!("{} is more than {MAX_WORKERS} workers", w.max),
+            );
+        }
+        for (key, ms) in [
+            ("lease_ms", w.lease_ms),
+            ("heartbeat_ms", w.heartbeat_ms),
+            ("collective_timeout_ms", w.collective_timeout_ms),
+            ("rendezvous_ms", w.rendezvous_ms),
+        ] {
+            if ms > MAX_MS {
+                p.at(
+                    format!("workers.{key}"),
+                    format!("{ms} ms is more than a week ({MAX_MS} ms)"),
+                );
+            }
+        }
         if w.min == 0 {
             p.at("workers.min", "must be at least 1");
         } else if w.max < w.min {
@@ -726,6 +868,36 @@ impl JobFile {
                  checkpoints/<job name>",
             );
         }
+        if let Some(dir) = &c.dir {
+            if dir
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                p.at(
+                    "checkpoints.dir",
+                    format!(
+                        "{} climbs out of its folder with '..'; retention deletes old checkpoints \
+                         in this folder, so give it without '..' (an absolute path is fine)",
+                        dir.display()
+                    ),
+                );
+            }
+        }
+        if c.every_steps > MAX_STEPS {
+            p.at(
+                "checkpoints.every_steps",
+                format!(
+                    "{} is more than {MAX_STEPS} steps; 0 means only on demand",
+                    c.every_steps
+                ),
+            );
+        }
+        if c.keep > 100_000 {
+            p.at(
+                "checkpoints.keep",
+                format!("{} is more than 100000 checkpoints", c.keep),
+            );
+        }
         if c.keep == 0 {
             let why = if c.every_steps > 0 {
                 format!(
@@ -745,8 +917,76 @@ impl JobFile {
         }
     }
 
+    fn check_recovery(&self, p: &mut Problems) {
+        let r = &self.recovery;
+        if r.max_failures == 0 {
+            p.at(
+                "recovery.max_failures",
+                "must be at least 1: a lost worker would stop the job at once",
+            );
+        }
+        if r.backoff_ms == 0 || r.backoff_ms > MAX_MS {
+            p.at(
+                "recovery.backoff_ms",
+                format!("{} must lie in 1..={MAX_MS} (500 is usual)", r.backoff_ms),
+            );
+        }
+        if r.max_backoff_ms < r.backoff_ms || r.max_backoff_ms > MAX_MS {
+            p.at(
+                "recovery.max_backoff_ms",
+                format!(
+                    "{} must lie in backoff_ms ({})..={MAX_MS}",
+                    r.max_backoff_ms, r.backoff_ms
+                ),
+            );
+        }
+        if !(1000..=MAX_MS).contains(&r.store_outage_ms) {
+            p.at(
+                "recovery.store_outage_ms",
+                format!(
+                    "{} must lie in 1000..={MAX_MS}: how long training waits for the state store",
+                    r.store_outage_ms
+                ),
+            );
+        }
+        if r.step_timeout_ms != 0 && !(1000..=MAX_MS).contains(&r.step_timeout_ms) {
+            p.at(
+                "recovery.step_timeout_ms",
+                format!(
+                    "{} must be 0 (twenty times the recent steps) or lie in 1000..={MAX_MS}",
+                    r.step_timeout_ms
+                ),
+            );
+        }
+    }
+
     fn check_spikes(&self, p: &mut Problems) {
         let s = &self.spikes;
+        for (key, v) in [
+            ("window", u64::from(s.window)),
+            ("min_steps", u64::from(s.min_steps)),
+            ("consecutive", u64::from(s.consecutive)),
+        ] {
+            if v > 1_000_000 {
+                p.at(
+                    format!("spikes.{key}"),
+                    format!("{v} is more than 1000000 steps"),
+                );
+            }
+        }
+        for (key, v) in [
+            ("skip_before", s.skip_before),
+            ("skip_after", s.skip_after),
+            ("lr_steps", s.lr_steps),
+            ("window_steps", s.window_steps),
+        ] {
+            if v > MAX_STEPS {
+                p.at(
+                    format!("spikes.{key}"),
+                    format!("{v} is more than {MAX_STEPS} steps"),
+                );
+            }
+        }
         if s.window < 2 {
             p.at(
                 "spikes.window",
@@ -793,12 +1033,15 @@ impl JobFile {
         }
         let names = list(Rung::ALL.iter().map(|r| r.name()));
         let mut rungs: Vec<Rung> = Vec::new();
-        for (i, name) in s.ladder.iter().enumerate() {
+        for (i, rung) in s.ladder.iter().enumerate() {
             let at = format!("spikes.ladder[{i}]");
-            match Rung::parse(name) {
-                None => p.at(at, format!("unknown rung {name:?}; the rungs are {names}")),
-                Some(r) if rungs.contains(&r) => p.at(at, format!("{name:?} is given twice")),
-                Some(r) => rungs.push(r),
+            let name = rung.name();
+            match rung {
+                Rung::Unknown(_) => {
+                    p.at(at, format!("unknown rung {name:?}; the rungs are {names}"))
+                }
+                r if rungs.contains(r) => p.at(at, format!("{name:?} is given twice")),
+                r => rungs.push(r.clone()),
             }
         }
         let ordered: Vec<Rung> = Rung::ALL
@@ -843,7 +1086,7 @@ impl JobFile {
 
 /// Orders problems as they appear in a job file: by section, then by item (`stages[3]`).
 fn section_rank(msg: &str) -> (usize, usize) {
-    const ORDER: [&str; 11] = [
+    const ORDER: [&str; 12] = [
         "job",
         "model",
         "optimizer",
@@ -855,6 +1098,7 @@ fn section_rank(msg: &str) -> (usize, usize) {
         "workers",
         "checkpoints",
         "spikes",
+        "recovery",
     ];
     let head = msg
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
