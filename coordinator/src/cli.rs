@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use stagecoach_proto::v1::control_client::ControlClient;
 use stagecoach_proto::v1::{
-    ChangeStageRequest, ChangeStageResponse, CheckpointNowRequest, EvaluateRequest,
-    GetStatusRequest, GetStatusResponse, ListCheckpointsRequest, ListCheckpointsResponse,
-    ListEventsRequest, ListEventsResponse, ListStagesRequest, ListStagesResponse, PauseRequest,
-    ResumeRequest, RollbackRequest, RollbackResponse, SetMixRequest, SourceWeight,
+    change_stage_request, ChangeStageRequest, ChangeStageResponse, CheckpointNowRequest,
+    EvaluateRequest, GetStatusRequest, GetStatusResponse, ListCheckpointsRequest,
+    ListCheckpointsResponse, ListEventsRequest, ListEventsResponse, ListStagesRequest,
+    ListStagesResponse, PauseRequest, ResumeRequest, RollbackRequest, RollbackResponse,
+    SetMixRequest, SourceWeight,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
@@ -102,8 +103,12 @@ impl Client {
         stage: Option<&str>,
         requested_by: &str,
     ) -> Result<ChangeStageResponse, Error> {
+        let target = match stage {
+            Some(name) => change_stage_request::Target::Stage(name.to_owned()),
+            None => change_stage_request::Target::Next(true),
+        };
         let request = ChangeStageRequest {
-            stage: stage.unwrap_or_default().to_owned(),
+            target: Some(target),
             requested_by: requested_by.to_owned(),
         };
         let reply = self.inner.change_stage(request).await;

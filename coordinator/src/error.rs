@@ -2,9 +2,47 @@
 
 use tonic::{Code, Status};
 
+use crate::store::StoreError;
+
+/// The longest message a status carries: a longer one (an error that quotes a huge input) is
+/// cut, so the client gets the error and not RESOURCE_EXHAUSTED on its headers.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// `text`, cut at `max` bytes (on a character boundary) with a note of its full length.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len())
+}
+
 /// Everything that can go wrong in the coordinator or in the CLI's calls to it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A worker id the driver does not know (never registered, or its lease expired).
+    #[error("unknown worker {0:?}: register first")]
+    UnknownWorker(String),
+
+    /// A request or message is malformed or out of range; its message says what to change.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// A request that cannot be served in the job's present state (not now, or not at all).
+    #[error("{0}")]
+    FailedPrecondition(String),
+
+    /// A named thing (stage, checkpoint) does not exist.
+    #[error("{0}")]
+    NotFound(String),
+
+    /// The state store refused or could not be reached.
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+
     /// The coordinator address given by the user is not a usable URI.
     #[error("invalid coordinator address {url:?}: {reason}")]
     InvalidAddress { url: String, reason: String },
@@ -48,15 +86,22 @@ pub enum Error {
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let code = match &err {
+            Error::UnknownWorker(_) | Error::NotFound(_) => Code::NotFound,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Store(e) if e.retryable() => Code::Unavailable,
+            Error::Store(_) => Code::Internal,
             Error::InvalidAddress { .. } | Error::Destination { .. } => Code::InvalidArgument,
             Error::Checkpoint { .. } => Code::FailedPrecondition,
             Error::Unreachable { .. } => Code::Unavailable,
-            Error::Refused { code, message } => return Status::new(*code, message.clone()),
+            Error::Refused { code, message } => {
+                return Status::new(*code, clip(message, MAX_MESSAGE))
+            }
             // Pass the upstream status through unchanged, details and metadata included.
             Error::Rpc { status, .. } => return status.clone(),
             Error::Io(_) | Error::Transport(_) => Code::Internal,
         };
-        Status::new(code, err.to_string())
+        Status::new(code, clip(&err.to_string(), MAX_MESSAGE))
     }
 }
 
@@ -119,5 +164,19 @@ mod tests {
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);
         }
+    }
+
+    #[test]
+    fn long_messages_are_clipped() {
+        let huge = "é".repeat(2_000_000);
+        let status = Status::from(Error::NotFound(format!("no stage {huge:?}")));
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(
+            status.message().len() < MAX_MESSAGE + 64,
+            "{}",
+            status.message().len()
+        );
+        assert!(status.message().ends_with("bytes in all)"));
+        assert_eq!(clip("short", 10), "short");
     }
 }

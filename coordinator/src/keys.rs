@@ -5,6 +5,7 @@
 //! | `jobs/{job}/ledger/steps/{step:012}` | `v1::LedgerStep` (protobuf): the samples of one committed step |
 //! | `jobs/{job}/ledger/last` | `v1::LedgerStep` of the last committed step (its cursors resume the plan) |
 //! | `jobs/{job}/ledger/rolled_back/{event:06}/{step:012}` | `v1::LedgerStep`: committed steps a rollback set aside |
+//! | `jobs/{job}/ledger/rewinding` | `v1::Rewind`: a rewind whose steps are still being moved aside (absent when none) |
 //! | `jobs/{job}/ledger/skipped/{event:06}` | `v1::SkippedRange`: samples a rollback skipped (drawn, never trained) |
 //! | `jobs/{job}/checkpoints/{step:012}` | `v1::CheckpointRecord`: the checkpoint index and lineage |
 //! | `jobs/{job}/events/{n:06}` | `v1::SpikeEvent`: spike detections, rollbacks, pauses |
@@ -23,6 +24,11 @@ pub fn ledger_steps(job: &str) -> String {
 /// The last committed step of `job`.
 pub fn ledger_last(job: &str) -> String {
     format!("jobs/{job}/ledger/last")
+}
+
+/// The rewind of `job` under way, if any.
+pub fn rewinding(job: &str) -> String {
+    format!("jobs/{job}/ledger/rewinding")
 }
 
 /// The curriculum record of `job`.

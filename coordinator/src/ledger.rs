@@ -13,29 +13,29 @@ use crate::store::{Op, StateStore, StoreError};
 /// Where committed steps and the curriculum's record go (the state store).
 #[async_trait::async_trait]
 pub trait Ledger: Send + Sync {
-    async fn commit(&self, step: &v1::LedgerStep) -> Result<(), String>;
+    async fn commit(&self, step: &v1::LedgerStep) -> Result<(), StoreError>;
     /// Replaces the curriculum's durable record (mixture edits, transitions, evaluations).
-    async fn save_curriculum(&self, record: &v1::CurriculumRecord) -> Result<(), String>;
+    async fn save_curriculum(&self, record: &v1::CurriculumRecord) -> Result<(), StoreError>;
     /// Adds or replaces a checkpoint in the index.
-    async fn put_checkpoint(&self, _record: &v1::CheckpointRecord) -> Result<(), String> {
+    async fn put_checkpoint(&self, _record: &v1::CheckpointRecord) -> Result<(), StoreError> {
         Ok(())
     }
     /// Removes a checkpoint from the index (its folder is gone).
-    async fn delete_checkpoint(&self, _step: u64) -> Result<(), String> {
+    async fn delete_checkpoint(&self, _step: u64) -> Result<(), StoreError> {
         Ok(())
     }
     /// Adds or replaces spike event number `index`.
-    async fn put_event(&self, _index: u64, _event: &v1::SpikeEvent) -> Result<(), String> {
+    async fn put_event(&self, _index: u64, _event: &v1::SpikeEvent) -> Result<(), StoreError> {
         Ok(())
     }
     /// A rollback (event `event`) to the state after `to_step` committed steps: the committed
     /// steps from `to_step` on move aside (kept, as rolled back), the last committed step is
     /// `to_step - 1` again.
-    async fn rewind(&self, _to_step: u64, _event: u64) -> Result<(), String> {
+    async fn rewind(&self, _to_step: u64, _event: u64) -> Result<(), StoreError> {
         Ok(())
     }
     /// Records samples a rollback skipped.
-    async fn put_skipped(&self, _range: &v1::SkippedRange) -> Result<(), String> {
+    async fn put_skipped(&self, _range: &v1::SkippedRange) -> Result<(), StoreError> {
         Ok(())
     }
 }
@@ -110,15 +110,70 @@ impl StoreLedger {
         let entries = self.store.range(&keys::ledger_steps(&self.job)).await?;
         entries.iter().map(|(k, v)| decode(k, &v.value)).collect()
     }
+
+    /// Finishes a rewind that was cut short (the coordinator died while it moved steps aside).
+    /// Call before reading the ledger.
+    pub async fn recover(&self) -> Result<(), StoreError> {
+        let key = keys::rewinding(&self.job);
+        let Some(v) = self.store.get(&key).await? else {
+            return Ok(());
+        };
+        let marker = v1::Rewind::decode(v.value.as_slice()).map_err(|e| StoreError::Corrupt {
+            path: key.into(),
+            reason: format!("the rewind marker does not decode: {e}"),
+        })?;
+        let steps = self.steps().await?;
+        self.move_aside(steps, &marker).await
+    }
+
+    /// Moves the steps of `steps` from `marker.to_step` on to the rolled-back keys of its
+    /// event, in batches, then removes the marker.
+    async fn move_aside(
+        &self,
+        steps: Vec<v1::LedgerStep>,
+        marker: &v1::Rewind,
+    ) -> Result<(), StoreError> {
+        let aside: Vec<v1::LedgerStep> = steps
+            .into_iter()
+            .filter(|s| s.step >= marker.to_step)
+            .collect();
+        for batch in aside.chunks(REWIND_BATCH) {
+            let mut ops = Vec::with_capacity(2 * batch.len());
+            for s in batch {
+                ops.push(Op::Put {
+                    key: keys::rolled_back_step(&self.job, marker.event, s.step),
+                    value: s.encode_to_vec(),
+                });
+                ops.push(Op::Delete {
+                    key: keys::ledger_step(&self.job, s.step),
+                });
+            }
+            refused_if_false(
+                self.store.txn(vec![], ops).await?,
+                "moving rewound steps aside",
+            )?;
+        }
+        self.store.delete(&keys::rewinding(&self.job)).await?;
+        Ok(())
+    }
 }
 
+/// Steps moved aside per transaction: two operations each, well inside etcd's default limit
+/// of 128 operations per transaction.
+const REWIND_BATCH: usize = 50;
+
 impl StoreLedger {
-    async fn put(&self, key: String, value: Vec<u8>) -> Result<(), String> {
-        self.store
-            .put(&key, value)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    async fn put(&self, key: String, value: Vec<u8>) -> Result<(), StoreError> {
+        self.store.put(&key, value).await.map(|_| ())
+    }
+}
+
+/// A transaction without compares is never refused; if one is, say so.
+fn refused_if_false(applied: bool, what: &str) -> Result<(), StoreError> {
+    if applied {
+        Ok(())
+    } else {
+        Err(StoreError::Backend(format!("{what} was refused")))
     }
 }
 
@@ -131,7 +186,7 @@ fn decode(key: &str, bytes: &[u8]) -> Result<v1::LedgerStep, StoreError> {
 
 #[async_trait::async_trait]
 impl Ledger for StoreLedger {
-    async fn commit(&self, step: &v1::LedgerStep) -> Result<(), String> {
+    async fn commit(&self, step: &v1::LedgerStep) -> Result<(), StoreError> {
         let value = step.encode_to_vec();
         let ops = vec![
             Op::Put {
@@ -143,14 +198,10 @@ impl Ledger for StoreLedger {
                 value,
             },
         ];
-        match self.store.txn(vec![], ops).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("the ledger transaction was refused".into()),
-            Err(e) => Err(e.to_string()),
-        }
+        refused_if_false(self.store.txn(vec![], ops).await?, "the ledger transaction")
     }
 
-    async fn put_checkpoint(&self, record: &v1::CheckpointRecord) -> Result<(), String> {
+    async fn put_checkpoint(&self, record: &v1::CheckpointRecord) -> Result<(), StoreError> {
         self.put(
             keys::checkpoint(&self.job, record.step),
             record.encode_to_vec(),
@@ -158,64 +209,54 @@ impl Ledger for StoreLedger {
         .await
     }
 
-    async fn delete_checkpoint(&self, step: u64) -> Result<(), String> {
+    async fn delete_checkpoint(&self, step: u64) -> Result<(), StoreError> {
         self.store
             .delete(&keys::checkpoint(&self.job, step))
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
     }
 
-    async fn put_event(&self, index: u64, event: &v1::SpikeEvent) -> Result<(), String> {
+    async fn put_event(&self, index: u64, event: &v1::SpikeEvent) -> Result<(), StoreError> {
         self.put(keys::event(&self.job, index), event.encode_to_vec())
             .await
     }
 
-    async fn put_skipped(&self, range: &v1::SkippedRange) -> Result<(), String> {
+    async fn put_skipped(&self, range: &v1::SkippedRange) -> Result<(), StoreError> {
         self.put(keys::skipped(&self.job, range.event), range.encode_to_vec())
             .await
     }
 
-    /// Moves the committed steps from `to_step` on aside and points `last` at the step before,
-    /// in one transaction.
-    async fn rewind(&self, to_step: u64, event: u64) -> Result<(), String> {
-        let steps = self.steps().await.map_err(|e| e.to_string())?;
-        let mut ops = vec![];
-        let mut last = None;
-        for s in steps {
-            if s.step >= to_step {
-                ops.push(Op::Put {
-                    key: keys::rolled_back_step(&self.job, event, s.step),
-                    value: s.encode_to_vec(),
-                });
-                ops.push(Op::Delete {
-                    key: keys::ledger_step(&self.job, s.step),
-                });
-            } else {
-                last = Some(s);
-            }
-        }
-        ops.push(match last {
-            Some(l) => Op::Put {
-                key: keys::ledger_last(&self.job),
-                value: l.encode_to_vec(),
+    /// Moves the committed steps from `to_step` on aside and points `last` at the step before.
+    /// `last` moves first, with a marker of the rewind, in one transaction; the steps then move
+    /// in batches small enough for etcd's limit of operations per transaction, and the marker
+    /// goes. A rewind cut short is finished by [`StoreLedger::recover`].
+    async fn rewind(&self, to_step: u64, event: u64) -> Result<(), StoreError> {
+        let steps = self.steps().await?;
+        let last = steps.iter().rev().find(|s| s.step < to_step);
+        let marker = v1::Rewind { to_step, event };
+        let ops = vec![
+            Op::Put {
+                key: keys::rewinding(&self.job),
+                value: marker.encode_to_vec(),
             },
-            None => Op::Delete {
-                key: keys::ledger_last(&self.job),
+            match last {
+                Some(l) => Op::Put {
+                    key: keys::ledger_last(&self.job),
+                    value: l.encode_to_vec(),
+                },
+                None => Op::Delete {
+                    key: keys::ledger_last(&self.job),
+                },
             },
-        });
-        match self.store.txn(vec![], ops).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("the rewind transaction was refused".into()),
-            Err(e) => Err(e.to_string()),
-        }
+        ];
+        refused_if_false(self.store.txn(vec![], ops).await?, "the rewind transaction")?;
+        self.move_aside(steps, &marker).await
     }
 
-    async fn save_curriculum(&self, record: &v1::CurriculumRecord) -> Result<(), String> {
+    async fn save_curriculum(&self, record: &v1::CurriculumRecord) -> Result<(), StoreError> {
         self.store
             .put(&keys::curriculum(&self.job), record.encode_to_vec())
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
     }
 }

@@ -37,11 +37,25 @@ const CAUSES: [v1::TransitionCause; 5] = [
 ];
 
 /// The spike actions, each a value of the `action` label of `stagecoach_job_spikes_total`.
-const ACTIONS: [v1::SpikeAction; 4] = [
+const ACTIONS: [v1::SpikeAction; 7] = [
     v1::SpikeAction::SkipStep,
     v1::SpikeAction::Rollback,
     v1::SpikeAction::Pause,
     v1::SpikeAction::ManualRollback,
+    v1::SpikeAction::FailurePause,
+    v1::SpikeAction::FailureStop,
+    v1::SpikeAction::CheckpointFallback,
+];
+
+/// The kinds of store write, each a value of the `write` label of
+/// `stagecoach_store_errors_total`.
+const WRITES: [&str; 6] = [
+    "commit",
+    "curriculum",
+    "checkpoint_index",
+    "event",
+    "rewind",
+    "skipped",
 ];
 
 /// `SpikeAction::SkipStep` → `skip_step`: the proto's name without its prefix.
@@ -52,6 +66,9 @@ pub fn action_label(action: v1::SpikeAction) -> &'static str {
         v1::SpikeAction::Rollback => "rollback",
         v1::SpikeAction::Pause => "pause",
         v1::SpikeAction::ManualRollback => "manual_rollback",
+        v1::SpikeAction::FailurePause => "failure_pause",
+        v1::SpikeAction::FailureStop => "failure_stop",
+        v1::SpikeAction::CheckpointFallback => "checkpoint_fallback",
     }
 }
 
@@ -93,6 +110,23 @@ pub struct Metrics {
     checkpoint_write: Gauge,
     checkpoint_bytes: IntGauge,
     last_checkpoint_step: IntGauge,
+    last_checkpoint_time: Gauge,
+    checkpoint_every: IntGauge,
+    generations: IntCounter,
+    failures: IntCounterVec,
+    step_timeouts: IntCounter,
+    state_syncs: IntCounter,
+    restores: IntCounter,
+    recovered_steps: IntCounter,
+    nonfinite_steps: IntCounter,
+    workers_min: IntGauge,
+    stage_until_step: IntGauge,
+    epoch: GaugeVec,
+    store_errors: IntCounterVec,
+    store_pending: IntGauge,
+    store_available: IntGauge,
+    /// The job's source names, in its order (the labels of the per-source series).
+    sources: Mutex<Vec<String>>,
     throughput: Mutex<Throughput>,
 }
 
@@ -255,9 +289,133 @@ impl Metrics {
                     "Committed steps in the last checkpoint written",
                 )),
             ),
+            last_checkpoint_time: register(
+                &r,
+                Gauge::with_opts(opts(
+                    "last_checkpoint_timestamp_seconds",
+                    "When the last checkpoint was written (Unix time; 0: none yet)",
+                )),
+            ),
+            checkpoint_every: register(
+                &r,
+                IntGauge::with_opts(opts(
+                    "checkpoint_every_steps",
+                    "The job's checkpoint interval in steps (0: only on demand)",
+                )),
+            ),
+            generations: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "generations_total",
+                    "Worlds formed (each generation of workers)",
+                )),
+            ),
+            failures: register(
+                &r,
+                IntCounterVec::new(
+                    opts(
+                        "failures_total",
+                        "Failures that ended a generation or kept a worker from starting, by \
+                         kind (transient, data, checkpoint, config, resource, state)",
+                    ),
+                    &["kind"],
+                ),
+            ),
+            step_timeouts: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "step_timeouts_total",
+                    "Steps (or evaluations) that got no report in time ([recovery] step_timeout_ms)",
+                )),
+            ),
+            state_syncs: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "state_syncs_total",
+                    "Worlds whose ranks took the committed state from a rank holding it",
+                )),
+            ),
+            restores: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "restores_total",
+                    "Worlds that restored a checkpoint because no rank held the committed state",
+                )),
+            ),
+            recovered_steps: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "recovered_steps_total",
+                    "Steps the ledger lacked (a coordinator restart) committed from the ranks' reports",
+                )),
+            ),
+            nonfinite_steps: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "nonfinite_steps_total",
+                    "Committed steps whose loss or gradient norm was NaN or infinite (their update was dropped)",
+                )),
+            ),
+            workers_min: register(
+                &r,
+                IntGauge::with_opts(opts(
+                    "workers_min",
+                    "The workers a world needs ([workers] min)",
+                )),
+            ),
+            stage_until_step: register(
+                &r,
+                IntGauge::with_opts(opts(
+                    "stage_until_step",
+                    "The step the current stage's budget ends before",
+                )),
+            ),
+            epoch: register(
+                &r,
+                GaugeVec::new(
+                    opts(
+                        "source_epoch",
+                        "Passes over a source's tokens so far (above 1: the source repeats data)",
+                    ),
+                    &["source"],
+                ),
+            ),
+            store_errors: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "stagecoach_store_errors_total",
+                        "State store writes that failed (and were retried), by kind of write",
+                    ),
+                    &["write"],
+                ),
+            ),
+            store_pending: register(
+                &r,
+                IntGauge::with_opts(Opts::new(
+                    "stagecoach_store_pending_writes",
+                    "Writes waiting for the state store (no step is dispatched while above 0)",
+                )),
+            ),
+            store_available: register(
+                &r,
+                IntGauge::with_opts(Opts::new(
+                    "stagecoach_store_available",
+                    "1 while the state store takes writes, 0 during an outage",
+                )),
+            ),
+            sources: Mutex::new(vec![]),
             throughput: Mutex::new(Throughput::default()),
             registry: r,
         };
+        m.store_available.set(1);
+        for kind in stagecoach_core::recovery::KINDS {
+            m.failures
+                .with_label_values(&[stagecoach_core::recovery::kind_label(kind)]);
+        }
+        for w in WRITES {
+            m.store_errors.with_label_values(&[w]);
+        }
         m.loss.set(f64::NAN);
         for (_, name) in STATES {
             m.state.with_label_values(&[name]).set(0);
@@ -279,9 +437,20 @@ impl Metrics {
 
     /// Creates the per-source series of `job` at zero, so every source shows before it trains.
     pub fn job(&self, job: &v1::JobSpec) {
+        *self.sources.lock().expect("not poisoned") =
+            job.sources.iter().map(|s| s.name.clone()).collect();
         for s in &job.sources {
             self.tokens.with_label_values(&[&s.name]);
+            self.epoch.with_label_values(&[&s.name]).set(0.0);
         }
+    }
+
+    /// The job's settings alerts compare against: the workers a world needs and the
+    /// checkpoint interval.
+    pub fn settings(&self, workers_min: u32, checkpoint_every_steps: u64) {
+        self.workers_min.set(i64::from(workers_min));
+        self.checkpoint_every
+            .set(i64::try_from(checkpoint_every_steps).unwrap_or(i64::MAX));
     }
 
     /// Sets the gauges from what a status query sees.
@@ -292,6 +461,13 @@ impl Metrics {
         self.workers_alive.set(i64::from(s.workers_alive));
         self.world_size.set(i64::from(s.world_size));
         self.generation.set(s.generation as i64);
+        if let Some((_, at)) = &s.next_transition {
+            self.stage_until_step
+                .set(i64::try_from(*at).unwrap_or(i64::MAX));
+        } else {
+            self.stage_until_step
+                .set(i64::try_from(s.total_steps).unwrap_or(i64::MAX));
+        }
         for (state, name) in STATES {
             let current = s.state == state as i32;
             self.state
@@ -366,11 +542,77 @@ impl Metrics {
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         self.last_checkpoint_step
             .set(i64::try_from(step).unwrap_or(i64::MAX));
+        self.last_checkpoint_time
+            .set(stagecoach_core::clock::now_ms() as f64 / 1000.0);
     }
 
     /// A checkpoint write failed.
     pub fn checkpoint_failed(&self) {
         self.checkpoint_failures.inc();
+    }
+
+    /// A world formed (a new generation).
+    pub fn generation_formed(&self) {
+        self.generations.inc();
+    }
+
+    /// A failure of `kind` ended a generation (or kept a worker from starting).
+    pub fn failure(&self, kind: v1::FailureKind) {
+        self.failures
+            .with_label_values(&[stagecoach_core::recovery::kind_label(kind)])
+            .inc();
+    }
+
+    /// A step or evaluation got no report in time.
+    pub fn step_timeout(&self) {
+        self.step_timeouts.inc();
+    }
+
+    /// The ranks of a world took the committed state from one of them.
+    pub fn state_sync(&self) {
+        self.state_syncs.inc();
+    }
+
+    /// Every rank of a world restored a checkpoint.
+    pub fn restore(&self) {
+        self.restores.inc();
+    }
+
+    /// A step the ledger lacked was committed from the ranks' reports.
+    pub fn step_recovered(&self) {
+        self.recovered_steps.inc();
+    }
+
+    /// A committed step had a loss or gradient norm that is not finite.
+    pub fn nonfinite_step(&self) {
+        self.nonfinite_steps.inc();
+    }
+
+    /// The passes over each source so far: its cursor over its tokens.
+    pub fn epochs(&self, cursors: &[u64], source_tokens: &[u64]) {
+        let names = self.sources.lock().expect("not poisoned");
+        for ((c, t), name) in cursors.iter().zip(source_tokens).zip(names.iter()) {
+            if *t > 0 {
+                self.epoch
+                    .with_label_values(&[name])
+                    .set(*c as f64 / *t as f64);
+            }
+        }
+    }
+
+    /// A write to the state store failed (of kind `write`: commit, curriculum, ...).
+    pub fn store_error(&self, write: &str) {
+        self.store_errors.with_label_values(&[write]).inc();
+    }
+
+    /// Writes waiting for the state store.
+    pub fn store_pending(&self, n: usize) {
+        self.store_pending.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Whether the state store takes writes.
+    pub fn store_available(&self, up: bool) {
+        self.store_available.set(i64::from(up));
     }
 
     /// The current generation ended: nothing trains until the next world runs.

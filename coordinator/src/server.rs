@@ -24,8 +24,6 @@ use stagecoach_proto::v1::workers_server::WorkersServer;
 pub struct Coordinator {
     job: String,
     started: Instant,
-    /// The current job state; a watch so that later streaming RPCs can follow changes.
-    state: watch::Sender<JobState>,
     /// The running job's driver, when this coordinator runs one.
     driver: Option<DriverHandle>,
 }
@@ -35,6 +33,8 @@ pub struct Coordinator {
 pub struct DriverHandle {
     pub events: tokio::sync::mpsc::Sender<crate::driver::Event>,
     pub snapshot: watch::Receiver<crate::status::Snapshot>,
+    /// Where the session tasks renew the leases of the workers they hear from.
+    pub leases: Arc<crate::driver::LeaseBook>,
 }
 
 impl Coordinator {
@@ -43,7 +43,6 @@ impl Coordinator {
         Self {
             job: job.into(),
             started: Instant::now(),
-            state: watch::Sender::new(JobState::Waiting),
             driver: None,
         }
     }
@@ -60,12 +59,12 @@ impl Coordinator {
         &self.job
     }
 
+    /// The job's state: the driver's when it runs one, else waiting (no job).
     pub fn state(&self) -> JobState {
-        *self.state.borrow()
-    }
-
-    pub fn set_state(&self, state: JobState) {
-        self.state.send_replace(state);
+        self.driver
+            .as_ref()
+            .and_then(|d| JobState::try_from(d.snapshot.borrow().state).ok())
+            .unwrap_or(JobState::Waiting)
     }
 
     /// The driver's latest snapshot, when this coordinator runs a job.
@@ -134,6 +133,8 @@ impl Control for Coordinator {
             status.rope_theta = s.rope_theta;
             status.lr = s.lr;
             status.steps_per_second = s.steps_per_second.unwrap_or(0.0);
+            status.last_failure = s.last_failure.clone();
+            status.pending_writes = s.pending_writes;
             status.next_transition = s.next_transition.map(|(to, at_step)| {
                 let tokens_per_step = s.total_tokens / s.total_steps.max(1);
                 let running = s.state == JobState::Running as i32;
@@ -166,7 +167,29 @@ impl Control for Coordinator {
         request: Request<v1::ChangeStageRequest>,
     ) -> Result<Response<v1::ChangeStageResponse>, Status> {
         let r = request.into_inner();
-        let stage = (!r.stage.is_empty()).then_some(r.stage);
+        let stage = match r.target {
+            Some(v1::change_stage_request::Target::Stage(name)) => {
+                if name.trim().is_empty() {
+                    return Err(Status::invalid_argument(
+                        "stage is empty: name the stage to move to (`stage set NAME`), or ask for the next one (`stage next`)",
+                    ));
+                }
+                if name.len() > MAX_NAME_BYTES {
+                    return Err(Status::invalid_argument(format!(
+                        "a stage name of {} bytes; stage names have at most {} characters",
+                        name.len(),
+                        stagecoach_core::spec::MAX_NAME
+                    )));
+                }
+                Some(name)
+            }
+            Some(v1::change_stage_request::Target::Next(true)) => None,
+            Some(v1::change_stage_request::Target::Next(false)) | None => {
+                return Err(Status::invalid_argument(
+                    "say which stage: set `stage` to a stage name, or `next` to true",
+                ))
+            }
+        };
         let request = ControlRequest::ChangeStage {
             stage,
             requested_by: requester(r.requested_by),
@@ -273,6 +296,10 @@ impl Control for Coordinator {
     }
 }
 
+/// The longest stage name a request may carry, in bytes (names have at most
+/// `stagecoach_core::spec::MAX_NAME` characters of up to 4 bytes).
+const MAX_NAME_BYTES: usize = 4 * stagecoach_core::spec::MAX_NAME;
+
 /// Who asked, for the record: what the client said, or "unknown".
 fn requester(given: String) -> String {
     if given.trim().is_empty() {
@@ -297,7 +324,7 @@ pub async fn serve(
     let workers = state
         .driver
         .as_ref()
-        .map(|d| WorkersServer::new(WorkersService::new(d.events.clone())));
+        .map(|d| WorkersServer::new(WorkersService::new(d.events.clone(), d.leases.clone())));
     Server::builder()
         .add_service(ControlServer::from_arc(state))
         .add_optional_service(workers)
@@ -346,7 +373,6 @@ mod tests {
     async fn get_status_reports_job_state_version_and_uptime() {
         let coordinator = Coordinator::new("llama");
         tokio::time::advance(Duration::from_secs(90)).await;
-        coordinator.set_state(JobState::Running);
 
         let status = coordinator
             .get_status(Request::new(GetStatusRequest {}))
@@ -355,7 +381,7 @@ mod tests {
             .into_inner();
 
         assert_eq!(status.job, "llama");
-        assert_eq!(status.state(), JobState::Running);
+        assert_eq!(status.state(), JobState::Waiting);
         assert_eq!(status.coordinator_version, crate::VERSION);
         assert_eq!(status.uptime_seconds, 90);
     }

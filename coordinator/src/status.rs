@@ -25,4 +25,8 @@ pub struct Snapshot {
     pub lr: f64,
     /// Committed steps per second over the recent past.
     pub steps_per_second: Option<f64>,
+    /// The last failure and what is done about it.
+    pub last_failure: Option<stagecoach_proto::v1::Failure>,
+    /// Writes waiting for the state store.
+    pub pending_writes: u32,
 }

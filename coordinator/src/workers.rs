@@ -1,8 +1,15 @@
 //! The `Workers` gRPC service: registration and the per-worker session stream. Handlers only
 //! validate the shape of a request, forward it to the [`driver`](crate::driver) as an event and
 //! map its answer onto a status code; the driver decides.
+//!
+//! A session's inbound messages are read by one task that the response stream owns: when the
+//! client goes away or the server stops, tonic drops the stream and the task ends with it.
+//! Every message renews the sender's lease in the [`LeaseBook`] as it arrives, before it waits
+//! in the driver's queue.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use stagecoach_proto::v1;
 use stagecoach_proto::v1::workers_server::Workers;
@@ -10,7 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
-use crate::driver::{DriverError, Event};
+use crate::driver::{Event, LeaseBook};
+use crate::error::clip;
+use crate::Error;
 
 /// Messages queued for one worker before the coordinator considers it too slow.
 const OUTBOX: usize = 256;
@@ -19,26 +28,17 @@ const OUTBOX: usize = 256;
 #[derive(Clone)]
 pub struct WorkersService {
     events: mpsc::Sender<Event>,
+    leases: Arc<LeaseBook>,
     /// Numbers sessions, so that the end of an old session never detaches a newer one.
-    sessions: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    sessions: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl WorkersService {
-    pub fn new(events: mpsc::Sender<Event>) -> Self {
+    pub fn new(events: mpsc::Sender<Event>, leases: Arc<LeaseBook>) -> Self {
         WorkersService {
             events,
+            leases,
             sessions: Default::default(),
-        }
-    }
-}
-
-impl From<DriverError> for Status {
-    fn from(e: DriverError) -> Status {
-        match e {
-            DriverError::UnknownWorker(_) => Status::not_found(e.to_string()),
-            DriverError::InvalidArgument(m) => Status::invalid_argument(m),
-            DriverError::FailedPrecondition(m) => Status::failed_precondition(m),
-            DriverError::NotFound(m) => Status::not_found(m),
         }
     }
 }
@@ -46,7 +46,7 @@ impl From<DriverError> for Status {
 /// Sends the driver an event made around a reply channel and waits for its answer.
 pub(crate) async fn ask<T>(
     events: &mpsc::Sender<Event>,
-    make: impl FnOnce(oneshot::Sender<Result<T, DriverError>>) -> Event,
+    make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Event,
 ) -> Result<T, Status> {
     let (tx, rx) = oneshot::channel();
     events
@@ -58,8 +58,37 @@ pub(crate) async fn ask<T>(
         .map_err(Status::from)
 }
 
-type SessionStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::CoordinatorMessage, Status>> + Send>>;
+/// The response stream of a session: what the driver sends, and the status that ends the
+/// session on an invalid message. It owns the task reading the inbound messages and aborts it
+/// when dropped.
+struct SessionStream {
+    messages: mpsc::Receiver<Result<v1::CoordinatorMessage, Status>>,
+    reader: tokio::task::JoinHandle<()>,
+    /// To tell the driver the session is gone if the reader is aborted before it could.
+    events: mpsc::Sender<Event>,
+    worker_id: String,
+    session: u64,
+}
+
+impl tokio_stream::Stream for SessionStream {
+    type Item = Result<v1::CoordinatorMessage, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.messages.poll_recv(cx)
+    }
+}
+
+impl Drop for SessionStream {
+    fn drop(&mut self) {
+        self.reader.abort();
+        // A later session of the same worker is left alone (the driver compares sessions); if
+        // the queue is full the worker's lease decides.
+        let _ = self.events.try_send(Event::Detach {
+            worker_id: std::mem::take(&mut self.worker_id),
+            session: self.session,
+        });
+    }
+}
 
 #[tonic::async_trait]
 impl Workers for WorkersService {
@@ -75,14 +104,15 @@ impl Workers for WorkersService {
         Ok(Response::new(response))
     }
 
-    type SessionStream = SessionStream;
+    type SessionStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::CoordinatorMessage, Status>> + Send>>;
 
     /// The first message must be `Hello` with the registered worker id; every later message
     /// must carry the same id.
     async fn session(
         &self,
         request: Request<Streaming<v1::WorkerMessage>>,
-    ) -> Result<Response<SessionStream>, Status> {
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -94,8 +124,9 @@ impl Workers for WorkersService {
             ));
         }
         let worker_id = first.worker_id;
-        // The driver writes to `outbox`; a relay moves its messages onto the response stream,
-        // which also carries the status that ends a session on an invalid message.
+        // The driver writes to `outbox`; the reader moves the session's inbound messages to the
+        // driver and, in the same task, the driver's messages onto the response stream, which
+        // also carries the status that ends a session on an invalid message.
         let (outbox, mut from_driver) = mpsc::channel(OUTBOX);
         let (out_tx, out_rx) = mpsc::channel::<Result<v1::CoordinatorMessage, Status>>(OUTBOX);
         let id = worker_id.clone();
@@ -109,47 +140,61 @@ impl Workers for WorkersService {
             reply,
         })
         .await?;
-        let relay = out_tx.clone();
-        tokio::spawn(async move {
-            while let Some(m) = from_driver.recv().await {
-                if relay.send(Ok(m)).await.is_err() {
-                    break;
-                }
-            }
-        });
-        // Inbound messages go to the driver from this task, which ends with the stream.
+        self.leases.renew(&worker_id);
         let events = self.events.clone();
-        tokio::spawn(async move {
-            let result: Result<(), Status> = async {
-                while let Some(msg) = inbound.message().await? {
-                    if msg.worker_id != worker_id {
-                        return Err(Status::invalid_argument(format!(
-                            "message for worker {:?} on the session of {worker_id:?}",
-                            msg.worker_id
-                        )));
+        let leases = self.leases.clone();
+        let stream_id = worker_id.clone();
+        let reader = tokio::spawn(async move {
+            let inbound_done = async {
+                let result: Result<(), Status> = async {
+                    while let Some(msg) = inbound.message().await? {
+                        if msg.worker_id != worker_id {
+                            return Err(Status::invalid_argument(format!(
+                                "message for worker {:?} on the session of {worker_id:?}",
+                                clip(&msg.worker_id, 80)
+                            )));
+                        }
+                        leases.renew(&worker_id);
+                        let kind = msg
+                            .kind
+                            .ok_or_else(|| Status::invalid_argument("empty worker message"))?;
+                        let id = worker_id.clone();
+                        ask(&events, |reply| Event::Message {
+                            worker_id: id,
+                            kind,
+                            reply,
+                        })
+                        .await?;
                     }
-                    let kind = msg
-                        .kind
-                        .ok_or_else(|| Status::invalid_argument("empty worker message"))?;
-                    let id = worker_id.clone();
-                    ask(&events, |reply| Event::Message {
-                        worker_id: id,
-                        kind,
-                        reply,
-                    })
-                    .await?;
+                    Ok(())
                 }
-                Ok(())
-            }
-            .await;
+                .await;
+                result
+            };
+            let relay = async {
+                while let Some(m) = from_driver.recv().await {
+                    if out_tx.send(Ok(m)).await.is_err() {
+                        break;
+                    }
+                }
+                std::future::pending::<()>().await;
+            };
+            let result = tokio::select! {
+                r = inbound_done => r,
+                () = relay => Ok(()),
+            };
             debug!(worker = %worker_id, ?result, "session ended");
             if let Err(status) = result {
                 let _ = out_tx.send(Err(status)).await;
             }
             let _ = events.send(Event::Detach { worker_id, session }).await;
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(out_rx),
-        )))
+        Ok(Response::new(Box::pin(SessionStream {
+            messages: out_rx,
+            reader,
+            events: self.events.clone(),
+            worker_id: stream_id,
+            session,
+        })))
     }
 }

@@ -81,7 +81,10 @@ fn start_coordinator(job: &str) -> Result<(KillOnDrop, String)> {
 
 fn stagecoach(args: &[&str], coordinator_env: Option<&str>) -> Result<Output> {
     let mut command = Command::new(STAGECOACH);
-    command.args(args).env_remove("STAGECOACH_COORDINATOR");
+    command
+        .args(args)
+        .env_remove("STAGECOACH_COORDINATOR")
+        .env_remove("RUST_BACKTRACE");
     if let Some(url) = coordinator_env {
         command.env("STAGECOACH_COORDINATOR", url);
     }
@@ -163,6 +166,192 @@ fn bad_arguments_get_clap_errors() -> Result<()> {
         .output()?;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8(out.stderr)?.contains("--listen"));
+    Ok(())
+}
+
+/// A coordinator that refuses its job, its state or its flags exits non-zero with a message
+/// that names what to fix, and never says it listens (a script waiting for that line sees the
+/// failure, not a start).
+#[test]
+fn a_coordinator_that_cannot_run_its_job_never_says_it_listens() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let garbage = dir.path().join("garbage.toml");
+    std::fs::write(&garbage, [0xff, 0xfe, b'[', b'j', 0x00])?;
+    let (_keep, good) = job_file("fine")?;
+    let climbs = dir.path().join("climbs.toml");
+    std::fs::write(
+        &climbs,
+        std::fs::read_to_string(&good)?.replace("name = \"fine\"", "name = \"../../x\""),
+    )?;
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let [unused] = stagecoach_coordinator::store::local_etcd::free_ports()?;
+    let unreachable = format!("etcd://127.0.0.1:{unused}");
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "a job file that is not there",
+            vec![
+                "--job".into(),
+                "nowhere/job.toml".into(),
+                "--state".into(),
+                state.into(),
+            ],
+            "nowhere/job.toml",
+        ),
+        (
+            "a job file of binary garbage",
+            vec![
+                "--job".into(),
+                garbage.display().to_string(),
+                "--state".into(),
+                state.into(),
+            ],
+            "garbage.toml",
+        ),
+        (
+            "a job name that climbs out of its folder",
+            vec![
+                "--job".into(),
+                climbs.display().to_string(),
+                "--state".into(),
+                state.into(),
+            ],
+            "job.name",
+        ),
+        (
+            "a state store of an unknown kind",
+            vec![
+                "--job".into(),
+                good.display().to_string(),
+                "--state".into(),
+                "s3://bucket/x".into(),
+            ],
+            "unknown scheme",
+        ),
+        (
+            "an etcd nobody runs",
+            vec![
+                "--job".into(),
+                good.display().to_string(),
+                "--state".into(),
+                unreachable.clone(),
+            ],
+            "unavailable",
+        ),
+    ];
+    for (what, args, says) in cases {
+        let started = Instant::now();
+        let out = Command::new(COORDINATOR)
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(&args)
+            .env("RUST_LOG", "error")
+            .env_remove("RUST_BACKTRACE")
+            .output()?;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(!out.status.success(), "{what}: exited {:?}", out.status);
+        assert!(
+            !stdout.contains("listening on"),
+            "{what}: said it listens: {stdout}"
+        );
+        assert!(
+            stderr.contains(says),
+            "{what}: expected {says:?} in {stderr}"
+        );
+        assert!(
+            stderr.len() < 4000,
+            "{what}: {} bytes of error",
+            stderr.len()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{what}: took {:?}",
+            started.elapsed()
+        );
+    }
+    Ok(())
+}
+
+/// The CLI refuses what it can check itself before it calls anyone, and passes on the
+/// coordinator's refusals of the rest with their message and a non-zero exit.
+#[test]
+fn the_cli_refuses_bad_arguments_clearly() -> Result<()> {
+    let (_coordinator, url) = start_coordinator("bad-cli")?;
+    let huge = "r".repeat(100_000);
+    let dir = tempfile::tempdir()?;
+    let folder = dir.path().display().to_string();
+    let cases: Vec<(&str, Vec<&str>, i32, &str)> = vec![
+        (
+            "a weight that is no number",
+            vec!["mix", "set", "only", "a=abc"],
+            2,
+            "a=abc",
+        ),
+        (
+            "a source given twice",
+            vec!["mix", "set", "only", "a=0.5", "a=0.5"],
+            2,
+            "twice",
+        ),
+        (
+            "a weight without a source",
+            vec!["mix", "set", "only", "=1"],
+            2,
+            "source=weight",
+        ),
+        (
+            "an empty stage name",
+            vec!["stage", "set", ""],
+            1,
+            "stage is empty",
+        ),
+        (
+            "a rollback to a 100 KB name",
+            vec!["rollback", &huge],
+            1,
+            "refused",
+        ),
+        (
+            "a job file that is not there",
+            vec!["validate", "nowhere.toml"],
+            1,
+            "nowhere.toml",
+        ),
+        (
+            "a folder as a job file",
+            vec!["validate", &folder],
+            1,
+            "cannot read",
+        ),
+        (
+            "an export of a folder that is no checkpoint",
+            vec!["export", &folder, "out-x"],
+            1,
+            "manifest.json",
+        ),
+        (
+            "a coordinator address that is no URL",
+            vec!["--coordinator", "ht tp://no", "status"],
+            1,
+            "invalid coordinator address",
+        ),
+    ];
+    for (what, args, code, says) in cases {
+        let out = stagecoach(&args, Some(&url))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{what}: {out:?}");
+        assert!(
+            stderr.contains(says),
+            "{what}: expected {says:?} in {stderr}"
+        );
+        assert!(
+            stderr.len() < 2000,
+            "{what}: {} bytes of error",
+            stderr.len()
+        );
+    }
     Ok(())
 }
 

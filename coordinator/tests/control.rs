@@ -1,6 +1,7 @@
 //! The coordinator's gRPC service and the CLI's logic, driven in-process over real loopback
 //! sockets.
 
+use stagecoach_proto::v1::change_stage_request::Target;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -217,10 +218,9 @@ impl Control for FakeControl {
     ) -> Result<Response<ChangeStageResponse>, Status> {
         let r = request.into_inner();
         self.ask(Asked::ChangeStage(r.clone()))?;
-        let to = if r.stage.is_empty() {
-            "stable-2".to_owned()
-        } else {
-            r.stage
+        let to = match r.target {
+            Some(Target::Stage(name)) => name,
+            _ => "stable-2".to_owned(),
         };
         Ok(Response::new(ChangeStageResponse {
             from: self.stage.clone(),
@@ -383,11 +383,11 @@ async fn cli_commands_say_who_asks_and_what_happens() {
         fake.asked(),
         [
             Asked::ChangeStage(ChangeStageRequest {
-                stage: String::new(),
+                target: Some(Target::Next(true)),
                 requested_by: me.clone(),
             }),
             Asked::ChangeStage(ChangeStageRequest {
-                stage: "decay".into(),
+                target: Some(Target::Stage("decay".into())),
                 requested_by: me.clone(),
             }),
             Asked::SetMix(SetMixRequest {

@@ -3,242 +3,19 @@
 //! expiry ending a generation; the curriculum: budget and manual stage transitions, evaluations at
 //! stage ends, pause and resume.
 
-use std::sync::{Arc, Mutex};
+mod common;
+
 use std::time::Duration;
 
-use stagecoach_coordinator::driver::{
-    ControlReply, ControlRequest, Driver, DriverError, Event, Policy, Settings,
-};
-use stagecoach_coordinator::ledger::Ledger;
-use stagecoach_coordinator::status::Snapshot;
+use stagecoach_coordinator::driver::{ControlReply, ControlRequest, Event, Policy};
+use stagecoach_coordinator::Error;
 use stagecoach_core::retention::CheckpointConfig;
-use stagecoach_core::spec::builder::JobBuilder;
-use stagecoach_core::spec::JobFile;
 use stagecoach_core::spike::{Rung, SpikeConfig};
 use stagecoach_proto::v1;
 use stagecoach_proto::v1::worker_message::Kind;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
-/// What every job of these tests shares: the micro preset, 64 tokens per step in
-/// micro-batches of 32, exactly two workers with a lease of 1 s and heartbeats every 100 ms.
-fn base() -> JobBuilder {
-    JobBuilder::bare()
-        .set("model.preset", "micro")
-        .set("schedule.peak_lr", 1e-3)
-        .set("data.global_batch_tokens", 64)
-        .set("data.micro_batch_tokens", 32)
-        .set("workers.min", 2)
-        .set("workers.max", 2)
-        .set("workers.lease_ms", 1000)
-        .set("workers.heartbeat_ms", 100)
-}
-
-/// One stage of 3 steps, 4 samples of 16 tokens per step.
-fn job() -> String {
-    base()
-        .source("a", "x")
-        .source("b", "y")
-        .stage("only", 3, 16, &[("a", 0.5), ("b", 0.5)])
-        .to_toml()
-}
-
-/// Two stages: 2 steps of a alone at seq_len 16, then 2 steps of an even mix at seq_len 32
-/// with a new RoPE θ; 2 held-out samples per source evaluated at each stage's end.
-fn curriculum() -> String {
-    base()
-        .set("data.eval_samples", 2)
-        .set("data.eval_seq_len", 16)
-        .source_with_eval("a", "x", "xv")
-        .source_with_eval("b", "y", "yv")
-        .stage("one", 2, 16, &[("a", 1.0)])
-        .stage("two", 4, 32, &[("a", 0.5), ("b", 0.5)])
-        .stage_set("rope_theta", 40000.0)
-        .to_toml()
-}
-
-#[derive(Clone, Default)]
-struct MemLedger(
-    Arc<Mutex<Vec<v1::LedgerStep>>>,
-    Arc<Mutex<Option<v1::CurriculumRecord>>>,
-    /// Steps set aside by rollbacks, and the skipped ranges.
-    Arc<Mutex<Vec<v1::LedgerStep>>>,
-    Arc<Mutex<Vec<v1::SkippedRange>>>,
-);
-
-#[async_trait::async_trait]
-impl Ledger for MemLedger {
-    async fn commit(&self, step: &v1::LedgerStep) -> Result<(), String> {
-        self.0.lock().unwrap().push(step.clone());
-        Ok(())
-    }
-
-    async fn save_curriculum(&self, record: &v1::CurriculumRecord) -> Result<(), String> {
-        *self.1.lock().unwrap() = Some(record.clone());
-        Ok(())
-    }
-
-    async fn rewind(&self, to_step: u64, _event: u64) -> Result<(), String> {
-        let mut steps = self.0.lock().unwrap();
-        let (kept, aside): (Vec<_>, Vec<_>) = steps.drain(..).partition(|s| s.step < to_step);
-        *steps = kept;
-        self.2.lock().unwrap().extend(aside);
-        Ok(())
-    }
-
-    async fn put_skipped(&self, range: &v1::SkippedRange) -> Result<(), String> {
-        self.3.lock().unwrap().push(range.clone());
-        Ok(())
-    }
-}
-
-struct Harness {
-    events: mpsc::Sender<Event>,
-    /// The last session number used by `attach`.
-    sessions: std::cell::Cell<u64>,
-    snapshot: watch::Receiver<Snapshot>,
-    ledger: MemLedger,
-}
-
-impl Harness {
-    fn start() -> Harness {
-        Harness::with_job(&job())
-    }
-
-    fn with_job(text: &str) -> Harness {
-        Harness::with_policy(text, Policy::default())
-    }
-
-    fn with_policy(text: &str, policy: Policy) -> Harness {
-        let job: JobFile = toml::from_str(text).unwrap();
-        job.validate().unwrap();
-        let w = &job.workers;
-        let settings = Settings {
-            min: w.min,
-            max: w.max,
-            lease: Duration::from_millis(w.lease_ms),
-            heartbeat: Duration::from_millis(w.heartbeat_ms),
-            rendezvous: Duration::from_millis(w.rendezvous_ms),
-        };
-        let ledger = MemLedger::default();
-        let (driver, snapshot) =
-            Driver::new(job.to_proto(), settings, Box::new(ledger.clone()), None).unwrap();
-        let driver = driver.with_policy(policy);
-        let (events, rx) = mpsc::channel(64);
-        tokio::spawn(driver.run(rx));
-        Harness {
-            events,
-            sessions: Default::default(),
-            snapshot,
-            ledger,
-        }
-    }
-
-    async fn register(&self, addr: &str) -> Result<v1::RegisterResponse, DriverError> {
-        let (reply, rx) = oneshot::channel();
-        let request = v1::RegisterRequest {
-            name: "t".into(),
-            backend: v1::CollectiveBackend::Tcp.into(),
-            collective_address: addr.into(),
-            ..Default::default()
-        };
-        self.events
-            .send(Event::Register { request, reply })
-            .await
-            .unwrap();
-        rx.await.unwrap()
-    }
-
-    async fn attach(&self, id: &str) -> mpsc::Receiver<v1::CoordinatorMessage> {
-        let (outbox, inbox) = mpsc::channel(64);
-        let (reply, rx) = oneshot::channel();
-        self.sessions.set(self.sessions.get() + 1);
-        self.events
-            .send(Event::Attach {
-                worker_id: id.into(),
-                session: self.sessions.get(),
-                outbox,
-                reply,
-            })
-            .await
-            .unwrap();
-        rx.await.unwrap().unwrap();
-        inbox
-    }
-
-    async fn send(&self, id: &str, kind: Kind) -> Result<(), DriverError> {
-        let (reply, rx) = oneshot::channel();
-        self.events
-            .send(Event::Message {
-                worker_id: id.into(),
-                kind,
-                reply,
-            })
-            .await
-            .unwrap();
-        rx.await.unwrap()
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        self.snapshot.borrow().clone()
-    }
-
-    async fn control(&self, request: ControlRequest) -> Result<ControlReply, DriverError> {
-        let (reply, rx) = oneshot::channel();
-        self.events
-            .send(Event::Control { request, reply })
-            .await
-            .unwrap();
-        rx.await.unwrap()
-    }
-
-    async fn stages(&self) -> v1::ListStagesResponse {
-        match self.control(ControlRequest::ListStages).await.unwrap() {
-            ControlReply::Stages(s) => s,
-            other => panic!("expected Stages, got {other:?}"),
-        }
-    }
-}
-
-fn ready(generation: u64) -> Kind {
-    Kind::Ready(v1::Ready {
-        generation,
-        step: 0,
-        next_nccl_unique_id: vec![],
-        sources: vec![
-            v1::SourceSize {
-                name: "a".into(),
-                num_tokens: 50 * 16 + 1,
-                eval_tokens: 100,
-            },
-            v1::SourceSize {
-                name: "b".into(),
-                num_tokens: 30 * 16 + 1,
-                eval_tokens: 100,
-            },
-        ],
-    })
-}
-
-fn done(generation: u64, step: u64, samples: u32) -> Kind {
-    Kind::StepDone(v1::StepDone {
-        generation,
-        step,
-        loss_sum: 2.0 * samples as f64,
-        samples,
-        grad_norm: 1.0,
-        global_loss: 2.0,
-        ..Default::default()
-    })
-}
-
-async fn next(inbox: &mut mpsc::Receiver<v1::CoordinatorMessage>) -> v1::coordinator_message::Kind {
-    tokio::time::timeout(Duration::from_secs(5), inbox.recv())
-        .await
-        .expect("a message")
-        .expect("open")
-        .kind
-        .expect("kind")
-}
+use common::*;
 
 #[tokio::test(start_paused = true)]
 async fn a_world_forms_trains_and_commits_every_step() {
@@ -294,19 +71,19 @@ async fn malformed_and_out_of_order_messages_are_refused_without_effect() {
     // A TCP worker without a usable address.
     assert!(matches!(
         h.register("not an address").await,
-        Err(DriverError::InvalidArgument(_))
+        Err(Error::InvalidArgument(_))
     ));
     let a = h.register("127.0.0.1:5001").await.unwrap().worker_id;
     let b = h.register("127.0.0.1:5002").await.unwrap().worker_id;
     // Unknown worker.
     assert!(matches!(
         h.send("w99", Kind::Heartbeat(v1::Heartbeat {})).await,
-        Err(DriverError::UnknownWorker(_))
+        Err(Error::UnknownWorker(_))
     ));
     // Ready before any world exists.
     assert!(matches!(
         h.send(&a, ready(1)).await,
-        Err(DriverError::FailedPrecondition(_))
+        Err(Error::FailedPrecondition(_))
     ));
     let mut ia = h.attach(&a).await;
     let mut ib = h.attach(&b).await;
@@ -315,17 +92,18 @@ async fn malformed_and_out_of_order_messages_are_refused_without_effect() {
     // Wrong generation; wrong number of source sizes.
     assert!(matches!(
         h.send(&a, ready(7)).await,
-        Err(DriverError::FailedPrecondition(_))
+        Err(Error::FailedPrecondition(_))
     ));
     let short = Kind::Ready(v1::Ready {
         generation: 1,
         step: 0,
         sources: vec![],
         next_nccl_unique_id: vec![],
+        ..Default::default()
     });
     assert!(matches!(
         h.send(&a, short).await,
-        Err(DriverError::InvalidArgument(_))
+        Err(Error::InvalidArgument(_))
     ));
     h.send(&a, ready(1)).await.unwrap();
     h.send(&b, ready(1)).await.unwrap();
@@ -336,11 +114,11 @@ async fn malformed_and_out_of_order_messages_are_refused_without_effect() {
     // A report for a step not in flight, a wrong sample count, a non-finite loss, a duplicate.
     assert!(matches!(
         h.send(&a, done(1, 5, 2)).await,
-        Err(DriverError::FailedPrecondition(_))
+        Err(Error::FailedPrecondition(_))
     ));
     assert!(matches!(
         h.send(&a, done(1, 0, 3)).await,
-        Err(DriverError::InvalidArgument(_))
+        Err(Error::InvalidArgument(_))
     ));
     let nan = Kind::StepDone(v1::StepDone {
         generation: 1,
@@ -352,12 +130,12 @@ async fn malformed_and_out_of_order_messages_are_refused_without_effect() {
     });
     assert!(matches!(
         h.send(&a, nan).await,
-        Err(DriverError::InvalidArgument(_))
+        Err(Error::InvalidArgument(_))
     ));
     h.send(&a, done(1, 0, 2)).await.unwrap();
     assert!(matches!(
         h.send(&a, done(1, 0, 2)).await,
-        Err(DriverError::FailedPrecondition(_))
+        Err(Error::FailedPrecondition(_))
     ));
     assert_eq!(h.snapshot(), before, "refused messages change nothing");
     assert!(h.ledger.0.lock().unwrap().is_empty());
@@ -431,6 +209,7 @@ async fn a_step_finished_by_a_survivor_is_committed_when_the_generation_ends() {
     let failed = Kind::Failed(v1::Failed {
         generation: 1,
         reason: "peer reset".into(),
+        ..Default::default()
     });
     h.send(&b, failed).await.unwrap();
     let C::Stop(s) = next(&mut ia).await else {
@@ -469,7 +248,7 @@ async fn nccl_worlds_carry_rank_0s_unique_id_and_each_id_serves_one_world() {
         }
     };
     assert!(
-        matches!(register(1, 7).await, Err(DriverError::InvalidArgument(_))),
+        matches!(register(1, 7).await, Err(Error::InvalidArgument(_))),
         "a short id is refused"
     );
     let a = register(1, 128).await.unwrap().worker_id;
@@ -477,7 +256,7 @@ async fn nccl_worlds_carry_rank_0s_unique_id_and_each_id_serves_one_world() {
     // A TCP worker cannot join an NCCL job.
     assert!(matches!(
         h.register("127.0.0.1:5003").await,
-        Err(DriverError::FailedPrecondition(_))
+        Err(Error::FailedPrecondition(_))
     ));
     let mut ia = h.attach(&a).await;
     let mut ib = h.attach(&b).await;
@@ -493,7 +272,7 @@ async fn nccl_worlds_carry_rank_0s_unique_id_and_each_id_serves_one_world() {
     // Ready must bring a fresh id for a later world.
     assert!(matches!(
         h.send(&a, ready(1)).await,
-        Err(DriverError::InvalidArgument(_))
+        Err(Error::InvalidArgument(_))
     ));
     let fresh = |byte: u8| {
         let Kind::Ready(mut r) = ready(1) else {
@@ -512,6 +291,7 @@ async fn nccl_worlds_carry_rank_0s_unique_id_and_each_id_serves_one_world() {
     let failed = Kind::Failed(v1::Failed {
         generation: 1,
         reason: "NCCL error".into(),
+        ..Default::default()
     });
     h.send(&b, failed).await.unwrap();
     let C::Stop(_) = next(&mut ia).await else {
@@ -634,7 +414,7 @@ async fn stages_change_on_budget_with_an_evaluation_at_each_end_and_pause_holds_
     });
     assert!(matches!(
         h.send(&a, wrong).await,
-        Err(DriverError::InvalidArgument(_))
+        Err(Error::InvalidArgument(_))
     ));
     h.send(&a, eval_done(1, &ea)).await.unwrap();
     h.send(&b, eval_done(1, &eb)).await.unwrap();
@@ -765,7 +545,7 @@ async fn stage_next_from_the_api_switches_every_rank_at_the_next_step() {
             requested_by: "x".into()
         })
         .await,
-        Err(DriverError::FailedPrecondition(_))
+        Err(Error::FailedPrecondition(_))
     ));
     let (a, b, mut ia, mut ib) = two_ready(&h).await;
     let (C::Work(_), C::Work(_)) = (next(&mut ia).await, next(&mut ib).await) else {
@@ -791,7 +571,7 @@ async fn stage_next_from_the_api_switches_every_rank_at_the_next_step() {
             requested_by: "x".into()
         })
         .await,
-        Err(DriverError::NotFound(_))
+        Err(Error::NotFound(_))
     ));
     h.send(&a, done(1, 0, 2)).await.unwrap();
     h.send(&b, done(1, 0, 2)).await.unwrap();
@@ -815,11 +595,11 @@ async fn stage_next_from_the_api_switches_every_rank_at_the_next_step() {
     };
     assert!(matches!(
         h.control(mix("one", &[("a", 1.0)])).await,
-        Err(DriverError::FailedPrecondition(_))
+        Err(Error::FailedPrecondition(_))
     ));
     assert!(matches!(
         h.control(mix("two", &[("a", 0.7)])).await,
-        Err(DriverError::FailedPrecondition(_))
+        Err(Error::FailedPrecondition(_))
     ));
     let ControlReply::MixSet(m) = h.control(mix("two", &[("b", 1.0)])).await.unwrap() else {
         panic!()
@@ -1080,7 +860,7 @@ async fn a_manual_rollback_replays_from_the_checkpoint() {
             requested_by: "ana@h".into()
         })
         .await,
-        Err(DriverError::NotFound(_))
+        Err(Error::NotFound(_))
     ));
     let mut first_run = vec![];
     for step in 0..6u64 {
@@ -1150,7 +930,7 @@ async fn a_manual_rollback_replays_from_the_checkpoint() {
             requested_by: "x".into()
         })
         .await,
-        Err(DriverError::NotFound(_))
+        Err(Error::NotFound(_))
     ));
     let (C::Work(x), C::Work(_)) = (next(&mut ia).await, next(&mut ib).await) else {
         panic!("expected Work")

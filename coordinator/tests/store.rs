@@ -1,19 +1,17 @@
 //! The state store: the conformance suite against the embedded store and against a real etcd
 //! (started here from `/usr/bin/etcd`), and the embedded store's crash-safety on disk.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use stagecoach_coordinator::ledger::{Ledger, StoreLedger};
 use stagecoach_coordinator::store::embedded::{EmbeddedStore, SNAPSHOT_FILE, WAL_FILE};
+use stagecoach_coordinator::store::local_etcd::{free_ports, LocalEtcd};
 use stagecoach_coordinator::store::{self, conformance, Op, StateStore, StoreError, Versioned};
+use stagecoach_proto::v1;
 use tempfile::TempDir;
-
-const ETCD: &str = "/usr/bin/etcd";
 
 #[tokio::test]
 async fn embedded_store_conforms() -> anyhow::Result<()> {
@@ -25,7 +23,7 @@ async fn embedded_store_conforms() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn etcd_store_conforms() -> anyhow::Result<()> {
-    let etcd = Etcd::start().await?;
+    let etcd = LocalEtcd::start().await?;
     // Once under a job prefix (how jobs share a cluster) and once at the root.
     let prefixed = format!("{}/jobs/conformance-{}", etcd.url, std::process::id());
     conformance::run_all(store::open(&prefixed).await?).await;
@@ -274,96 +272,79 @@ async fn keys(s: &dyn StateStore) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// A single-member etcd on loopback ports, in a scratch directory, killed on drop.
-struct Etcd {
-    child: Child,
-    url: String,
-    _dir: TempDir,
-}
-
-impl Etcd {
-    async fn start() -> anyhow::Result<Self> {
-        if !Path::new(ETCD).exists() {
-            bail!(
-                "{ETCD} is missing: this test needs a real etcd (Debian's etcd-server); \
-                 run `make setup`"
-            );
-        }
-        let dir = TempDir::new()?;
-        let [client_port, peer_port] = free_ports()?;
-        let client = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let log_path = dir.path().join("etcd.log");
-        let log = File::create(&log_path)?;
-        let child = Command::new(ETCD)
-            .args(["--name", "default", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("default={peer}")])
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {ETCD}"))?;
-        let mut etcd = Etcd {
-            child,
-            url: format!("etcd://127.0.0.1:{client_port}"),
-            _dir: dir,
+/// A ledger of `n` committed steps (nothing but their numbers).
+async fn ledger_of(store: std::sync::Arc<dyn StateStore>, n: u64) -> anyhow::Result<StoreLedger> {
+    let ledger = StoreLedger::new(store, "rewind");
+    for step in 0..n {
+        let entry = v1::LedgerStep {
+            step,
+            loss: 2.0,
+            ..Default::default()
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let failure = |why: String| {
-            let log = fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            anyhow::anyhow!(
-                "{why}; the end of etcd's log:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )
-        };
-        loop {
-            if let Some(status) = etcd.child.try_wait()? {
-                return Err(failure(format!("etcd exited at start ({status})")));
-            }
-            let why = if TcpStream::connect(("127.0.0.1", client_port)).is_ok() {
-                match store::open(&etcd.url).await {
-                    Ok(_) => return Ok(etcd),
-                    Err(e) => e.to_string(),
-                }
-            } else {
-                "not listening".to_owned()
-            };
-            if Instant::now() > deadline {
-                return Err(failure(format!("etcd did not answer within 20 s: {why}")));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        ledger.commit(&entry).await?;
     }
+    Ok(ledger)
 }
 
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// etcd takes at most 128 operations per transaction; a rollback of 200 steps sets every one
+/// aside and points `last` at the step before, on a real etcd.
+#[tokio::test]
+async fn a_rewind_of_200_steps_fits_etcds_transactions() -> anyhow::Result<()> {
+    let etcd = LocalEtcd::start().await?;
+    let ledger = ledger_of(store::open(&etcd.url).await?, 230).await?;
+    ledger.rewind(30, 7).await?;
+    assert_eq!(ledger.last().await?.map(|l| l.step), Some(29));
+    assert_eq!(ledger.steps().await?.len(), 30);
+    let store = store::open(&etcd.url).await?;
+    let aside = store
+        .range("jobs/rewind/ledger/rolled_back/000007/")
+        .await?;
+    assert_eq!(aside.len(), 200);
+    assert_eq!(store.get("jobs/rewind/ledger/rewinding").await?, None);
+    // A rewind to the very start leaves no last step.
+    ledger.rewind(0, 8).await?;
+    assert_eq!(ledger.last().await?, None);
+    assert!(ledger.steps().await?.is_empty());
+    Ok(())
 }
 
-/// `N` distinct loopback ports that were free a moment ago.
-fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
-    let ports: Vec<u16> = listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect::<anyhow::Result<_>>()?;
-    Ok(ports.try_into().expect("N ports"))
+/// A coordinator that dies in the middle of a rewind leaves its marker; the next one finishes
+/// the move before it reads the ledger.
+#[tokio::test]
+async fn a_rewind_cut_short_is_finished_by_the_next_coordinator() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let store = store::open(&format!("file://{}", dir.path().display())).await?;
+    let ledger = ledger_of(store.clone(), 100).await?;
+    // What the first transaction of a rewind to step 40 leaves, as if it died right after.
+    let marker = v1::Rewind {
+        to_step: 40,
+        event: 3,
+    };
+    let last = ledger.steps().await?[39].clone();
+    let ops = vec![
+        Op::Put {
+            key: "jobs/rewind/ledger/rewinding".into(),
+            value: prost::Message::encode_to_vec(&marker),
+        },
+        Op::Put {
+            key: "jobs/rewind/ledger/last".into(),
+            value: prost::Message::encode_to_vec(&last),
+        },
+    ];
+    assert!(store.txn(vec![], ops).await?);
+    assert_eq!(ledger.steps().await?.len(), 100, "not moved yet");
+    ledger.recover().await?;
+    assert_eq!(ledger.steps().await?.len(), 40);
+    assert_eq!(ledger.last().await?.map(|l| l.step), Some(39));
+    assert_eq!(
+        store
+            .range("jobs/rewind/ledger/rolled_back/000003/")
+            .await?
+            .len(),
+        60
+    );
+    // Nothing to do the second time.
+    ledger.recover().await?;
+    assert_eq!(ledger.steps().await?.len(), 40);
+    Ok(())
 }

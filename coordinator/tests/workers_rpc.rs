@@ -7,6 +7,7 @@ use std::time::Duration;
 use stagecoach_coordinator::driver::{Driver, Settings};
 use stagecoach_coordinator::ledger::Ledger;
 use stagecoach_coordinator::server::DriverHandle;
+use stagecoach_coordinator::store::StoreError;
 use stagecoach_coordinator::{serve, Coordinator};
 use stagecoach_core::spec::builder::JobBuilder;
 use stagecoach_core::spec::JobFile;
@@ -19,11 +20,11 @@ struct NoLedger;
 
 #[async_trait::async_trait]
 impl Ledger for NoLedger {
-    async fn commit(&self, _: &v1::LedgerStep) -> Result<(), String> {
+    async fn commit(&self, _: &v1::LedgerStep) -> Result<(), StoreError> {
         Ok(())
     }
 
-    async fn save_curriculum(&self, _: &v1::CurriculumRecord) -> Result<(), String> {
+    async fn save_curriculum(&self, _: &v1::CurriculumRecord) -> Result<(), StoreError> {
         Ok(())
     }
 }
@@ -53,13 +54,18 @@ async fn start() -> String {
     };
     let (driver, snapshot) =
         Driver::new(job.to_proto(), settings, Box::new(NoLedger), None).unwrap();
+    let leases = driver.leases();
     let (events, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(driver.run(rx));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let coordinator = Arc::new(Coordinator::with_driver(
         "rpc",
-        DriverHandle { events, snapshot },
+        DriverHandle {
+            events,
+            snapshot,
+            leases,
+        },
     ));
     tokio::spawn(serve(listener, coordinator, std::future::pending()));
     url
@@ -183,4 +189,326 @@ async fn malformed_rpcs_get_clear_codes_and_change_nothing() {
         (0, 0),
         "no world formed from refused messages"
     );
+}
+
+/// Requests wrong in every way a client can get them wrong: each gets the right code and a
+/// message short enough to read (whatever the size of the input it quotes), the coordinator
+/// stays up, and nothing the status shows changes.
+#[tokio::test]
+async fn requests_bad_in_every_way_are_refused_with_short_clear_statuses() {
+    use v1::change_stage_request::Target;
+    use v1::worker_message::Kind;
+    let url = start().await;
+    let mut workers = WorkersClient::connect(url.clone()).await.unwrap();
+    let mut control = ControlClient::connect(url.clone()).await.unwrap();
+    let status = |c: &mut ControlClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.get_status(v1::GetStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let before = status(&mut control).await;
+    let huge = "x".repeat(3 << 20);
+    let mut results: Vec<(&str, Code, tonic::Status)> = vec![];
+    let mut check = |what: &'static str, want: Code, got: tonic::Status| {
+        results.push((what, want, got));
+    };
+
+    // The control API.
+    let change = |target: Option<Target>| v1::ChangeStageRequest {
+        target,
+        requested_by: "t".into(),
+    };
+    for (what, target, want) in [
+        ("stage change naming nothing", None, Code::InvalidArgument),
+        (
+            "stage change with next = false",
+            Some(Target::Next(false)),
+            Code::InvalidArgument,
+        ),
+        (
+            "stage change to the empty name",
+            Some(Target::Stage(String::new())),
+            Code::InvalidArgument,
+        ),
+        (
+            "stage change to a 3 MB name",
+            Some(Target::Stage(huge.clone())),
+            Code::InvalidArgument,
+        ),
+        (
+            "stage change before the curriculum starts",
+            Some(Target::Stage("only".into())),
+            Code::FailedPrecondition,
+        ),
+    ] {
+        check(
+            what,
+            want,
+            control.change_stage(change(target)).await.unwrap_err(),
+        );
+    }
+    let mix = |stage: &str, weights: Vec<(&str, f64)>| v1::SetMixRequest {
+        stage: stage.into(),
+        weights: weights
+            .into_iter()
+            .map(|(s, w)| v1::SourceWeight {
+                source: s.into(),
+                weight: w,
+            })
+            .collect(),
+        requested_by: "t".into(),
+    };
+    check(
+        "mix with no weights",
+        Code::InvalidArgument,
+        control.set_mix(mix("only", vec![])).await.unwrap_err(),
+    );
+    check(
+        "mix of a 3 MB stage",
+        Code::FailedPrecondition,
+        control
+            .set_mix(mix(&huge, vec![("a", 1.0)]))
+            .await
+            .unwrap_err(),
+    );
+    check(
+        "mix with a NaN weight",
+        Code::FailedPrecondition,
+        control
+            .set_mix(mix("only", vec![("a", f64::NAN)]))
+            .await
+            .unwrap_err(),
+    );
+    let rollback = v1::RollbackRequest {
+        checkpoint: huge.clone(),
+        requested_by: "t".into(),
+    };
+    check(
+        "rollback to a 3 MB checkpoint name",
+        Code::FailedPrecondition,
+        control.rollback(rollback).await.unwrap_err(),
+    );
+    check(
+        "evaluation of a job without held-out data",
+        Code::FailedPrecondition,
+        control
+            .evaluate(v1::EvaluateRequest {
+                requested_by: "t".into(),
+            })
+            .await
+            .unwrap_err(),
+    );
+    check(
+        "checkpoint of a job without checkpoints",
+        Code::FailedPrecondition,
+        control
+            .checkpoint_now(v1::CheckpointNowRequest {
+                requested_by: "t".into(),
+            })
+            .await
+            .unwrap_err(),
+    );
+    check(
+        "resume of a job not paused",
+        Code::FailedPrecondition,
+        control
+            .resume(v1::ResumeRequest {
+                requested_by: "t".into(),
+            })
+            .await
+            .unwrap_err(),
+    );
+
+    // Registration.
+    let register =
+        |name: &str, addr: &str, backend: v1::CollectiveBackend, id: Vec<u8>| v1::RegisterRequest {
+            name: name.into(),
+            backend: backend.into(),
+            collective_address: addr.into(),
+            nccl_unique_id: id,
+        };
+    let tcp = v1::CollectiveBackend::Tcp;
+    for (what, req, want) in [
+        (
+            "registration with a 3 MB name",
+            register(&huge, "127.0.0.1:5001", tcp, vec![]),
+            Code::InvalidArgument,
+        ),
+        (
+            "registration with a 1 KB address",
+            register("t", &"1".repeat(1024), tcp, vec![]),
+            Code::InvalidArgument,
+        ),
+        (
+            "registration with no backend",
+            register(
+                "t",
+                "127.0.0.1:5001",
+                v1::CollectiveBackend::Unspecified,
+                vec![],
+            ),
+            Code::InvalidArgument,
+        ),
+        (
+            "registration with an address that is no host:port",
+            register("t", "my laptop", tcp, vec![]),
+            Code::InvalidArgument,
+        ),
+        (
+            "NCCL registration with a 3-byte id",
+            register("t", "", v1::CollectiveBackend::Nccl, vec![1, 2, 3]),
+            Code::InvalidArgument,
+        ),
+        (
+            "NCCL registration with a 1 MB id",
+            register("t", "", v1::CollectiveBackend::Nccl, vec![7; 1 << 20]),
+            Code::InvalidArgument,
+        ),
+    ] {
+        check(what, want, workers.register(req).await.unwrap_err());
+    }
+
+    // Sessions.
+    let id = workers
+        .register(register("t", "127.0.0.1:5001", tcp, vec![]))
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let hello = || Kind::Hello(v1::Hello {});
+    let empty = v1::WorkerMessage {
+        worker_id: id.clone(),
+        kind: None,
+    };
+    let sessions: Vec<(&'static str, Vec<v1::WorkerMessage>, Code)> = vec![
+        (
+            "a session that starts with a heartbeat",
+            vec![msg(&id, Kind::Heartbeat(v1::Heartbeat {}))],
+            Code::InvalidArgument,
+        ),
+        (
+            "a session of a worker never registered",
+            vec![msg("w77-0000000000000000", hello())],
+            Code::NotFound,
+        ),
+        (
+            "a session of a 1 MB worker id",
+            vec![msg(&"w".repeat(1 << 20), hello())],
+            Code::NotFound,
+        ),
+        (
+            "a message for another worker",
+            vec![msg(&id, hello()), msg(&huge[..1 << 20], hello())],
+            Code::InvalidArgument,
+        ),
+        (
+            "a message with no kind",
+            vec![msg(&id, hello()), empty],
+            Code::InvalidArgument,
+        ),
+        (
+            "a Failed for a generation that does not exist",
+            vec![
+                msg(&id, hello()),
+                msg(
+                    &id,
+                    Kind::Failed(v1::Failed {
+                        generation: 5,
+                        reason: huge.clone(),
+                        ..Default::default()
+                    }),
+                ),
+            ],
+            Code::FailedPrecondition,
+        ),
+        (
+            "a StepDone with no world",
+            vec![
+                msg(&id, hello()),
+                msg(
+                    &id,
+                    Kind::StepDone(v1::StepDone {
+                        generation: 1,
+                        step: 0,
+                        samples: 1,
+                        ..Default::default()
+                    }),
+                ),
+            ],
+            Code::FailedPrecondition,
+        ),
+        (
+            "an EvalDone with no world",
+            vec![
+                msg(&id, hello()),
+                msg(
+                    &id,
+                    Kind::EvalDone(v1::EvalDone {
+                        generation: 1,
+                        id: 3,
+                        ..Default::default()
+                    }),
+                ),
+            ],
+            Code::FailedPrecondition,
+        ),
+        (
+            "a CheckpointSaved nobody asked for",
+            vec![
+                msg(&id, hello()),
+                msg(
+                    &id,
+                    Kind::CheckpointSaved(v1::CheckpointSaved {
+                        generation: 1,
+                        id: 9,
+                        ..Default::default()
+                    }),
+                ),
+            ],
+            Code::FailedPrecondition,
+        ),
+        (
+            "a Ready before any world",
+            vec![
+                msg(&id, hello()),
+                msg(
+                    &id,
+                    Kind::Ready(v1::Ready {
+                        generation: 1,
+                        ..Default::default()
+                    }),
+                ),
+            ],
+            Code::FailedPrecondition,
+        ),
+    ];
+    for (what, messages, want) in sessions {
+        check(what, want, session_status(&url, messages).await);
+    }
+
+    assert!(results.len() >= 28, "{} cases", results.len());
+    for (what, want, got) in &results {
+        assert_eq!(got.code(), *want, "{what}: {got:?}");
+        assert!(!got.message().is_empty(), "{what}: no message");
+        assert!(
+            got.message().len() <= 1200,
+            "{what}: a message of {} bytes",
+            got.message().len()
+        );
+    }
+    let after = status(&mut control).await;
+    assert_eq!(
+        (after.state, after.generation, after.step, after.world_size),
+        (
+            before.state,
+            before.generation,
+            before.step,
+            before.world_size
+        ),
+    );
+    assert_eq!(after.workers_alive, 1, "only the one good registration");
 }

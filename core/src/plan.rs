@@ -178,6 +178,33 @@ impl Plan {
     }
 }
 
+/// A digest of a list of samples (each `(source, token offset)`, in order): FNV-1a over their
+/// little-endian bytes. Worker and coordinator compute it alike, so a worker can say which
+/// samples it trained without listing them.
+pub fn samples_digest(samples: impl IntoIterator<Item = (u32, u64)>) -> u64 {
+    let mut h = fnv::OFFSET;
+    for (source, index) in samples {
+        h = fnv::bytes(h, &source.to_le_bytes());
+        h = fnv::bytes(h, &index.to_le_bytes());
+    }
+    h
+}
+
+/// FNV-1a, 64 bits.
+pub mod fnv {
+    pub const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    /// `h` extended by `bytes`.
+    pub fn bytes(mut h: u64, bytes: &[u8]) -> u64 {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(PRIME);
+        }
+        h
+    }
+}
+
 /// Rank `rank`'s share of a global batch of `batch` samples over `world` ranks: contiguous
 /// slices, the first `batch % world` ranks one sample larger.
 pub fn rank_slice(batch: usize, world: usize, rank: usize) -> std::ops::Range<usize> {

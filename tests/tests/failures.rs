@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use stagecoach_coordinator::ledger::StoreLedger;
-use stagecoach_e2e::{bin, coordinator, demo_corpus, join_worker, Proc};
+use stagecoach_e2e::{bin, coordinator, demo_corpus, join_worker, JobBuilder, Proc};
 
 const STEPS: u64 = 40;
 const COLLECTIVE_TIMEOUT_MS: u64 = 5000;
@@ -32,47 +32,21 @@ fn killing_a_worker_moves_the_job_to_a_new_generation_and_it_completes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let data = demo_corpus(d);
-    let job = d.join("job.toml");
-    std::fs::write(
-        &job,
-        format!(
-            r#"
-[job]
-name = "kill"
-[model]
-preset = "micro"
-[schedule]
-peak_lr = 3e-3
-[data]
-global_batch_tokens = 512
-micro_batch_tokens = 256
-seed = 1
-[[sources]]
-name = "prose"
-path = "{d}/prose/train"
-[[sources]]
-name = "code"
-path = "{d}/code/train"
-[[stages]]
-name = "only"
-until = {{ steps = {STEPS} }}
-seq_len = 64
-mix = {{ prose = 0.6, code = 0.4 }}
-[train]
-threads = 1
-log_every = 5
-[workers]
-min = 2
-max = 3
-rendezvous_ms = 4000
-lease_ms = 3000
-heartbeat_ms = 200
-collective_timeout_ms = {COLLECTIVE_TIMEOUT_MS}
-"#,
-            d = data.display()
-        ),
-    )
-    .unwrap();
+    let job = JobBuilder::new("kill")
+        .set("schedule.warmup_steps", 0)
+        .set("data.seed", 1)
+        .source("prose", data.join("prose/train"))
+        .source("code", data.join("code/train"))
+        .stage("only", STEPS, 64, &[("prose", 0.6), ("code", 0.4)])
+        .set("train.log_every", 5)
+        .set("workers.min", 2)
+        .set("workers.max", 3)
+        .set("workers.rendezvous_ms", 4000)
+        .set("workers.lease_ms", 3000)
+        .set("workers.heartbeat_ms", 200)
+        .set("workers.collective_timeout_ms", COLLECTIVE_TIMEOUT_MS as i64)
+        .set("checkpoints.dir", d.join("checkpoints").display().to_string())
+        .write(d.join("job.toml"));
     let state = d.join("state");
     let (mut coord, url) = coordinator(&job, &state, &d.join("coordinator.log"));
     let mut workers: Vec<Proc> = (0..3)

@@ -51,6 +51,19 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Whether trying again can help, as the coordinator's failure budget counts it.
+    pub fn failure_kind(&self) -> stagecoach_proto::v1::FailureKind {
+        use stagecoach_proto::v1::FailureKind;
+        match self {
+            // The same samples fail the same way until the data is fixed.
+            Error::Shard { .. } | Error::Io { .. } => FailureKind::Data,
+            Error::Config(_) | Error::Tokenizer(_) => FailureKind::Config,
+            Error::Checkpoint { .. } => FailureKind::Checkpoint,
+            Error::Device(_) | Error::Torch(_) => FailureKind::Resource,
+            Error::Collective(_) | Error::Coordinator(_) => FailureKind::Transient,
+        }
+    }
+
     pub(crate) fn shard(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         Error::Shard {
             path: path.into(),

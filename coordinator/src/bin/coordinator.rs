@@ -1,4 +1,9 @@
-//! `stagecoach-coordinator`: runs the control plane until Ctrl-C or SIGTERM.
+//! `stagecoach-coordinator`: runs the control plane until Ctrl-C or SIGTERM, or the job's end.
+//!
+//! The job file and the state store are read and checked before anything listens: the
+//! `listening on` line a script waits for means the job was accepted. The exit status is 0
+//! when the job finished (or a signal stopped the coordinator), non-zero when it failed, when
+//! its driver crashed, or when it could not start.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -50,6 +55,11 @@ async fn main() -> anyhow::Result<()> {
         .init();
 
     let shutdown = shutdown_signal().context("installing signal handlers")?;
+    // The job and its state first: a coordinator that refuses its job never says it listens.
+    let prepared = match &args.job {
+        Some(path) => Some(prepare(path, &args.state).await?),
+        None => None,
+    };
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -72,19 +82,82 @@ async fn main() -> anyhow::Result<()> {
     stdout.write_all(lines.as_bytes())?;
     stdout.flush()?;
     drop(stdout);
-    let metrics = Arc::new(Metrics::new());
-    tokio::spawn(stagecoach_core::metrics::serve(
-        metrics_listener,
-        metrics.registry().clone(),
-    ));
 
-    let Some(job_path) = args.job else {
-        serve(listener, Arc::new(Coordinator::new("none")), shutdown).await?;
+    let Some((job, driver, metrics)) = prepared else {
+        let registry = Metrics::new().registry().clone();
+        let metrics_server = stagecoach_core::metrics::serve(metrics_listener, registry);
+        tokio::select! {
+            served = serve(listener, Arc::new(Coordinator::new("none")), shutdown) => served?,
+            () = metrics_server => {}
+        }
         return Ok(());
     };
-    let job = JobFile::load(&job_path)?;
-    let store = stagecoach_coordinator::store::open(&args.state).await?;
+    let (events, rx) = tokio::sync::mpsc::channel(1024);
+    let snapshot = driver.snapshot();
+    let mut finished = snapshot.clone();
+    let coordinator = Arc::new(Coordinator::with_driver(
+        job.job.name.clone(),
+        DriverHandle {
+            events,
+            snapshot,
+            leases: driver.leases(),
+        },
+    ));
+    let span = tracing::info_span!("job", job = %job.job.name);
+    let mut driver_task = tokio::spawn(tracing::Instrument::instrument(driver.run(rx), span));
+    // Serve until a signal, or until the job is over (after a moment for workers to hear it),
+    // or until the driver task ends early (it crashed): the task is awaited either way.
+    let over = async move {
+        let _ = finished
+            .wait_for(|s| {
+                s.state == JobState::Finished as i32 || s.state == JobState::Failed as i32
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let metrics_server =
+        stagecoach_core::metrics::serve(metrics_listener, metrics.registry().clone());
+    let outcome = finished_outcome(&coordinator);
+    let mut crashed = None;
+    {
+        let served = serve(listener, coordinator.clone(), async {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = over => {}
+                ended = &mut driver_task => crashed = Some(ended),
+                () = metrics_server => {}
+            }
+        });
+        served.await?;
+    }
+    match crashed {
+        Some(Err(e)) if e.is_panic() => {
+            anyhow::bail!("the job's driver crashed ({e}); the state store holds every committed step: restart the coordinator to resume")
+        }
+        Some(_) => anyhow::bail!("the job's driver stopped unexpectedly"),
+        None => {
+            driver_task.abort();
+            if let Err(e) = driver_task.await {
+                if e.is_panic() {
+                    anyhow::bail!("the job's driver crashed ({e})");
+                }
+            }
+        }
+    }
+    outcome()
+}
+
+/// Reads and checks the job file, opens the state store and builds the driver where the
+/// ledger ends.
+async fn prepare(
+    path: &std::path::Path,
+    state: &str,
+) -> anyhow::Result<(JobFile, Driver, Arc<Metrics>)> {
+    let job = JobFile::load(path)?;
+    let store = stagecoach_coordinator::store::open(state).await?;
     let ledger = StoreLedger::new(store, job.job.name.clone());
+    // An interrupted rewind is finished before anything reads the ledger.
+    ledger.recover().await?;
     // Resume where the ledger ends, with the curriculum's record, the checkpoint index and the
     // spike events.
     let ledger_index = ledger.checkpoints().await?;
@@ -101,39 +174,18 @@ async fn main() -> anyhow::Result<()> {
         heartbeat: Duration::from_millis(w.heartbeat_ms),
         rendezvous: Duration::from_millis(w.rendezvous_ms),
     };
-    let (driver, snapshot) = Driver::new(job.to_proto(), settings, Box::new(ledger), Some(resume))?;
+    let (driver, _) = Driver::new(job.to_proto(), settings, Box::new(ledger), Some(resume))?;
     let spikes = job.spike_config();
     let policy = Policy {
         checkpoints: Some(job.checkpoint_config()),
         spikes: spikes.enabled.then_some(spikes),
+        recovery: job.recovery.clone(),
         index: ledger_index,
         events: ledger_events,
     };
-    let driver = driver.with_policy(policy).with_metrics(metrics);
-    let (events, rx) = tokio::sync::mpsc::channel(1024);
-    let mut finished = snapshot.clone();
-    let coordinator = Arc::new(Coordinator::with_driver(
-        job.job.name.clone(),
-        DriverHandle { events, snapshot },
-    ));
-    let span = tracing::info_span!("job", job = %job.job.name);
-    let driver_task = tokio::spawn(tracing::Instrument::instrument(driver.run(rx), span));
-    // Serve until a signal, or until the job is over (after a moment for workers to hear it).
-    let over = async move {
-        let _ = finished
-            .wait_for(|s| {
-                s.state == JobState::Finished as i32 || s.state == JobState::Failed as i32
-            })
-            .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    let outcome = finished_outcome(&coordinator);
-    serve(listener, coordinator.clone(), async move {
-        tokio::select! { _ = shutdown => {}, _ = over => {} }
-    })
-    .await?;
-    driver_task.abort();
-    outcome()
+    let metrics = Arc::new(Metrics::new());
+    let driver = driver.with_policy(policy).with_metrics(metrics.clone());
+    Ok((job, driver, metrics))
 }
 
 /// Exit status: success unless the job failed.

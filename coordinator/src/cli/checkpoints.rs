@@ -217,16 +217,25 @@ pub fn render_events(list: &ListEventsResponse, json: bool) -> String {
     ]);
     for e in &list.events {
         let action = SpikeAction::try_from(e.action).unwrap_or(SpikeAction::Unspecified);
-        let rollback = matches!(action, SpikeAction::Rollback | SpikeAction::ManualRollback);
+        let rollback = matches!(
+            action,
+            SpikeAction::Rollback | SpikeAction::ManualRollback | SpikeAction::CheckpointFallback
+        );
+        // Only the detector's own events judge a step's loss.
+        let judged = matches!(
+            action,
+            SpikeAction::SkipStep | SpikeAction::Rollback | SpikeAction::Pause
+        );
         // A manual rollback judges no step: it may carry no statistics (zeros).
-        let stats = match (finite(e.mean), finite(e.std)) {
-            (Some(m), Some(s)) if m != 0.0 || s != 0.0 => format!("{m:.4} ± {s:.4}"),
+        let stats = match (judged, finite(e.mean), finite(e.std)) {
+            (true, Some(m), Some(s)) if m != 0.0 || s != 0.0 => format!("{m:.4} ± {s:.4}"),
             _ => "-".to_owned(),
         };
-        let to = if rollback && !e.rolled_back_to.is_empty() {
-            format!("{} (step {})", e.rolled_back_to, e.resumed_at_step)
-        } else {
-            "-".to_owned()
+        let to = match (rollback, e.rolled_back_to.as_str()) {
+            (false, _) => "-".to_owned(),
+            (true, "") if e.resumed_at_step == 0 => "the initial state (step 0)".to_owned(),
+            (true, "") => "-".to_owned(),
+            (true, path) => format!("{path} (step {})", e.resumed_at_step),
         };
         let skipped = if e.skipped_steps > 0 {
             format!(
@@ -255,8 +264,8 @@ pub fn render_events(list: &ListEventsResponse, json: bool) -> String {
             _ => e.detail.clone(),
         };
         // A manual rollback judges no step: it may carry no loss.
-        let loss = match (action, e.loss) {
-            (SpikeAction::ManualRollback, 0.0) => "-".to_owned(),
+        let loss = match (judged, e.loss) {
+            (false, 0.0) => "-".to_owned(),
             (_, l) => format_loss(l),
         };
         table.row(vec![
@@ -350,6 +359,7 @@ mod tests {
             write_seconds: 1.5,
             bytes: 4_404_019,
             trigger: "every 50 steps".into(),
+            ..Default::default()
         }
     }
 

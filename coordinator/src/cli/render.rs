@@ -35,6 +35,21 @@ struct StatusReport<'a> {
     steps_per_second: f64,
     /// `null` in the last stage.
     next_transition: Option<NextReport<'a>>,
+    /// The last failure and what is done about it (`null` before the first).
+    last_failure: Option<FailureReport<'a>>,
+    /// Writes waiting for the state store (above 0 during an outage).
+    pending_writes: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct FailureReport<'a> {
+    worker: &'a str,
+    kind: &'static str,
+    step: u64,
+    attempts: u32,
+    reason: &'a str,
+    recovery: &'a str,
+    unix_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,6 +91,16 @@ pub fn render_status(status: &GetStatusResponse, json: bool) -> String {
             eta_seconds: (n.eta_seconds >= 0.0 && n.eta_seconds.is_finite())
                 .then_some(n.eta_seconds),
         }),
+        last_failure: status.last_failure.as_ref().map(|f| FailureReport {
+            worker: &f.worker,
+            kind: stagecoach_core::recovery::kind_label(f.kind()),
+            step: f.step,
+            attempts: f.attempts,
+            reason: &f.reason,
+            recovery: &f.recovery,
+            unix_ms: f.unix_ms,
+        }),
+        pending_writes: status.pending_writes,
     };
     if json {
         return to_json(&report);
@@ -145,6 +170,29 @@ pub fn render_status(status: &GetStatusResponse, json: bool) -> String {
     }
     if !report.detail.is_empty() {
         lines.push(("detail", report.detail.to_owned()));
+    }
+    if let Some(f) = &report.last_failure {
+        let who = if f.worker.is_empty() {
+            String::new()
+        } else {
+            format!("worker {} ", f.worker)
+        };
+        lines.push((
+            "failure",
+            format!(
+                "{who}({} failure {} at step {}): {}; {}",
+                f.kind, f.attempts, f.step, f.reason, f.recovery
+            ),
+        ));
+    }
+    if report.pending_writes > 0 {
+        lines.push((
+            "store",
+            format!(
+                "{} writes waiting: the state store is unreachable",
+                report.pending_writes
+            ),
+        ));
     }
     lines
         .iter()
@@ -686,10 +734,32 @@ mod tests {
                 "generation": 0, "step": 0, "total_steps": 0, "loss": 0.0, "workers_alive": 0,
                 "world_size": 0, "detail": "", "stage": "", "stage_index": 0, "stages": 0,
                 "tokens": 0, "total_tokens": 0, "seq_len": 0, "rope_theta": 0.0, "lr": 0.0,
-                "steps_per_second": 0.0, "next_transition": null
+                "steps_per_second": 0.0, "next_transition": null, "last_failure": null,
+                "pending_writes": 0
             })
         );
         assert_eq!(state_name(42), "unknown (42)");
+        // A failure and a store outage each get their line.
+        let failing = GetStatusResponse {
+            state: JobState::Paused.into(),
+            last_failure: Some(stagecoach_proto::v1::Failure {
+                worker: "w2-00ff".into(),
+                kind: stagecoach_proto::v1::FailureKind::Data.into(),
+                step: 35,
+                reason: "shard a.ds: token id 60000 is not below 49152".into(),
+                attempts: 3,
+                recovery: "paused: fix the cause, then `stagecoach resume`".into(),
+                ..Default::default()
+            }),
+            pending_writes: 2,
+            ..status
+        };
+        let text = render_status(&failing, false);
+        assert!(
+            text.contains("failure:  worker w2-00ff (data failure 3 at step 35): shard a.ds: token id 60000 is not below 49152; paused: fix the cause, then `stagecoach resume`"),
+            "{text}"
+        );
+        assert!(text.contains("store:    2 writes waiting"), "{text}");
     }
 
     fn training_status() -> GetStatusResponse {
@@ -720,6 +790,7 @@ mod tests {
             rope_theta: 10_000.0,
             lr: 3e-3,
             steps_per_second: 0.5729,
+            ..Default::default()
         }
     }
 

@@ -4,17 +4,18 @@ use stagecoach_core::curriculum::Curriculum;
 use stagecoach_proto::v1;
 use tracing::info;
 
-use super::{now_ms, ControlReply, ControlRequest, Driver, DriverError};
+use super::{now_ms, ControlReply, ControlRequest, Driver, Error};
 
 impl Driver {
-    pub(super) async fn control(
-        &mut self,
-        request: ControlRequest,
-    ) -> Result<ControlReply, DriverError> {
-        if matches!(self.state, v1::JobState::Finished | v1::JobState::Failed)
-            && request != ControlRequest::ListStages
-        {
-            return Err(DriverError::FailedPrecondition(format!(
+    pub(super) async fn control(&mut self, request: ControlRequest) -> Result<ControlReply, Error> {
+        let read_only = matches!(
+            request,
+            ControlRequest::ListStages
+                | ControlRequest::ListCheckpoints
+                | ControlRequest::ListEvents
+        );
+        if matches!(self.state, v1::JobState::Finished | v1::JobState::Failed) && !read_only {
+            return Err(Error::FailedPrecondition(format!(
                 "the job is over ({})",
                 self.detail
             )));
@@ -44,6 +45,12 @@ impl Driver {
                 stage,
                 requested_by,
             } => {
+                if stage.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                    return Err(Error::InvalidArgument(
+                        "an empty stage name; name the stage to move to, or ask for the next one"
+                            .into(),
+                    ));
+                }
                 self.started()?;
                 let c = self.curriculum.as_mut().expect("started");
                 let (from, to) = c.request_stage(stage.as_deref(), &requested_by)?;
@@ -75,13 +82,13 @@ impl Driver {
                     if let Some(m) = &self.metrics {
                         m.transition(v1::TransitionCause::MixChange);
                     }
-                    if let Some(d) = self.detector.as_mut() {
-                        d.reset_statistics();
+                    if let (Some(d), Some(step)) = (self.detector.as_mut(), effective) {
+                        d.level_changed(step);
                     }
                 }
                 info!(%stage, ?weights, by = %requested_by, "mixture changed");
                 if !self.save_record().await {
-                    return Err(DriverError::FailedPrecondition(self.detail.clone()));
+                    return Err(Error::FailedPrecondition(self.detail.clone()));
                 }
                 ControlReply::MixSet(v1::SetMixResponse {
                     effective_step: effective.unwrap_or(0),
@@ -92,7 +99,7 @@ impl Driver {
                     info!(by = %requested_by, "pause requested");
                     self.paused = Some(requested_by);
                     if !self.save_record().await {
-                        return Err(DriverError::FailedPrecondition(self.detail.clone()));
+                        return Err(Error::FailedPrecondition(self.detail.clone()));
                     }
                 }
                 let in_flight = self.world.as_ref().is_some_and(|w| w.in_flight.is_some());
@@ -103,25 +110,32 @@ impl Driver {
             }
             ControlRequest::Resume { requested_by } => {
                 if self.paused.take().is_none() {
-                    return Err(DriverError::FailedPrecondition(
-                        "the job is not paused".into(),
-                    ));
+                    return Err(Error::FailedPrecondition("the job is not paused".into()));
                 }
                 info!(by = %requested_by, step = self.step, "resumed");
+                let held = self.held;
+                self.release();
                 if self.state == v1::JobState::Paused {
-                    self.state = v1::JobState::Running;
+                    self.state = if self.world.as_ref().is_some_and(|w| w.running) {
+                        v1::JobState::Running
+                    } else {
+                        v1::JobState::Waiting
+                    };
                     self.detail.clear();
                 }
                 self.rate.clear();
                 if !self.save_record().await {
-                    return Err(DriverError::FailedPrecondition(self.detail.clone()));
+                    return Err(Error::FailedPrecondition(self.detail.clone()));
+                }
+                if held {
+                    self.maybe_form_world();
                 }
                 self.dispatch().await;
                 ControlReply::Resumed(v1::ResumeResponse { step: self.step })
             }
             ControlRequest::CheckpointNow { requested_by } => {
                 if self.checkpoints.is_none() {
-                    return Err(DriverError::FailedPrecondition(
+                    return Err(Error::FailedPrecondition(
                         "this job writes no checkpoints: add a [checkpoints] section to its job file".into(),
                     ));
                 }
@@ -168,7 +182,7 @@ impl Driver {
             ControlRequest::Evaluate { requested_by } => {
                 self.started()?;
                 if self.job.eval_samples == 0 {
-                    return Err(DriverError::FailedPrecondition(
+                    return Err(Error::FailedPrecondition(
                         "the job has no held-out data: give sources an eval folder and [data] eval_samples".into(),
                     ));
                 }
@@ -190,9 +204,9 @@ impl Driver {
     }
 
     /// The curriculum, or why there is none yet.
-    pub(super) fn started(&self) -> Result<&Curriculum, DriverError> {
+    pub(super) fn started(&self) -> Result<&Curriculum, Error> {
         self.curriculum.as_ref().ok_or_else(|| {
-            DriverError::FailedPrecondition(format!(
+            Error::FailedPrecondition(format!(
                 "the curriculum starts when the first world is ready ({}); try again then",
                 self.detail
             ))

@@ -6,7 +6,7 @@ use stagecoach_core::plan::{rank_slice, SampleId};
 use stagecoach_proto::v1;
 use tracing::{info, warn};
 
-use super::{refs, send, Driver, DriverError};
+use super::{refs, send, Driver, Error};
 
 pub(super) struct EvalInFlight {
     pub(super) id: u64,
@@ -84,17 +84,17 @@ impl Driver {
         &mut self,
         worker_id: &str,
         done: v1::EvalDone,
-    ) -> Result<(), DriverError> {
+    ) -> Result<(), Error> {
         let rank = self.rank_in(worker_id, done.generation)?;
         let world = self.world.as_mut().expect("checked by rank_in");
         let Some(eval) = world.eval.as_mut().filter(|e| e.id == done.id) else {
-            return Err(DriverError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "no evaluation {} is in flight",
                 done.id
             )));
         };
         if eval.reports.contains_key(&rank) {
-            return Err(DriverError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "rank {rank} reported evaluation {} twice",
                 done.id
             )));
@@ -107,7 +107,7 @@ impl Driver {
         let mut got: BTreeMap<u32, u32> = BTreeMap::new();
         for l in &done.losses {
             if !l.loss_sum.is_finite() {
-                return Err(DriverError::InvalidArgument(format!(
+                return Err(Error::InvalidArgument(format!(
                     "rank {rank} reports a validation loss of {} for source {}",
                     l.loss_sum, l.source
                 )));
@@ -116,7 +116,7 @@ impl Driver {
         }
         got.retain(|_, n| *n > 0);
         if got != expected {
-            return Err(DriverError::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "rank {rank} reports samples per source {got:?} for evaluation {}, it was sent {expected:?}",
                 done.id
             )));

@@ -4,29 +4,32 @@
 use std::time::Duration;
 
 use stagecoach_core::curriculum::CurriculumError;
+use stagecoach_core::recovery::RecoveryConfig;
 use stagecoach_core::retention::CheckpointConfig;
 use stagecoach_core::spike::SpikeConfig;
 use stagecoach_proto::v1;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::Error;
 
 /// Events the driver reacts to.
 #[derive(Debug)]
 pub enum Event {
     Register {
         request: v1::RegisterRequest,
-        reply: oneshot::Sender<Result<v1::RegisterResponse, DriverError>>,
+        reply: oneshot::Sender<Result<v1::RegisterResponse, Error>>,
     },
     /// Session `session` opened for `worker_id`; messages for it go to `outbox`.
     Attach {
         worker_id: String,
         session: u64,
         outbox: mpsc::Sender<v1::CoordinatorMessage>,
-        reply: oneshot::Sender<Result<(), DriverError>>,
+        reply: oneshot::Sender<Result<(), Error>>,
     },
     Message {
         worker_id: String,
         kind: v1::worker_message::Kind,
-        reply: oneshot::Sender<Result<(), DriverError>>,
+        reply: oneshot::Sender<Result<(), Error>>,
     },
     /// Session `session` of `worker_id` ended (its lease still decides whether it is dead); a
     /// newer session of the same worker is left alone.
@@ -34,7 +37,7 @@ pub enum Event {
     /// A request from the control API.
     Control {
         request: ControlRequest,
-        reply: oneshot::Sender<Result<ControlReply, DriverError>>,
+        reply: oneshot::Sender<Result<ControlReply, Error>>,
     },
 }
 
@@ -88,25 +91,12 @@ pub enum ControlReply {
     Events(v1::ListEventsResponse),
 }
 
-/// Why the driver refused an event; the service maps these onto gRPC codes.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum DriverError {
-    #[error("unknown worker {0:?}: register first")]
-    UnknownWorker(String),
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    NotFound(String),
-}
-
-impl From<CurriculumError> for DriverError {
-    fn from(e: CurriculumError) -> DriverError {
+impl From<CurriculumError> for Error {
+    fn from(e: CurriculumError) -> Error {
         match e {
-            CurriculumError::NotFound(m) => DriverError::NotFound(m),
-            CurriculumError::Refused(m) => DriverError::FailedPrecondition(m),
-            e => DriverError::InvalidArgument(e.to_string()),
+            CurriculumError::NotFound(m) => Error::NotFound(m),
+            CurriculumError::Refused(m) => Error::FailedPrecondition(m),
+            e => Error::InvalidArgument(e.to_string()),
         }
     }
 }
@@ -116,6 +106,8 @@ impl From<CurriculumError> for DriverError {
 pub struct Policy {
     pub checkpoints: Option<CheckpointConfig>,
     pub spikes: Option<SpikeConfig>,
+    /// What to do when generations fail and the store goes away (`[recovery]`).
+    pub recovery: RecoveryConfig,
     /// The checkpoint index and the spike events so far (from the state store).
     pub index: Vec<v1::CheckpointRecord>,
     pub events: Vec<v1::SpikeEvent>,

@@ -18,6 +18,9 @@
 //! | `checkpoints.rs` | when to checkpoint, rank 0's reports, the index |
 //! | `recovery.rs` | spike verdicts, rollbacks, restoring a checkpoint, skip ranges |
 //! | `control.rs` | requests from the control API |
+//! | `failures.rs` | a generation that failed: the failure budget, backoff, pause or fail |
+//! | `persist.rs` | every write to the state store, queued in order through outages |
+//! | `sync.rs` | bringing ranks to one state: a step the ledger lost, a state sync, a restore |
 //!
 //! Life of a job: workers register and open sessions; when `min` are present a world forms
 //! (generation + 1, ranks in registration order, up to `max`) and each member gets `World`;
@@ -32,18 +35,23 @@ mod checkpoints;
 mod control;
 mod eval;
 mod events;
+mod failures;
 mod membership;
+mod persist;
 mod recovery;
 mod step;
+mod sync;
 mod world;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use stagecoach_core::clock::now_ms;
 use stagecoach_core::curriculum::Curriculum;
 use stagecoach_core::metrics::Throughput;
 use stagecoach_core::plan::SampleId;
+use stagecoach_core::recovery::{Failures, RecoveryConfig};
 use stagecoach_core::retention::CheckpointConfig;
 use stagecoach_core::spike::Detector;
 use stagecoach_proto::v1;
@@ -51,12 +59,17 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-pub use events::{ControlReply, ControlRequest, DriverError, Event, Policy, Resume, Settings};
+pub use events::{ControlReply, ControlRequest, Event, Policy, Resume, Settings};
+pub use membership::LeaseBook;
+
+use crate::Error;
 
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::status::Snapshot;
+use checkpoints::Saving;
 use membership::Member;
+use persist::{Pending, Write};
 use recovery::PendingSkip;
 use world::World;
 
@@ -99,9 +112,11 @@ pub struct Driver {
     /// The checkpoint index, by step.
     index: Vec<v1::CheckpointRecord>,
     /// The checkpoint being written: its request id and its record-to-be.
-    saving: Option<(u64, v1::CheckpointRecord)>,
+    saving: Option<Saving>,
     /// Checkpoints asked for in generations that ended before rank 0 answered.
-    late_saves: Vec<(u64, v1::CheckpointRecord)>,
+    late_saves: Vec<Saving>,
+    /// Failed writes of the checkpoint of one step (a stage's end): the step and their count.
+    boundary_failures: (u64, u32),
     /// Checkpoints asked for in a lineage a rollback abandoned: their reports are ignored.
     discarded: Vec<u64>,
     /// Who asked for a checkpoint that has not been requested from rank 0 yet.
@@ -126,6 +141,27 @@ pub struct Driver {
     detail: String,
     snapshot: watch::Sender<Snapshot>,
     metrics: Option<Arc<Metrics>>,
+    /// The digest of the committed state (the ranks' state after the last committed step);
+    /// `None` at step 0 and when the ledger does not know it.
+    digest: Option<u64>,
+    /// The job's `[recovery]` policy and the failures since the last committed step.
+    recovery: RecoveryConfig,
+    failures: Failures,
+    /// The last failure, for status.
+    last_failure: Option<v1::Failure>,
+    /// The job stopped trying after failures (paused by them): no world forms until `resume`.
+    held: bool,
+    /// No world forms before this: the backoff after a failure.
+    not_before: Option<Instant>,
+    /// Writes the state store has not taken yet (an outage), in order.
+    pending: Pending,
+    /// Leases, renewed by the session tasks as each message arrives.
+    leases: Arc<LeaseBook>,
+    /// How long recent steps took from dispatch to commit, for the step timeout.
+    step_times: VecDeque<Duration>,
+    /// The window of "forming a world" lines: when it began, the lines in it, and the worlds
+    /// formed without a line since the last one.
+    form_log: (Option<Instant>, u32, u64),
 }
 
 impl Driver {
@@ -156,6 +192,11 @@ impl Driver {
             .and_then(|r| r.record.as_ref())
             .filter(|r| r.paused)
             .map(|_| "a previous coordinator".to_owned());
+        let digest = resume
+            .as_ref()
+            .and_then(|r| r.last.as_ref())
+            .map(|l| l.state_digest)
+            .filter(|d| *d != 0);
         let (snapshot, rx) = watch::channel(Snapshot::default());
         let d = Driver {
             job,
@@ -183,6 +224,7 @@ impl Driver {
             index: vec![],
             saving: None,
             late_saves: vec![],
+            boundary_failures: (0, 0),
             discarded: vec![],
             checkpoint_wanted: None,
             next_checkpoint_id: 1,
@@ -199,21 +241,46 @@ impl Driver {
             detail: "waiting for workers".into(),
             snapshot,
             metrics: None,
+            digest,
+            recovery: RecoveryConfig::default(),
+            failures: Failures::default(),
+            last_failure: None,
+            held: false,
+            not_before: None,
+            pending: Pending::default(),
+            leases: Arc::new(LeaseBook::default()),
+            step_times: VecDeque::new(),
+            form_log: (None, 0, 0),
         };
         d.publish();
         Ok((d, rx))
     }
 
+    /// What status queries see, as the driver publishes it.
+    pub fn snapshot(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.subscribe()
+    }
+
+    /// The lease book the session tasks renew leases in (see [`LeaseBook`]).
+    pub fn leases(&self) -> Arc<LeaseBook> {
+        self.leases.clone()
+    }
+
     /// Also keeps `metrics` up to date.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Driver {
         metrics.job(&self.job);
+        metrics.settings(
+            self.settings.min,
+            self.checkpoints.as_ref().map_or(0, |c| c.every_steps),
+        );
         self.metrics = Some(metrics);
         self.publish();
         self
     }
 
-    /// Checkpoints and spike handling as `policy` says.
+    /// Checkpoints, spike handling and recovery as `policy` says.
     pub fn with_policy(mut self, policy: Policy) -> Driver {
+        self.recovery = policy.recovery;
         self.checkpoints = policy.checkpoints;
         self.detector = policy.spikes.map(Detector::new);
         self.index = policy.index;
@@ -229,10 +296,12 @@ impl Driver {
         self
     }
 
-    /// Runs until `events` closes or the job ends.
+    /// Runs until `events` closes. Besides events, a clock ticking every heartbeat drives
+    /// leases, the step timeout, the backoff after a failure and the retries of store writes.
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>) {
         let mut tick = tokio::time::interval(self.settings.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_tick = Instant::now();
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
@@ -240,10 +309,19 @@ impl Driver {
                     None => break,
                 },
                 _ = tick.tick() => {
-                    self.check_leases().await;
+                    // A tick much later than due means this task was busy (a slow store
+                    // write): judge leases at the next one, when the queue has caught up.
+                    let late = last_tick.elapsed() > self.settings.heartbeat * 3;
+                    last_tick = Instant::now();
+                    if !late {
+                        self.check_leases().await;
+                    }
+                    self.check_step_timeout().await;
+                    self.retry_writes().await;
                     self.maybe_form_world();
                 }
             }
+            self.reap_undeliverable().await;
             self.publish();
         }
     }
@@ -251,7 +329,8 @@ impl Driver {
     pub(super) async fn handle(&mut self, ev: Event) {
         match ev {
             Event::Register { request, reply } => {
-                let _ = reply.send(self.register(request));
+                let r = self.register(request).await;
+                let _ = reply.send(r);
             }
             Event::Attach {
                 worker_id,
@@ -260,11 +339,13 @@ impl Driver {
                 reply,
             } => {
                 let r = match self.members.get_mut(&worker_id) {
-                    None => Err(DriverError::UnknownWorker(worker_id)),
+                    None => Err(Error::UnknownWorker(worker_id)),
                     Some(m) => {
                         m.outbox = Some(outbox);
                         m.session = session;
                         m.lease_until = Instant::now() + self.settings.lease;
+                        m.undeliverable
+                            .store(false, std::sync::atomic::Ordering::Relaxed);
                         Ok(())
                     }
                 };
@@ -298,17 +379,13 @@ impl Driver {
         }
     }
 
-    /// Writes the curriculum's record; false (and the job failed) if the store refuses.
+    /// Writes the curriculum's record; false if the job failed on it.
     pub(super) async fn save_record(&mut self) -> bool {
         let Some(c) = &self.curriculum else {
             return true;
         };
         let record = c.record(self.paused.is_some());
-        if let Err(e) = self.ledger.save_curriculum(&record).await {
-            self.fail(format!("cannot write the curriculum record: {e}"));
-            return false;
-        }
-        true
+        self.persist(Write::Curriculum(record)).await
     }
 
     pub(super) fn finish(&mut self) {
@@ -360,12 +437,18 @@ impl Driver {
             loss: self.loss,
             workers_alive: self.members.len() as u32,
             world_size: self.world.as_ref().map_or(0, |w| w.members.len() as u32),
-            detail: self.detail.clone(),
+            detail: self
+                .pending
+                .describe()
+                .unwrap_or_else(|| self.detail.clone()),
             stage: stage.name.clone(),
             stage_index: c.map_or(0, |c| c.current() as u32),
             stages: self.job.stages.len() as u32,
-            tokens: self.step * self.job.global_batch_tokens,
-            total_tokens: self.job.total_steps * self.job.global_batch_tokens,
+            tokens: self.step.saturating_mul(self.job.global_batch_tokens),
+            total_tokens: self
+                .job
+                .total_steps
+                .saturating_mul(self.job.global_batch_tokens),
             next_transition: c.map_or_else(
                 || {
                     self.job
@@ -379,6 +462,8 @@ impl Driver {
             rope_theta: stage.rope_theta,
             lr: self.lr,
             steps_per_second: self.rate.rate(),
+            last_failure: self.last_failure.clone(),
+            pending_writes: self.pending.len() as u32,
         };
         if let Some(m) = &self.metrics {
             m.observe(&snapshot);
@@ -401,13 +486,24 @@ fn refs(samples: &[SampleId]) -> Vec<v1::SampleRef> {
         .collect()
 }
 
-/// Queues a message for a member; a full or closed outbox is logged (its lease decides its fate).
+/// Queues a message for a member. A member whose outbox is full or closed is marked
+/// undeliverable: a message it will never see would leave a step waiting for it, so the
+/// driver ends its generation after the event (see `reap_undeliverable`).
 fn send(members: &BTreeMap<String, Member>, id: &str, kind: v1::coordinator_message::Kind) {
-    let Some(outbox) = members.get(id).and_then(|m| m.outbox.as_ref()) else {
+    let Some(member) = members.get(id) else {
+        return;
+    };
+    let Some(outbox) = member.outbox.as_ref() else {
         warn!(worker = %id, "no session to send to");
+        member
+            .undeliverable
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         return;
     };
     if let Err(e) = outbox.try_send(v1::CoordinatorMessage { kind: Some(kind) }) {
         warn!(worker = %id, error = %e, "cannot queue a message");
+        member
+            .undeliverable
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }

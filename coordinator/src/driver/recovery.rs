@@ -8,6 +8,8 @@ use stagecoach_core::spike::Verdict;
 use stagecoach_proto::v1;
 use tracing::{info, warn};
 
+use super::persist::Write;
+use super::sync::shown_checkpoint;
 use super::{now_ms, refs, Driver};
 
 /// A skip range waiting for the replay to reach it: at step `at`, draw `batches` global
@@ -68,11 +70,13 @@ impl Driver {
                 // Best: a checkpoint before the whole skip range, so none of it was trained;
                 // else one before the spike began.
                 let before_skip = first_step.saturating_sub(d.config().skip_before);
+                // A spike rolls back to a real checkpoint (the initial state is for restoring
+                // a world nobody holds the state of, not worth a spike's rollback: it pauses).
                 let good = |limit: u64| {
                     self.index
                         .iter()
                         .rev()
-                        .find(|r| r.known_good && r.step <= limit)
+                        .find(|r| r.known_good && r.unloadable.is_empty() && r.step <= limit)
                         .cloned()
                 };
                 let target = good(before_skip).or_else(|| good(first_step));
@@ -85,8 +89,9 @@ impl Driver {
                     return false;
                 };
                 let cfg = d.config().clone();
-                let from = first_step.saturating_sub(cfg.skip_before).max(target.step);
-                let to = step + cfg.skip_after;
+                let range = cfg.skip_range(first_step, step);
+                let (from, to) = ((*range.start()).max(target.step), *range.end());
+                let batches = to.saturating_sub(from).saturating_add(1);
                 let event = v1::SpikeEvent {
                     detected_at: step,
                     first_step,
@@ -99,7 +104,7 @@ impl Driver {
                     rolled_back_to: target.path.clone(),
                     resumed_at_step: target.step,
                     skipped_from_step: from,
-                    skipped_steps: to + 1 - from,
+                    skipped_steps: batches,
                     lr_factor: cfg.lr_factor,
                     lr_steps: cfg.lr_steps,
                     requested_by: "coordinator".into(),
@@ -107,9 +112,8 @@ impl Driver {
                     ..Default::default()
                 };
                 let lr = (cfg.lr_factor != 1.0 && cfg.lr_steps > 0)
-                    .then_some((cfg.lr_factor, from + cfg.lr_steps));
-                self.rollback(target, event, Some((from, to + 1 - from)))
-                    .await;
+                    .then_some((cfg.lr_factor, from.saturating_add(cfg.lr_steps)));
+                self.rollback(target, event, Some((from, batches))).await;
                 self.lr_scale = lr;
                 false
             }
@@ -156,13 +160,8 @@ impl Driver {
         }
         self.events.push(event);
         let index = self.events.len() - 1;
-        if let Err(e) = self
-            .ledger
-            .put_event(index as u64, &self.events[index])
-            .await
-        {
-            warn!(error = %e, "cannot record a spike event");
-        }
+        let event = self.events[index].clone();
+        self.persist(Write::PutEvent(index as u64, event)).await;
         index
     }
 
@@ -195,8 +194,8 @@ impl Driver {
             .collect();
         for r in later {
             self.index.retain(|x| x.path != r.path);
-            if let Err(e) = self.ledger.delete_checkpoint(r.step).await {
-                warn!(error = %e, "cannot remove a checkpoint from the index");
+            if !self.persist(Write::DeleteCheckpoint(r.step)).await {
+                return;
             }
             self.abandoned.push(r.path);
         }
@@ -208,14 +207,21 @@ impl Driver {
             batches,
             event: event_index,
         });
-        let reason = format!("rolling back to {} (step {})", target.path, target.step);
+        let reason = format!(
+            "rolling back to {} (step {})",
+            shown_checkpoint(&target.path),
+            target.step
+        );
         self.end_world_for_restore(&reason).await;
     }
 
     /// Rewinds the ledger, the curriculum and the step counter to the state of `target`.
     pub(super) async fn rewind_to(&mut self, target: &v1::CheckpointRecord, event: u64) -> bool {
-        if let Err(e) = self.ledger.rewind(target.step, event).await {
-            self.fail(format!("cannot rewind the ledger: {e}"));
+        let rewind = Write::Rewind {
+            to_step: target.step,
+            event,
+        };
+        if !self.persist(rewind).await {
             return false;
         }
         let record = self
@@ -243,12 +249,13 @@ impl Driver {
             Err(e) => {
                 self.fail(format!(
                     "cannot rebuild the curriculum at {}: {e}",
-                    target.path
+                    shown_checkpoint(&target.path)
                 ));
                 return false;
             }
         }
         self.step = target.step;
+        self.digest = (target.state_digest != 0).then_some(target.state_digest);
         self.loss = (!target.loss.is_nan()).then_some(target.loss);
         self.lineage = target.path.clone();
         self.restore = Some(v1::CheckpointRef {
@@ -258,29 +265,27 @@ impl Driver {
             cursors: target.cursors.clone(),
         });
         // A checkpoint being written belongs to the abandoned lineage: its folder goes too.
-        if let Some((id, r)) = self.saving.take() {
-            self.discarded.push(id);
-            self.abandoned.push(r.path);
+        if let Some(s) = self.saving.take() {
+            self.discarded.push(s.id);
+            self.abandoned.push(s.record.path);
         }
         self.save_record().await
     }
 
-    /// Ranks disagree on their state: every one loads the latest checkpoint (or `name`).
-    pub(super) async fn restore_checkpoint(&mut self, name: Option<&str>, why: &str) {
-        let target = match self.find_checkpoint(name) {
-            Ok(t) => t,
-            Err(_) => {
-                return self.fail(format!(
-                    "{why}, and there is no checkpoint to bring every rank to the same state"
-                ))
-            }
-        };
-        warn!(%why, to = %target.path, step = target.step, "restoring a checkpoint on every rank");
+    /// Nobody holds the committed state: every rank loads the latest loadable known-good
+    /// checkpoint at or before it (the initial state when there is none).
+    pub(super) async fn restore_latest(&mut self, why: &str) {
+        let target = self.latest_good(self.step);
+        let shown = shown_checkpoint(&target.path);
+        warn!(%why, to = %shown, step = target.step, "restoring a checkpoint on every rank");
         let events = self.events.len() as u64;
         if !self.rewind_to(&target, events).await {
             return;
         }
-        self.end_world_for_restore(&format!("{why}; restoring {}", target.path))
+        if let Some(m) = &self.metrics {
+            m.restore();
+        }
+        self.end_world_for_restore(&format!("{why}; restoring {shown} (step {})", target.step))
             .await;
     }
 
@@ -311,8 +316,7 @@ impl Driver {
             samples = samples.len(),
             "skipping the data around the spike"
         );
-        if let Err(e) = self.ledger.put_skipped(&range).await {
-            self.fail(format!("cannot record the skipped samples: {e}"));
+        if !self.persist(Write::PutSkipped(range)).await {
             return false;
         }
         if let Some(m) = &self.metrics {
@@ -322,8 +326,8 @@ impl Driver {
         if let Some(e) = self.events.get_mut(skip.event) {
             e.skipped_samples = samples.len() as u64;
             let e = e.clone();
-            if let Err(err) = self.ledger.put_event(skip.event as u64, &e).await {
-                warn!(error = %err, "cannot update a spike event");
+            if !self.persist(Write::PutEvent(skip.event as u64, e)).await {
+                return false;
             }
         }
         true

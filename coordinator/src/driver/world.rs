@@ -2,37 +2,57 @@
 //! start of training in that world, and the end of a generation.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use stagecoach_core::curriculum::Curriculum;
+use stagecoach_core::curriculum::{Curriculum, StepPlan};
 use stagecoach_proto::v1;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::eval::EvalInFlight;
 use super::membership::NCCL_ID_BYTES;
-use super::{send, Driver, DriverError, Resume};
-use stagecoach_core::curriculum::StepPlan;
+use super::{send, Driver, Error, Resume};
 
 pub(super) struct World {
     pub(super) generation: u64,
     pub(super) members: Vec<String>,
+    /// Each member's `Ready`, by worker id.
     pub(super) ready: BTreeMap<String, v1::Ready>,
     pub(super) running: bool,
     /// The step in flight: its plan and the reports received so far (by rank).
     pub(super) in_flight: Option<(StepPlan, BTreeMap<u32, v1::StepDone>)>,
     /// The evaluation in flight.
     pub(super) eval: Option<EvalInFlight>,
+    /// When the step (or evaluation) in flight was sent: the step timeout counts from it.
+    pub(super) dispatched_at: Option<Instant>,
+    /// The ranks are taking one rank's state (`SyncState`); their next `Ready` follows it.
+    pub(super) syncing: bool,
 }
 
+/// "forming a world" is logged for the first `FORM_LOG_BURST` worlds of each `FORM_LOG_EVERY`;
+/// the others are counted in the next line.
+const FORM_LOG_EVERY: Duration = Duration::from_secs(60);
+const FORM_LOG_BURST: u32 = 5;
+
 impl Driver {
+    /// Whether a message about `generation` comes too late: that generation has ended (a
+    /// newer one exists, or none runs now). Such messages are dropped without an error, so a
+    /// worker that finishes a step or fails just as its generation ends keeps its session.
+    pub(super) fn ended(&self, generation: u64) -> bool {
+        match &self.world {
+            Some(w) => generation < w.generation,
+            None => generation <= self.generation,
+        }
+    }
+
     /// The rank of `worker_id` in the current world of `generation`, or why there is none.
-    pub(super) fn rank_in(&self, worker_id: &str, generation: u64) -> Result<u32, DriverError> {
+    pub(super) fn rank_in(&self, worker_id: &str, generation: u64) -> Result<u32, Error> {
         let world = self
             .world
             .as_ref()
-            .ok_or_else(|| DriverError::FailedPrecondition("no world is formed".into()))?;
+            .ok_or_else(|| Error::FailedPrecondition("no world is formed".into()))?;
         if world.generation != generation {
-            return Err(DriverError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "message for generation {generation}, but the current generation is {}",
                 world.generation
             )));
@@ -43,29 +63,40 @@ impl Driver {
             .position(|m| m == worker_id)
             .map(|r| r as u32)
             .ok_or_else(|| {
-                DriverError::FailedPrecondition(format!(
+                Error::FailedPrecondition(format!(
                     "worker {worker_id} is not in generation {generation}"
                 ))
             })
     }
 
-    pub(super) async fn ready(
-        &mut self,
-        worker_id: &str,
-        ready: v1::Ready,
-    ) -> Result<(), DriverError> {
+    pub(super) async fn ready(&mut self, worker_id: &str, ready: v1::Ready) -> Result<(), Error> {
         self.rank_in(worker_id, ready.generation)?;
         if ready.sources.len() != self.job.sources.len() {
-            return Err(DriverError::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "ready with {} source sizes, the job has {} sources",
                 ready.sources.len(),
                 self.job.sources.len()
             )));
         }
+        if let Some(last) = &ready.last_step {
+            if !(last.global_loss.is_finite() || last.skipped) || last.grad_norm < 0.0 {
+                return Err(Error::InvalidArgument(format!(
+                    "ready with a last step of loss {} and grad norm {}",
+                    last.global_loss, last.grad_norm
+                )));
+            }
+        }
+        let world = self.world.as_ref().expect("checked by rank_in");
+        if world.running {
+            return Err(Error::FailedPrecondition(format!(
+                "generation {} is already running",
+                world.generation
+            )));
+        }
         let member = self.members.get_mut(worker_id).expect("checked by rank_in");
         if member.backend == v1::CollectiveBackend::Nccl {
             if ready.next_nccl_unique_id.len() != NCCL_ID_BYTES {
-                return Err(DriverError::InvalidArgument(format!(
+                return Err(Error::InvalidArgument(format!(
                     "an NCCL worker's Ready must carry a fresh {NCCL_ID_BYTES}-byte unique id"
                 )));
             }
@@ -73,23 +104,28 @@ impl Driver {
         }
         let world = self.world.as_mut().expect("checked by rank_in");
         world.ready.insert(worker_id.to_owned(), ready);
-        if world.ready.len() == world.members.len() && !world.running {
+        if world.ready.len() == world.members.len() {
+            world.syncing = false;
             self.start_world().await;
         }
         Ok(())
     }
 
-    /// Everyone is ready: check they agree, build the curriculum, dispatch the first step.
+    /// Everyone is ready: check they see the same data, build the curriculum, bring every
+    /// rank to the committed state (`sync.rs`), then dispatch the first step.
     pub(super) async fn start_world(&mut self) {
         let world = self.world.as_ref().expect("a world");
-        let first = world.ready.values().next().expect("members").clone();
+        let (first_id, first) = world.ready.iter().next().expect("members");
+        let first = first.clone();
+        let first_id = first_id.clone();
         for (id, r) in &world.ready {
             if r.sources != first.sources {
                 let msg = format!(
-                    "workers see different data: {id} reports {:?}, another {:?}",
+                    "workers see different data: {id} reports {:?}, {first_id} {:?}; every worker must read the same shard folders",
                     r.sources, first.sources
                 );
-                return self.fail(msg);
+                let id = id.clone();
+                return self.failed(&id, v1::FailureKind::Config, msg, None).await;
             }
         }
         if self.curriculum.is_none() {
@@ -118,30 +154,16 @@ impl Driver {
                         return;
                     }
                 }
-                Err(e) => return self.fail(format!("curriculum: {e}")),
+                Err(e) => {
+                    let msg = format!("the curriculum cannot start on this data: {e}");
+                    return self
+                        .failed(&first_id, v1::FailureKind::Config, msg, None)
+                        .await;
+                }
             }
         }
-        let world = self.world.as_ref().expect("a world");
-        let behind: Vec<(String, u64)> = world
-            .ready
-            .iter()
-            .filter(|(_, r)| r.step != self.step)
-            .map(|(id, r)| (id.clone(), r.step))
-            .collect();
-        if let Some((id, step)) = behind.first() {
-            if self.restore.is_some() {
-                let msg = format!(
-                    "worker {id} reports step {step} after restoring the checkpoint of step {}",
-                    self.step
-                );
-                return self.fail(msg);
-            }
-            // Ranks must hold the same state: go back to a checkpoint they can all load.
-            let why = format!(
-                "worker {id} is at step {step}, the ledger at step {}",
-                self.step
-            );
-            return self.restore_checkpoint(None, &why).await;
+        if !self.agree().await {
+            return;
         }
         self.restore = None;
         let world = self.world.as_mut().expect("a world");
@@ -161,9 +183,20 @@ impl Driver {
 
     pub(super) fn maybe_form_world(&mut self) {
         if self.world.is_some()
+            || self.held
             || matches!(self.state, v1::JobState::Finished | v1::JobState::Failed)
         {
             return;
+        }
+        if let Some(at) = self.not_before {
+            if Instant::now() < at {
+                self.detail = self.with_last_end(format!(
+                    "waiting {:.1} s before the next world",
+                    at.saturating_duration_since(Instant::now()).as_secs_f64()
+                ));
+                return;
+            }
+            self.not_before = None;
         }
         let attached: Vec<String> = self
             .order
@@ -174,10 +207,10 @@ impl Driver {
         let present = attached.len() as u32;
         if present < self.settings.min {
             self.forming_since = None;
-            self.detail = format!(
+            self.detail = self.with_last_end(format!(
                 "waiting for workers: {present} of {} present",
                 self.settings.min
-            );
+            ));
             return;
         }
         if present < self.settings.max {
@@ -204,11 +237,10 @@ impl Driver {
         // Ready brings a fresh one).
         let nccl_id =
             std::mem::take(&mut self.members.get_mut(&members[0]).expect("a member").nccl_id);
-        info!(
-            generation = self.generation,
-            world_size = members.len(),
-            "forming a world"
-        );
+        self.log_forming(members.len());
+        if let Some(m) = &self.metrics {
+            m.generation_formed();
+        }
         for (rank, id) in members.iter().enumerate() {
             let world = v1::World {
                 generation: self.generation,
@@ -232,7 +264,31 @@ impl Driver {
             running: false,
             in_flight: None,
             eval: None,
+            dispatched_at: None,
+            syncing: false,
         });
+    }
+
+    /// "forming a world": the first [`FORM_LOG_BURST`] of every [`FORM_LOG_EVERY`], then one
+    /// line a window saying how many formed without a line, so churn cannot flood the log.
+    fn log_forming(&mut self, world_size: usize) {
+        let (window, logged, skipped) = &mut self.form_log;
+        if window.is_none_or(|t| t.elapsed() >= FORM_LOG_EVERY) {
+            *window = Some(Instant::now());
+            *logged = 0;
+        }
+        if *logged >= FORM_LOG_BURST {
+            *skipped += 1;
+            return;
+        }
+        *logged += 1;
+        info!(
+            generation = self.generation,
+            world_size,
+            formed_without_a_line = *skipped,
+            "forming a world"
+        );
+        *skipped = 0;
     }
 
     /// Ends the current generation: survivors leave their collective, the step in flight is
@@ -270,7 +326,7 @@ impl Driver {
             let stop = v1::Stop {
                 reason: v1::StopReason::GenerationEnded.into(),
                 generation: world.generation,
-                detail: reason.to_owned(),
+                detail: crate::error::clip(reason, 2000),
             };
             send(&self.members, id, v1::coordinator_message::Kind::Stop(stop));
         }

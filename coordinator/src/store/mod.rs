@@ -8,12 +8,14 @@
 //! - [`etcd::EtcdStore`] (`etcd://host:port[,host:port...][/prefix]`): an etcd cluster, every key
 //!   under an optional prefix so that several jobs can share one cluster.
 //!
-//! [`conformance`] holds the behaviour both must share, as a test suite run against each.
+//! [`conformance`] holds the behaviour both must share, as a test suite run against each;
+//! [`local_etcd`] starts a real local etcd for the tests that need one.
 //! This module knows nothing of key formats: keys are opaque, non-empty strings here.
 
 pub mod conformance;
 pub mod embedded;
 pub mod etcd;
+pub mod local_etcd;
 
 use std::collections::HashSet;
 use std::path::PathBuf;

@@ -20,6 +20,7 @@
 //! tagged with the session of the command they answer, so a new session never carries a reply
 //! meant for the coordinator that went away.
 
+mod sync;
 mod trainer;
 
 use std::net::{SocketAddr, TcpListener};
@@ -65,6 +66,7 @@ enum Command {
     Work(v1::Work),
     Evaluate(v1::Evaluate),
     Save(v1::SaveCheckpoint),
+    Sync(v1::SyncState),
     /// Leave the current collective (the generation ended, or the session broke).
     Leave,
     Exit,
@@ -399,6 +401,7 @@ async fn run_session(
                     Some(Kind::Work(w)) => Command::Work(w),
                     Some(Kind::Evaluate(e)) => Command::Evaluate(e),
                     Some(Kind::SaveCheckpoint(s)) => Command::Save(s),
+                    Some(Kind::SyncState(s)) => Command::Sync(s),
                     Some(Kind::Stop(s)) => match s.reason() {
                         v1::StopReason::GenerationEnded => {
                             warn!(generation = s.generation, detail = %s.detail, "generation ended");

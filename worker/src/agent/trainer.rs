@@ -16,6 +16,9 @@ use stagecoach_proto::v1;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use stagecoach_core::plan::samples_digest;
+
+use super::sync::{reset_to_initial, state_digest, take_state};
 use super::{fresh_nccl_id, Command, Envelope, Reply, Up};
 use crate::checkpoint::{self, Saved};
 use crate::collective::nccl::{self, Nccl};
@@ -133,6 +136,8 @@ pub(super) fn trainer_thread(setup: Setup) -> Result<()> {
                 Reply::Failed(v1::Failed {
                     generation: 0,
                     reason: e.to_string(),
+                    kind: e.failure_kind().into(),
+                    ..Default::default()
                 }),
             );
             return Err(e);
@@ -150,12 +155,14 @@ pub(super) fn trainer_thread(setup: Setup) -> Result<()> {
         None => None,
     };
     let mut state = TrainerState {
+        job: job.clone(),
         sizes: trainer.sources().sizes(),
         trainer,
         device,
         timeout: Duration::from_millis(job.collective_timeout_ms.max(100)),
         ring: None,
         steps_taken: 0,
+        last_step: None,
         stage: None,
         metrics,
         prom,
@@ -172,6 +179,7 @@ pub(super) fn trainer_thread(setup: Setup) -> Result<()> {
             Command::Work(work) => state.work(&work)?,
             Command::Evaluate(e) => state.evaluate(&e),
             Command::Save(s) => state.save(&s),
+            Command::Sync(s) => Some(state.sync(&s)?),
             Command::Leave => {
                 state.leave();
                 None
@@ -186,8 +194,19 @@ pub(super) fn trainer_thread(setup: Setup) -> Result<()> {
     Ok(())
 }
 
+/// The last step trained and where: its report, the digest of its samples, rank and world size.
+#[derive(Clone)]
+struct LastStep {
+    done: v1::StepDone,
+    samples_digest: u64,
+    rank: u32,
+    world_size: u32,
+}
+
 /// What the trainer thread keeps between commands.
 struct TrainerState {
+    /// The job, to build its initial state again.
+    job: v1::JobSpec,
     trainer: Trainer,
     sizes: Vec<v1::SourceSize>,
     device: tch::Device,
@@ -196,6 +215,9 @@ struct TrainerState {
     ring: Option<(u64, Box<dyn Collective>)>,
     /// Committed steps the model has taken (steps whose update the guard dropped included).
     steps_taken: u64,
+    /// The last step trained since the model was last set (started, restored, synced), as it
+    /// was reported: a coordinator that lost the report commits the step from it.
+    last_step: Option<LastStep>,
     /// The stage of the last step trained.
     stage: Option<v1::StepStage>,
     metrics: Option<std::io::BufWriter<std::fs::File>>,
@@ -224,6 +246,7 @@ impl TrainerState {
             }
             Ok(r)
         })();
+        let restoring = w.restore.as_ref().map(|r| r.path.clone());
         match joined {
             Ok(r) => {
                 info!(
@@ -235,30 +258,109 @@ impl TrainerState {
                 );
                 self.ring = Some((w.generation, r));
                 self.prom.joined(w.generation, w.rank);
-                let next_nccl_unique_id = match self.device {
-                    tch::Device::Cuda(_) => fresh_nccl_id()?,
-                    _ => Vec::new(),
-                };
-                Ok(Reply::Ready(v1::Ready {
-                    generation: w.generation,
-                    sources: self.sizes.clone(),
-                    step: self.steps_taken,
-                    next_nccl_unique_id,
-                }))
+                self.ready(w.generation)
             }
             Err(e) => {
                 warn!(generation = w.generation, error = %e, "cannot join the world");
+                // A checkpoint that cannot be loaded is named, so the coordinator falls back.
+                let checkpoint = match (&e, restoring) {
+                    (Error::Checkpoint { .. } | Error::Io { .. }, Some(path)) => path,
+                    _ => String::new(),
+                };
+                let kind = if checkpoint.is_empty() {
+                    e.failure_kind()
+                } else {
+                    v1::FailureKind::Checkpoint
+                };
                 Ok(Reply::Failed(v1::Failed {
                     generation: w.generation,
                     reason: e.to_string(),
+                    kind: kind.into(),
+                    step: self.steps_taken,
+                    checkpoint,
                 }))
             }
         }
     }
 
-    /// Loads the checkpoint `r` names; on refusal the model is as it was.
+    /// `Ready` for `generation`: the data as this worker sees it, its steps, the digest of its
+    /// state and its last step.
+    fn ready(&mut self, generation: u64) -> Result<Reply> {
+        let next_nccl_unique_id = match self.device {
+            tch::Device::Cuda(_) => fresh_nccl_id()?,
+            _ => Vec::new(),
+        };
+        let last = self.last_step.clone();
+        Ok(Reply::Ready(v1::Ready {
+            generation,
+            sources: self.sizes.clone(),
+            step: self.steps_taken,
+            next_nccl_unique_id,
+            state_digest: state_digest(&self.trainer)?,
+            last_samples_digest: last.as_ref().map_or(0, |l| l.samples_digest),
+            last_rank: last.as_ref().map_or(0, |l| l.rank),
+            last_world_size: last.as_ref().map_or(0, |l| l.world_size),
+            last_step: last.map(|l| l.done),
+        }))
+    }
+
+    /// Takes the state of the rank the coordinator names, with every rank of the world, and
+    /// answers `Ready` again.
+    fn sync(&mut self, s: &v1::SyncState) -> Result<Reply> {
+        if !self.in_generation(s.generation, "a state sync") {
+            return Ok(Reply::Failed(v1::Failed {
+                generation: s.generation,
+                reason: format!(
+                    "asked to sync in generation {}, which this worker is not in",
+                    s.generation
+                ),
+                kind: v1::FailureKind::State.into(),
+                step: self.steps_taken,
+                ..Default::default()
+            }));
+        }
+        let t0 = Instant::now();
+        let ring = &mut self.ring.as_mut().expect("checked by in_generation").1;
+        let source = s.source_rank as usize;
+        let taken = take_state(&mut self.trainer, ring.as_mut(), source);
+        if let Err(e) = taken {
+            warn!(generation = s.generation, error = %e, "cannot take the state of rank {source}");
+            return Ok(self.fail(s.generation, &e));
+        }
+        if self.steps_taken != s.step {
+            info!(
+                from = self.steps_taken,
+                to = s.step,
+                source_rank = source,
+                seconds = t0.elapsed().as_secs_f64(),
+                "took the committed state from another rank"
+            );
+            self.last_step = None;
+            self.stage = None;
+        }
+        self.steps_taken = s.step;
+        self.ready(s.generation)
+    }
+
+    /// Loads the checkpoint `r` names (the empty path at step 0: the job's initial state); on
+    /// refusal the model is as it was.
     fn restore(&mut self, r: &v1::CheckpointRef) -> Result<()> {
         let t0 = Instant::now();
+        self.last_step = None;
+        if r.path.is_empty() {
+            if r.step != 0 {
+                return Err(Error::Config(format!(
+                    "asked to restore no checkpoint at step {}; only step 0 (the initial state) has none",
+                    r.step
+                )));
+            }
+            reset_to_initial(&mut self.trainer, &self.job, self.device)?;
+            self.steps_taken = 0;
+            self.stage = None;
+            self.prom.restored(0);
+            info!("back to the job's initial state");
+            return Ok(());
+        }
         let m = checkpoint::load(&mut self.trainer, Path::new(&r.path), r)?;
         self.steps_taken = m.step;
         self.stage = None;
@@ -299,6 +401,9 @@ impl TrainerState {
         Reply::Failed(v1::Failed {
             generation,
             reason: e.to_string(),
+            kind: e.failure_kind().into(),
+            step: self.steps_taken,
+            ..Default::default()
         })
     }
 
@@ -331,7 +436,13 @@ impl TrainerState {
                 "asked for step {} but this worker has taken {} steps",
                 work.step, self.steps_taken
             );
-            return Ok(Some(Reply::Failed(v1::Failed { generation, reason })));
+            return Ok(Some(Reply::Failed(v1::Failed {
+                generation,
+                reason,
+                kind: v1::FailureKind::State.into(),
+                step: self.steps_taken,
+                ..Default::default()
+            })));
         }
         self.inject_faults(work.step);
         let samples: Vec<(usize, u64)> = work
@@ -376,7 +487,7 @@ impl TrainerState {
             m.flush().at("metrics file")?;
         }
         let t = res.timing;
-        Ok(Some(Reply::StepDone(v1::StepDone {
+        let done = v1::StepDone {
             generation,
             step: work.step,
             loss_sum: res.loss_sum,
@@ -390,7 +501,19 @@ impl TrainerState {
             }),
             skipped: res.skipped,
             global_loss: res.global_loss,
-        })))
+            state_digest: state_digest(&self.trainer)?,
+        };
+        let (rank, world_size) = self
+            .ring
+            .as_ref()
+            .map_or((0, 1), |(_, r)| (r.rank() as u32, r.world_size() as u32));
+        self.last_step = Some(LastStep {
+            done,
+            samples_digest: samples_digest(work.samples.iter().map(|s| (s.source, s.index))),
+            rank,
+            world_size,
+        });
+        Ok(Some(Reply::StepDone(done)))
     }
 
     /// Applies the step's stage, then trains it.
