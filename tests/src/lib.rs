@@ -214,3 +214,128 @@ pub fn micro(name: &str, data: &Path, workers: u32) -> JobBuilder {
             checkpoints.to_string_lossy().into_owned(),
         )
 }
+
+/// Tokens of every `.ds` file directly in `dir` (2-byte tokens: the demo's byte-level
+/// vocabulary).
+pub fn shard_tokens(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ds"))
+        .map(|p| std::fs::metadata(p).expect("a shard").len() / 2)
+        .sum()
+}
+
+/// Tokens per source of `job`, as a worker sees its data (to replay the plan).
+pub fn source_tokens(job: &stagecoach_proto::v1::JobSpec) -> Vec<u64> {
+    job.sources
+        .iter()
+        .map(|s| shard_tokens(Path::new(&s.path)))
+        .collect()
+}
+
+/// Runs the `stagecoach` CLI against `url`; panics with its output unless it succeeds.
+pub fn cli(url: &str, args: &[&str]) -> String {
+    let out = Command::new(bin("stagecoach"))
+        .args(["--coordinator", url])
+        .args(args)
+        .output()
+        .expect("run stagecoach");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "stagecoach {args:?} failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// `stagecoach status --json`, or `Null` while the coordinator does not answer.
+pub fn status(url: &str) -> serde_json::Value {
+    let out = Command::new(bin("stagecoach"))
+        .args(["--coordinator", url, "status", "--json"])
+        .output()
+        .expect("run stagecoach");
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until `what` holds of the status, at most `limit`; panics with the last status then.
+pub fn wait_for(
+    url: &str,
+    limit: Duration,
+    what: &str,
+    mut done: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = status(url);
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {limit:?}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the job has committed at least `step` steps (at most four minutes).
+pub fn wait_for_step(url: &str, step: u64) -> serde_json::Value {
+    wait_for(
+        url,
+        Duration::from_secs(240),
+        &format!("step {step}"),
+        |s| s["step"].as_u64().unwrap_or(0) >= step,
+    )
+}
+
+/// Waits for the coordinator and then every worker to exit successfully; panics with the
+/// coordinator's log (`dir/log`) if one does not.
+pub fn finish(coord: &mut Proc, workers: &mut [Proc], dir: &Path, log: &str) {
+    let status = coord.wait(Duration::from_secs(300));
+    let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
+    assert!(status.success(), "coordinator failed:\n{text}");
+    for w in workers {
+        assert!(w.wait(Duration::from_secs(60)).success(), "a worker failed");
+    }
+}
+
+/// What a job's state store holds, read after the job.
+pub struct Stored {
+    pub steps: Vec<stagecoach_proto::v1::LedgerStep>,
+    /// Committed steps set aside by rollbacks and restores.
+    pub rolled_back: Vec<stagecoach_proto::v1::LedgerStep>,
+    pub events: Vec<stagecoach_proto::v1::SpikeEvent>,
+    pub skipped: Vec<stagecoach_proto::v1::SkippedRange>,
+    pub checkpoints: Vec<stagecoach_proto::v1::CheckpointRecord>,
+}
+
+/// Reads the ledger, events, skipped ranges and checkpoint index of `job` at `state` (a folder
+/// or an etcd URL).
+pub fn read_store(state: &str, job: &str) -> Stored {
+    use prost::Message;
+    let rt = tokio::runtime::Runtime::new().expect("a runtime");
+    rt.block_on(async {
+        let store = stagecoach_coordinator::store::open(state)
+            .await
+            .expect("open the state store");
+        let rolled_back = store
+            .range(&format!("jobs/{job}/ledger/rolled_back/"))
+            .await
+            .expect("read the steps set aside")
+            .iter()
+            .map(|(_, v)| {
+                stagecoach_proto::v1::LedgerStep::decode(v.value.as_slice()).expect("a ledger step")
+            })
+            .collect();
+        let l = stagecoach_coordinator::ledger::StoreLedger::new(store, job);
+        Stored {
+            steps: l.steps().await.expect("the ledger"),
+            rolled_back,
+            events: l.events().await.expect("the events"),
+            skipped: l.skipped().await.expect("the skipped ranges"),
+            checkpoints: l.checkpoints().await.expect("the checkpoint index"),
+        }
+    })
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use stagecoach_coordinator::ledger::StoreLedger;
 use stagecoach_core::curriculum::Curriculum;
 use stagecoach_core::spec::JobFile;
-use stagecoach_e2e::{bin, coordinator, join_worker, micro, Proc, MIX};
+use stagecoach_e2e::{bin, cli, coordinator, join_worker, micro, source_tokens, status, Proc, MIX};
 use stagecoach_proto::v1;
 
 /// Writes a corpus big enough that no source wraps around within the demo job (the prose
@@ -35,20 +35,6 @@ fn corpus(dir: &Path) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     data
-}
-
-/// Tokens of every `.ds` file under `dir` (2-byte tokens: the demo's byte-level vocabulary).
-fn tokens(dir: &Path) -> u64 {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "ds"))
-        .map(|p| std::fs::metadata(p).unwrap().len() / 2)
-        .sum()
 }
 
 struct Run {
@@ -183,19 +169,13 @@ fn check_ledger(run: &Run, data_tokens: &[u64]) {
     assert!(replay.next_step().is_none());
     // The no-repeat check above means something only within one pass over each source.
     let last = run.steps.last().unwrap();
+    assert_eq!(last.cursors.len(), data_tokens.len());
     for (i, (&cursor, &tokens)) in last.cursors.iter().zip(data_tokens).enumerate() {
         assert!(
             cursor < tokens,
             "source {i} wrapped around: {cursor} of {tokens} tokens"
         );
     }
-}
-
-fn source_tokens(job: &v1::JobSpec) -> Vec<u64> {
-    job.sources
-        .iter()
-        .map(|s| tokens(Path::new(&s.path)))
-        .collect()
 }
 
 /// The demo job file with its data and checkpoint paths pointed at `data` and under `dir`.
@@ -327,26 +307,6 @@ fn two_stage_job(dir: &Path, data: &Path) -> PathBuf {
             dir.join("checkpoints").to_string_lossy().into_owned(),
         )
         .write(dir.join("manual.toml"))
-}
-
-/// Runs the `stagecoach` CLI against `url`; panics with its output unless it succeeds.
-fn cli(url: &str, args: &[&str]) -> String {
-    let out = Command::new(bin("stagecoach"))
-        .args(["--coordinator", url])
-        .args(args)
-        .output()
-        .expect("run stagecoach");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "stagecoach {args:?} failed: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
-fn status(url: &str) -> serde_json::Value {
-    serde_json::from_str(&cli(url, &["status", "--json"])).unwrap()
 }
 
 #[test]

@@ -4,22 +4,13 @@
 //! every step's samples once.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use stagecoach_coordinator::ledger::StoreLedger;
-use stagecoach_e2e::{bin, coordinator, demo_corpus, join_worker, JobBuilder, Proc};
+use stagecoach_e2e::{coordinator, demo_corpus, join_worker, status, JobBuilder, Proc};
 
 const STEPS: u64 = 40;
 const COLLECTIVE_TIMEOUT_MS: u64 = 5000;
-
-fn status(url: &str) -> serde_json::Value {
-    let out = Command::new(bin("stagecoach"))
-        .args(["--coordinator", url, "status", "--json"])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
 
 fn lines(path: &Path) -> usize {
     std::fs::read_to_string(path)
@@ -44,8 +35,14 @@ fn killing_a_worker_moves_the_job_to_a_new_generation_and_it_completes() {
         .set("workers.rendezvous_ms", 4000)
         .set("workers.lease_ms", 3000)
         .set("workers.heartbeat_ms", 200)
-        .set("workers.collective_timeout_ms", COLLECTIVE_TIMEOUT_MS as i64)
-        .set("checkpoints.dir", d.join("checkpoints").display().to_string())
+        .set(
+            "workers.collective_timeout_ms",
+            COLLECTIVE_TIMEOUT_MS as i64,
+        )
+        .set(
+            "checkpoints.dir",
+            d.join("checkpoints").display().to_string(),
+        )
         .write(d.join("job.toml"));
     let state = d.join("state");
     let (mut coord, url) = coordinator(&job, &state, &d.join("coordinator.log"));

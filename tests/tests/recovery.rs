@@ -7,10 +7,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use stagecoach_coordinator::ledger::StoreLedger;
 use stagecoach_core::curriculum::Curriculum;
 use stagecoach_core::spec::JobFile;
-use stagecoach_e2e::{bin, coordinator, demo_corpus, join_worker, micro, JobBuilder, Proc, MIX};
+use stagecoach_e2e::{
+    bin, coordinator, demo_corpus, finish, join_worker, micro, read_store, source_tokens,
+    wait_for_step, JobBuilder, Proc, MIX,
+};
 use stagecoach_proto::v1;
 
 /// A one-stage micro job of `steps` steps (8 samples of 64 tokens each), checkpoints every 10
@@ -31,78 +33,6 @@ fn job(dir: &Path, name: &str, data: &Path, steps: u64, workers: u32) -> JobBuil
         )
         .set("checkpoints.every_steps", 10)
         .set("checkpoints.keep", 3)
-}
-
-fn tokens(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "ds"))
-        .map(|p| std::fs::metadata(p).unwrap().len() / 2)
-        .sum()
-}
-
-fn source_tokens(job: &v1::JobSpec) -> Vec<u64> {
-    job.sources
-        .iter()
-        .map(|s| tokens(Path::new(&s.path)))
-        .collect()
-}
-
-fn status(url: &str) -> serde_json::Value {
-    let out = Command::new(bin("stagecoach"))
-        .args(["--coordinator", url, "status", "--json"])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
-/// Waits until the job has committed at least `step` steps.
-fn wait_for_step(url: &str, step: u64) {
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        let s = status(url);
-        if s["step"].as_u64().unwrap_or(0) >= step {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the job did not reach step {step}: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Store {
-    steps: Vec<v1::LedgerStep>,
-    events: Vec<v1::SpikeEvent>,
-    skipped: Vec<v1::SkippedRange>,
-    checkpoints: Vec<v1::CheckpointRecord>,
-}
-
-fn read_store(state: &Path, job: &str) -> Store {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let store = stagecoach_coordinator::store::open(state.to_str().unwrap())
-            .await
-            .unwrap();
-        let l = StoreLedger::new(store, job);
-        Store {
-            steps: l.steps().await.unwrap(),
-            events: l.events().await.unwrap(),
-            skipped: l.skipped().await.unwrap(),
-            checkpoints: l.checkpoints().await.unwrap(),
-        }
-    })
-}
-
-fn finish(coord: &mut Proc, workers: &mut [Proc], dir: &Path, log: &str) {
-    let status = coord.wait(Duration::from_secs(300));
-    let text = std::fs::read_to_string(dir.join(log)).unwrap();
-    assert!(status.success(), "coordinator failed:\n{text}");
-    for w in workers {
-        assert!(w.wait(Duration::from_secs(60)).success(), "a worker failed");
-    }
 }
 
 #[test]
@@ -146,7 +76,7 @@ fn a_poisoned_range_spikes_and_the_coordinator_rolls_back_past_it() {
         .map(|i| join_worker(&url, d, &format!("spike-worker-{i}"), &args))
         .collect();
     finish(&mut coord, &mut workers, d, "spike.log");
-    let store = read_store(&state, "spike");
+    let store = read_store(state.to_str().unwrap(), "spike");
 
     // One rollback, detected at the poisoned step, to the checkpoint taken just before it.
     let rollbacks: Vec<&v1::SpikeEvent> = store
@@ -235,7 +165,7 @@ fn uninterrupted(d: &Path, data: &Path) -> Vec<f64> {
     let (mut coord, url) = coordinator(&path, &state, &d.join("reference.log"));
     let mut w = vec![join_worker(&url, d, "reference-worker", &[])];
     finish(&mut coord, &mut w, d, "reference.log");
-    read_store(&state, "reference")
+    read_store(state.to_str().unwrap(), "reference")
         .steps
         .iter()
         .map(|s| s.loss)
@@ -270,11 +200,12 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoint_with_the_same_losses() {
     finish(&mut coord, &mut workers, d, "resume-2.log");
     let log = std::fs::read_to_string(d.join("resume-2.log")).unwrap();
     assert!(log.contains("restoring a checkpoint"), "{log}");
-    let store = read_store(&state, "resume");
+    let store = read_store(state.to_str().unwrap(), "resume");
     assert_eq!(
         store.steps.iter().map(|s| s.step).collect::<Vec<_>>(),
         (0..40).collect::<Vec<_>>()
     );
+    assert_eq!(reference.len(), store.steps.len());
     let mut worst = 0f64;
     for (s, want) in store.steps.iter().zip(&reference) {
         worst = worst.max((s.loss - want).abs());
@@ -338,19 +269,33 @@ fn a_restarted_coordinator_picks_the_job_up_with_its_workers() {
     );
     finish(&mut coord, &mut workers, d, "restart-2.log");
     let log = std::fs::read_to_string(d.join("restart-2.log")).unwrap();
-    println!(
-        "the restarted coordinator {}",
-        if log.contains("restoring a checkpoint") {
-            "had every rank restore the last checkpoint (a rank was a step ahead of the ledger)"
-        } else {
-            "continued from the workers' state (they were at the ledger's step)"
-        }
-    );
-    let store = read_store(&state, "restart");
+    let store = read_store(state.to_str().unwrap(), "restart");
     assert_eq!(
         store.steps.iter().map(|s| s.step).collect::<Vec<_>>(),
         (0..60).collect::<Vec<_>>(),
         "every step committed once"
     );
-    assert!(store.steps.last().unwrap().generation >= 1);
+    let recovered = log.contains("committed from the ranks' reports");
+    println!(
+        "the restarted coordinator {}",
+        if recovered {
+            "committed the step its workers had finished (a rank was a step ahead of the ledger)"
+        } else {
+            "continued from the workers' state (they were at the ledger's step)"
+        }
+    );
+    // Nothing was rolled back: no checkpoint restored, no committed step set aside.
+    assert!(!log.contains("restoring a checkpoint"), "{log}");
+    assert_eq!(store.rolled_back.len(), 0, "steps set aside by the restart");
+    // The steps after the restart were trained in worlds the new coordinator formed.
+    let before = store.steps[..=25]
+        .iter()
+        .map(|s| s.generation)
+        .max()
+        .unwrap();
+    assert!(
+        store.steps.last().unwrap().generation > before,
+        "generation {} after the restart, {before} before",
+        store.steps.last().unwrap().generation
+    );
 }
