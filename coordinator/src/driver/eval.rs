@@ -100,25 +100,29 @@ impl Driver {
             )));
         }
         let sent = &eval.sent[rank as usize];
-        let mut expected: BTreeMap<u32, u32> = BTreeMap::new();
+        // Counted in u64: a report's counts are the sender's, and u32 sums of them can overflow.
+        let mut expected: BTreeMap<u32, u64> = BTreeMap::new();
         for s in sent {
             *expected.entry(s.source as u32).or_default() += 1;
         }
-        let mut got: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut got: BTreeMap<u32, u64> = BTreeMap::new();
         for l in &done.losses {
-            if !l.loss_sum.is_finite() {
+            if !(l.loss_sum.is_finite() && l.loss_sum >= 0.0) {
                 return Err(Error::InvalidArgument(format!(
-                    "rank {rank} reports a validation loss of {} for source {}",
+                    "rank {rank} reports a validation loss of {} for source {}; a loss is finite and never negative",
                     l.loss_sum, l.source
                 )));
             }
-            *got.entry(l.source).or_default() += l.samples;
+            *got.entry(l.source).or_default() += u64::from(l.samples);
         }
         got.retain(|_, n| *n > 0);
         if got != expected {
-            return Err(Error::InvalidArgument(format!(
-                "rank {rank} reports samples per source {got:?} for evaluation {}, it was sent {expected:?}",
-                done.id
+            return Err(Error::InvalidArgument(crate::error::clip(
+                &format!(
+                    "rank {rank} reports samples per source {got:?} for evaluation {}, it was sent {expected:?}",
+                    done.id
+                ),
+                600,
             )));
         }
         eval.reports.insert(rank, done);
