@@ -353,7 +353,7 @@ fn mix_set_explains_the_form_of_its_arguments() -> Result<()> {
 /// with each file's size and SHA-256.
 fn fake_checkpoint(dir: &std::path::Path) -> Result<()> {
     use sha2::{Digest, Sha256};
-    use stagecoach_coordinator::cli::export::{FileDigest, Manifest, FORMAT, MANIFEST};
+    use stagecoach_core::checkpoint::{FileEntry, Manifest, FORMAT, MANIFEST};
     std::fs::create_dir_all(dir)?;
     let files: [(&str, &[u8]); 3] = [
         (
@@ -374,7 +374,7 @@ fn fake_checkpoint(dir: &std::path::Path) -> Result<()> {
             .map(|b| format!("{b:02x}"))
             .collect();
         let bytes = bytes.len() as u64;
-        digests.insert(name.to_owned(), FileDigest { bytes, sha256 });
+        digests.insert(name.to_owned(), FileEntry { bytes, sha256 });
     }
     let manifest = Manifest {
         format: FORMAT.into(),

@@ -41,9 +41,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use stagecoach_core::checkpoint::hex;
 use stagecoach_proto::v1;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -54,61 +54,9 @@ use crate::model::ModelConfig;
 use crate::optim::AdamW;
 use crate::train::Trainer;
 
-/// The manifest's `format`.
-pub const FORMAT: &str = "stagecoach-checkpoint/1";
-pub const MANIFEST: &str = "manifest.json";
-pub const MODEL: &str = "model.safetensors";
-pub const CONFIG: &str = "config.json";
-pub const OPTIMIZER: &str = "optimizer.safetensors";
-
-/// The files a checkpoint holds besides its manifest, in the order they are written.
-const FILES: [&str; 3] = [MODEL, CONFIG, OPTIMIZER];
-
-/// Every field a manifest must have.
-const FIELDS: [&str; 12] = [
-    "format",
-    "job",
-    "step",
-    "optimizer_steps",
-    "stage",
-    "cursors",
-    "stage_taken",
-    "parent",
-    "generation",
-    "rope_theta",
-    "created_unix_ms",
-    "files",
-];
-
-/// Size and digest of one file of the folder.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
-    pub bytes: u64,
-    /// Lowercase hex.
-    pub sha256: String,
-}
-
-/// `manifest.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    pub job: String,
-    /// Committed steps, including steps whose update the guard dropped.
-    pub step: u64,
-    /// AdamW's step count (its bias correction continues from it).
-    pub optimizer_steps: u64,
-    pub stage: u32,
-    /// Per-source cursors and the stage's round-robin counts, as the coordinator sent them.
-    pub cursors: Vec<u64>,
-    pub stage_taken: Vec<u64>,
-    /// The checkpoint the run had restored from before this one ("" for the first lineage).
-    pub parent: String,
-    pub generation: u64,
-    /// The RoPE θ the model computed with when the checkpoint was taken.
-    pub rope_theta: f64,
-    pub created_unix_ms: u64,
-    pub files: BTreeMap<String, FileEntry>,
-}
+pub use stagecoach_core::checkpoint::{
+    FileEntry, Manifest, CONFIG, FILES, FORMAT, MANIFEST, MODEL, OPTIMIZER,
+};
 
 /// What the coordinator says about the state being saved (its half of the manifest).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -337,10 +285,6 @@ impl<W: Write> Write for Hashing<W> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
     }
-}
-
-fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Creates `path`, lets `f` write it, fsyncs it; returns its size and sha256.
@@ -616,7 +560,8 @@ fn retire(kept: &Path, delete: &[PathBuf]) {
     }
 }
 
-/// Reads `dir/manifest.json`, refusing an unknown format or missing fields.
+/// Reads `dir/manifest.json`, refusing an unknown format or missing fields (a resume needs
+/// every one).
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST);
     if !path.is_file() {
@@ -626,27 +571,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
         ));
     }
     let text = std::fs::read_to_string(&path).at(&path)?;
-    let bad = |reason: String| Error::checkpoint(&path, reason);
-    let v: Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    match v.get("format") {
-        Some(Value::String(f)) if f == FORMAT => {}
-        Some(f) => {
-            return Err(bad(format!(
-                "format is {f}; this worker reads {FORMAT:?} only"
-            )))
-        }
-        None => {
-            return Err(bad(format!(
-                "no \"format\" field; a stagecoach checkpoint says \"format\": {FORMAT:?}"
-            )))
-        }
-    }
-    for field in FIELDS {
-        if v.get(field).is_none() {
-            return Err(bad(format!("no {field:?} field")));
-        }
-    }
-    serde_json::from_value(v).map_err(|e| bad(e.to_string()))
+    Manifest::parse_complete(&text).map_err(|e| Error::checkpoint(&path, e.to_string()))
 }
 
 /// The manifest of `dir`, checked against what the coordinator expects and against the files

@@ -7,63 +7,15 @@
 //! the data state, and the size and SHA-256 of every file. Only the first two are exported:
 //! together they are a transformers model folder.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use stagecoach_core::checkpoint::{hex, FileEntry, Manifest, MANIFEST, MODEL_FILES};
 
 use super::checkpoints::format_bytes;
 use crate::Error;
-
-/// The `format` of the manifests this version reads.
-pub const FORMAT: &str = "stagecoach-checkpoint/1";
-
-/// The manifest's file name in a checkpoint folder.
-pub const MANIFEST: &str = "manifest.json";
-
-/// The files an export copies: a transformers model folder.
-pub const MODEL_FILES: [&str; 2] = ["model.safetensors", "config.json"];
-
-/// A checkpoint's `manifest.json`. Fields an export does not need default when absent, so that
-/// only what it relies on (the format and the file digests) is required.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    #[serde(default)]
-    pub job: String,
-    /// Committed steps, those whose update was skipped included.
-    #[serde(default)]
-    pub step: u64,
-    /// AdamW's step count.
-    #[serde(default)]
-    pub optimizer_steps: u64,
-    #[serde(default)]
-    pub stage: u32,
-    #[serde(default)]
-    pub cursors: Vec<u64>,
-    #[serde(default)]
-    pub stage_taken: Vec<u64>,
-    #[serde(default)]
-    pub parent: String,
-    #[serde(default)]
-    pub generation: u64,
-    #[serde(default)]
-    pub rope_theta: f64,
-    #[serde(default)]
-    pub created_unix_ms: u64,
-    /// Size and SHA-256 of each file of the folder, by name.
-    pub files: BTreeMap<String, FileDigest>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FileDigest {
-    pub bytes: u64,
-    /// Lower-case hex.
-    pub sha256: String,
-}
 
 fn bad(checkpoint: &Path, reason: impl Into<String>) -> Error {
     Error::Checkpoint {
@@ -79,74 +31,37 @@ fn destination(dir: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-impl Manifest {
-    /// Reads and checks the manifest of the checkpoint folder `checkpoint`.
-    pub fn read(checkpoint: &Path) -> Result<Manifest, Error> {
-        if !checkpoint.is_dir() {
-            return Err(bad(
-                checkpoint,
-                "not a folder; give a checkpoint folder (`stagecoach checkpoints` lists them)",
-            ));
-        }
-        let path = checkpoint.join(MANIFEST);
-        let text = fs::read_to_string(&path).map_err(|e| {
-            let why = match e.kind() {
-                io::ErrorKind::NotFound => "no manifest.json: not a stagecoach checkpoint folder, \
-                    or one whose write never finished"
-                    .to_owned(),
-                _ => format!("cannot read manifest.json: {e}"),
-            };
-            bad(checkpoint, why)
-        })?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
-            bad(
-                checkpoint,
-                format!("manifest.json is not a valid manifest: {e}"),
-            )
-        })?;
-        if manifest.format != FORMAT {
-            return Err(bad(
-                checkpoint,
-                format!(
-                    "manifest.json has format {:?}; this stagecoach reads {FORMAT:?}",
-                    manifest.format
-                ),
-            ));
-        }
-        for name in MODEL_FILES {
-            match manifest.files.get(name) {
-                None => {
-                    return Err(bad(
-                        checkpoint,
-                        format!("manifest.json lists no {name}; the checkpoint is incomplete"),
-                    ))
-                }
-                Some(d) if !is_sha256(&d.sha256) => {
-                    return Err(bad(
-                        checkpoint,
-                        format!(
-                            "manifest.json: the sha256 of {name}, {:?}, is not 64 hex digits",
-                            d.sha256
-                        ),
-                    ))
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(manifest)
+/// Reads and checks the manifest of the checkpoint folder `checkpoint`: its format, and the
+/// digests of the model files (what an export relies on; other fields may be absent).
+pub fn read_manifest(checkpoint: &Path) -> Result<Manifest, Error> {
+    if !checkpoint.is_dir() {
+        return Err(bad(
+            checkpoint,
+            "not a folder; give a checkpoint folder (`stagecoach checkpoints` lists them)",
+        ));
     }
-}
-
-fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let path = checkpoint.join(MANIFEST);
+    let text = fs::read_to_string(&path).map_err(|e| {
+        let why = match e.kind() {
+            io::ErrorKind::NotFound => "no manifest.json: not a stagecoach checkpoint folder, \
+                or one whose write never finished"
+                .to_owned(),
+            _ => format!("cannot read manifest.json: {e}"),
+        };
+        bad(checkpoint, why)
+    })?;
+    let manifest =
+        Manifest::parse(&text).map_err(|e| bad(checkpoint, format!("{MANIFEST}: {e}")))?;
+    for name in MODEL_FILES {
+        manifest
+            .entry(name)
+            .map_err(|e| bad(checkpoint, format!("{MANIFEST}: {e}")))?;
+    }
+    Ok(manifest)
 }
 
 /// Copies `from` to `to` and returns the size and SHA-256 of what was copied.
-fn copy_hashing(from: &Path, to: &Path) -> Result<FileDigest, (bool, io::Error)> {
+fn copy_hashing(from: &Path, to: &Path) -> Result<FileEntry, (bool, io::Error)> {
     // (true, e): reading the source failed; (false, e): writing the copy did.
     let mut src = File::open(from).map_err(|e| (true, e))?;
     let mut dst = File::create(to).map_err(|e| (false, e))?;
@@ -165,7 +80,7 @@ fn copy_hashing(from: &Path, to: &Path) -> Result<FileDigest, (bool, io::Error)>
         bytes += n as u64;
     }
     dst.sync_all().map_err(|e| (false, e))?;
-    Ok(FileDigest {
+    Ok(FileEntry {
         bytes,
         sha256: hex(&hasher.finalize()),
     })
@@ -189,7 +104,7 @@ fn clean_up(dir: &Path, partials: &[PathBuf], made_dir: bool) {
 /// model files, then copies them into `dir` (created; it must not hold anything yet). Nothing
 /// is left in `dir` when a check fails. Returns what to print.
 pub fn export(checkpoint: &Path, dir: &Path) -> Result<String, Error> {
-    let manifest = Manifest::read(checkpoint)?;
+    let manifest = read_manifest(checkpoint)?;
     let made_dir = match fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -217,9 +132,11 @@ pub fn export(checkpoint: &Path, dir: &Path) -> Result<String, Error> {
     // Each file is copied under a temporary name and checked as copied (one read, and what is
     // checked is what was written); the names become final once every file passed.
     let mut partials: Vec<PathBuf> = Vec::new();
-    let mut written: Vec<(&str, FileDigest)> = Vec::new();
+    let mut written: Vec<(&str, FileEntry)> = Vec::new();
     for name in MODEL_FILES {
-        let want = &manifest.files[name];
+        let want = manifest
+            .entry(name)
+            .map_err(|e| bad(checkpoint, e.to_string()))?;
         let partial = dir.join(format!(".{name}.partial"));
         partials.push(partial.clone());
         let got = match copy_hashing(&checkpoint.join(name), &partial) {
@@ -299,6 +216,8 @@ pub fn export(checkpoint: &Path, dir: &Path) -> Result<String, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stagecoach_core::checkpoint::FORMAT;
+    use std::collections::BTreeMap;
 
     /// A checkpoint folder with a correct manifest; returns the manifest.
     fn fake_checkpoint(dir: &Path) -> Manifest {
@@ -313,7 +232,7 @@ mod tests {
             fs::write(dir.join(name), bytes).unwrap();
             digests.insert(
                 name.to_owned(),
-                FileDigest {
+                FileEntry {
                     bytes: bytes.len() as u64,
                     sha256: hex(&Sha256::digest(bytes)),
                 },
@@ -359,7 +278,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let ck = tmp.path().join("step-00000120");
         let manifest = fake_checkpoint(&ck);
-        assert_eq!(Manifest::read(&ck).unwrap(), manifest);
+        assert_eq!(read_manifest(&ck).unwrap(), manifest);
         let out_dir = tmp.path().join("out/model");
         let text = export(&ck, &out_dir).unwrap();
         assert!(
@@ -433,8 +352,8 @@ mod tests {
         let err = message(export(&ck, &out_dir).unwrap_err());
         assert!(
             err.ends_with(
-                "manifest.json has format \"stagecoach-checkpoint/9\"; this stagecoach reads \
-                 \"stagecoach-checkpoint/1\""
+                "manifest.json: format is \"stagecoach-checkpoint/9\"; this stagecoach reads \
+                 \"stagecoach-checkpoint/1\" only"
             ),
             "{err}"
         );
@@ -443,15 +362,14 @@ mod tests {
         write(&m);
         let err = message(export(&ck, &out_dir).unwrap_err());
         assert!(
-            err.ends_with("manifest.json lists no config.json; the checkpoint is incomplete"),
+            err.ends_with(
+                "manifest.json: \"files\" lists no config.json; the checkpoint is incomplete"
+            ),
             "{err}"
         );
         fs::write(ck.join(MANIFEST), "{\"format\": ").unwrap();
         let err = message(export(&ck, &out_dir).unwrap_err());
-        assert!(
-            err.contains("manifest.json is not a valid manifest: "),
-            "{err}"
-        );
+        assert!(err.contains("manifest.json: not valid JSON: "), "{err}");
         fs::remove_file(ck.join(MANIFEST)).unwrap();
         let err = message(export(&ck, &out_dir).unwrap_err());
         assert!(
