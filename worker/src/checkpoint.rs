@@ -41,7 +41,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use stagecoach_core::checkpoint::hex;
 use stagecoach_proto::v1;
@@ -50,9 +49,8 @@ use tch::{Device, Kind, Tensor};
 use tracing::{info, warn};
 
 use crate::error::{Error, IoContext, Result};
-use crate::model::ModelConfig;
+use crate::model::{Llama, ModelConfig};
 use crate::optim::AdamW;
-use crate::train::Trainer;
 
 pub use stagecoach_core::checkpoint::{
     FileEntry, Manifest, CONFIG, FILES, FORMAT, MANIFEST, MODEL, OPTIMIZER,
@@ -248,19 +246,6 @@ impl Snapshot {
         Ok(manifest.files.values().map(|f| f.bytes).sum::<u64>() + manifest_entry.bytes)
     }
 
-    /// Bytes of tensor data held.
-    pub fn tensor_bytes(&self) -> u64 {
-        self.weights
-            .iter()
-            .chain(&self.moments)
-            .map(|(_, t)| (t.numel() * 4) as u64)
-            .sum()
-    }
-
-    pub fn manifest(&self) -> &Manifest {
-        &self.manifest
-    }
-
     /// The snapshot's buffers, by name, for the next one to copy into.
     fn into_buffers(self) -> HashMap<String, Tensor> {
         self.weights.into_iter().chain(self.moments).collect()
@@ -317,46 +302,30 @@ fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }
 
-/// Writes fp32 CPU-contiguous tensors as safetensors (`{"format": "pt"}` metadata, names in
-/// order), streaming their memory into the file and its hash without another copy.
+/// Writes the snapshot's tensors (fp32 CPU-contiguous) as safetensors, hashing them as they
+/// stream into the file.
 fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<FileEntry> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
-    let mut offset = 0usize;
-    for (name, t) in tensors {
-        if t.kind() != Kind::Float || t.device() != Device::Cpu || !t.is_contiguous() {
-            return Err(Error::checkpoint(
-                path,
-                format!("{name} is not a contiguous fp32 CPU tensor"),
-            ));
-        }
-        let len = t.numel() * 4;
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": "F32", "shape": t.size(), "data_offsets": [offset, offset + len]}),
-        );
-        offset += len;
+    if let Some((name, _)) = tensors.iter().find(|(_, t)| t.kind() != Kind::Float) {
+        return Err(Error::checkpoint(
+            path,
+            format!("{name} is not an fp32 tensor"),
+        ));
     }
-    let mut header = serde_json::to_vec(&Value::Object(header)).expect("a header serializes");
-    // The data starts 8-byte aligned, as the safetensors library writes it.
-    header.resize(header.len().next_multiple_of(8), b' ');
-    write_hashed(path, |w| {
-        w.write_all(&(header.len() as u64).to_le_bytes())?;
-        w.write_all(&header)?;
-        for (_, t) in tensors {
-            let n = t.numel() * 4;
-            if n == 0 {
-                continue;
+    let mut failed = None;
+    let entry = write_hashed(path, |w| {
+        crate::hf::write_safetensors_to(w, tensors).map_err(|e| match e {
+            Error::Io { source, .. } => source,
+            e => {
+                let io = std::io::Error::other(e.to_string());
+                failed = Some(e);
+                io
             }
-            // SAFETY: checked above to be a contiguous fp32 CPU tensor, so its data pointer is
-            // valid for numel * 4 bytes. Nothing writes to it meanwhile: a copy is the
-            // snapshot's alone, and a live tensor (`save_sync`) is written before the calling
-            // thread, the only one that updates it, goes on.
-            let bytes = unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<u8>(), n) };
-            w.write_all(bytes)?;
-        }
-        Ok(())
-    })
+        })
+    });
+    match failed {
+        Some(e) => Err(Error::checkpoint(path, e.to_string())),
+        None => entry,
+    }
 }
 
 /// How a save ended, as `CheckpointSaved` reports it.
@@ -669,63 +638,20 @@ fn verify(dir: &Path, expect: &v1::CheckpointRef) -> Result<Verified> {
     })
 }
 
-/// The tensors of a safetensors file, all fp32.
-fn parse_safetensors(path: &Path, data: &[u8]) -> Result<BTreeMap<String, Tensor>> {
-    let st = safetensors::SafeTensors::deserialize(data)
-        .map_err(|e| Error::checkpoint(path, format!("not a safetensors file: {e:?}")))?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(Error::checkpoint(
-                path,
-                format!("{name} is {:?}; checkpoints hold F32 tensors", view.dtype()),
-            ));
-        }
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, Kind::Float)?;
-        out.insert(name, t);
-    }
-    Ok(out)
-}
-
-/// Pairs each expected tensor with the file's, refusing missing, extra or reshaped ones.
-fn match_tensors<'a>(
-    path: &Path,
-    what: &str,
-    expected: impl IntoIterator<Item = (String, &'a Tensor)>,
-    mut found: BTreeMap<String, Tensor>,
-) -> Result<Vec<(&'a Tensor, Tensor)>> {
-    let mut pairs = Vec::new();
-    for (name, dst) in expected {
-        let src = found.remove(&name).ok_or_else(|| {
-            Error::checkpoint(
-                path,
-                format!("no {what} {name}; the checkpoint is of another model than this job's"),
-            )
-        })?;
-        if src.size() != dst.size() {
-            return Err(Error::checkpoint(
-                path,
-                format!(
-                    "{name} has shape {:?} but this job's model has {:?}; the checkpoint is of another model",
-                    src.size(),
-                    dst.size()
-                ),
-            ));
-        }
-        pairs.push((dst, src));
-    }
-    if let Some(extra) = found.keys().next() {
+/// The tensors of a checkpoint's safetensors file, all fp32.
+fn read_fp32(path: &Path, data: &[u8]) -> Result<BTreeMap<String, Tensor>> {
+    let tensors = crate::hf::read_safetensors(path, data)?;
+    if let Some((name, t)) = tensors.iter().find(|(_, t)| t.kind() != Kind::Float) {
         return Err(Error::checkpoint(
             path,
-            format!(
-                "{extra} is not part of this job's model ({} unexpected tensors); the checkpoint is of another model",
-                found.len()
-            ),
+            format!("{name} is {:?}; checkpoints hold F32 tensors", t.kind()),
         ));
     }
-    Ok(pairs)
+    Ok(tensors)
 }
+
+/// What a refusal of a checkpoint's tensors ends with.
+const ANOTHER_MODEL: &str = "the checkpoint is of another model than this job's";
 
 /// Refuses a `config.json` whose architecture differs from the job's model.
 fn check_config(path: &Path, ours: &ModelConfig) -> Result<()> {
@@ -775,33 +701,38 @@ fn check_config(path: &Path, ours: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// Loads the checkpoint folder `dir` into `trainer` (weights, AdamW moments and step count,
-/// RoPE θ) after checking it against `expect` (see the module docs). Nothing is changed unless
-/// every check passes. Returns the manifest: its `step` is the steps the model has now taken.
-pub fn load(trainer: &mut Trainer, dir: &Path, expect: &v1::CheckpointRef) -> Result<Manifest> {
-    let (vs, optimizer, model) = trainer.parts_mut();
-    let m = load_state(vs, optimizer, model.config(), dir, expect)?;
-    model.set_rope_theta(m.rope_theta)?;
-    Ok(m)
+/// The state a checkpoint is restored into: parameters, optimizer, and the model (its shape
+/// is checked against the checkpoint's, its RoPE θ set to the checkpoint's). The trainer hands
+/// it over (`impl From<&mut Trainer>`).
+pub struct Target<'a> {
+    pub vs: &'a VarStore,
+    pub optimizer: &'a mut AdamW,
+    pub model: &'a mut Llama,
 }
 
-/// [`load`] into the parts themselves (the RoPE θ is the caller's to apply).
-pub fn load_state(
-    vs: &VarStore,
-    optimizer: &mut AdamW,
-    config: &ModelConfig,
+/// Loads the checkpoint folder `dir` into `into` (weights, AdamW moments and step count, RoPE
+/// θ) after checking it against `expect` (see the module docs). Nothing is changed unless every
+/// check passes. Returns the manifest: its `step` is the steps the model has now taken.
+pub fn load<'a>(
+    into: impl Into<Target<'a>>,
     dir: &Path,
     expect: &v1::CheckpointRef,
 ) -> Result<Manifest> {
+    let Target {
+        vs,
+        optimizer,
+        model,
+    } = into.into();
     let v = verify(dir, expect)?;
-    check_config(&dir.join(CONFIG), config)?;
+    check_config(&dir.join(CONFIG), model.config())?;
     let model_path = dir.join(MODEL);
     let vars = vs.variables();
-    let weights = match_tensors(
+    let weights = crate::hf::match_tensors(
         &model_path,
         "parameter",
         vars.iter().map(|(n, t)| (n.clone(), t)),
-        parse_safetensors(&model_path, &v.model)?,
+        read_fp32(&model_path, &v.model)?,
+        ANOTHER_MODEL,
     )?;
     let opt_path = dir.join(OPTIMIZER);
     let expected_moments = optimizer.params().iter().flat_map(|p| {
@@ -810,11 +741,12 @@ pub fn load_state(
             (format!("{}.exp_avg_sq", p.name), &p.exp_avg_sq),
         ]
     });
-    let moments = match_tensors(
+    let moments = crate::hf::match_tensors(
         &opt_path,
         "moment",
         expected_moments,
-        parse_safetensors(&opt_path, &v.optimizer)?,
+        read_fp32(&opt_path, &v.optimizer)?,
+        ANOTHER_MODEL,
     )?;
     tch::no_grad(|| -> Result<()> {
         for (dst, src) in weights.iter().chain(&moments) {
@@ -823,6 +755,8 @@ pub fn load_state(
         Ok(())
     })?;
     optimizer.set_step_count(v.manifest.optimizer_steps);
+    // `verify` checked θ is a positive number: this cannot fail.
+    model.set_rope_theta(v.manifest.rope_theta)?;
     Ok(v.manifest)
 }
 
@@ -830,7 +764,8 @@ pub fn load_state(
 mod tests {
     use super::*;
     use crate::collective::Solo;
-    use crate::train::{fixtures, Guard, Shape};
+    use crate::train::{fixtures, Guard, Shape, Trainer};
+    use serde_json::Value;
 
     /// The samples of step `i` of the tests' little run (4 per step over sources "a" and "b").
     fn batch(i: u64) -> Vec<(usize, u64)> {

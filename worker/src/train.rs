@@ -218,11 +218,6 @@ impl Trainer {
         }
     }
 
-    /// The parts a checkpoint restores: parameters, optimizer, model (for its RoPE θ).
-    pub(crate) fn parts_mut(&mut self) -> (&mut VarStore, &mut AdamW, &mut Llama) {
-        (&mut self.vs, &mut self.optimizer, &mut self.model)
-    }
-
     /// The RoPE θ the model computes with now.
     pub fn rope_theta(&self) -> f64 {
         self.model.config().rope_theta
@@ -391,6 +386,17 @@ impl Trainer {
         });
         self.model.set_rope_theta(training_theta)?;
         losses
+    }
+}
+
+/// What a checkpoint restores: parameters, optimizer, model (for its shape and RoPE θ).
+impl<'a> From<&'a mut Trainer> for crate::checkpoint::Target<'a> {
+    fn from(t: &'a mut Trainer) -> Self {
+        crate::checkpoint::Target {
+            vs: &t.vs,
+            optimizer: &mut t.optimizer,
+            model: &mut t.model,
+        }
     }
 }
 
