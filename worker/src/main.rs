@@ -246,7 +246,7 @@ fn main() -> anyhow::Result<()> {
             let (Some(first), Some(last)) = (summary.steps.first(), summary.steps.last()) else {
                 anyhow::bail!("the job trained no step");
             };
-            let tokens = last.tokens;
+            let tokens: u64 = summary.tokens_per_source.iter().sum();
             println!(
                 "done: {} steps, {} tokens in {:.1}s ({:.0} tokens/s); loss {:.4} -> {:.4}; tokens per source: {}",
                 summary.steps.len(),

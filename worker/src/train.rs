@@ -24,6 +24,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::job::{self, Sources};
 use crate::model::{Llama, ModelConfig, Precision};
 use crate::optim::{AdamW, AdamWConfig};
+use crate::steplog::{self, StepRecord};
 
 /// Gradients are all-reduced in buckets of about this many bytes.
 const BUCKET_BYTES: usize = 25 << 20;
@@ -141,6 +142,8 @@ pub struct Trainer {
     /// The θ the model was built with (the job's first stage's, else the model's own): what a
     /// stage's θ of 0 stands for.
     base_rope_theta: f64,
+    /// The job the trainer was built for.
+    job: v1::JobSpec,
 }
 
 impl Trainer {
@@ -167,7 +170,18 @@ impl Trainer {
             sources,
             device,
             base_rope_theta,
+            job: spec.clone(),
         })
+    }
+
+    /// The job the trainer was built for.
+    pub fn job(&self) -> &v1::JobSpec {
+        &self.job
+    }
+
+    /// The name of the job's stage `index`, if it has one.
+    pub fn stage_name(&self, index: u32) -> Option<&str> {
+        self.job.stages.get(index as usize).map(|s| s.name.as_str())
     }
 
     pub fn model_config(&self) -> &ModelConfig {
@@ -510,32 +524,10 @@ pub struct RunOptions {
     pub fast_path: FastPath,
 }
 
-/// One step's numbers, as written to the metrics file.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepRecord {
-    pub step: u64,
-    /// The curriculum stage the step trained in, and its sequence length and RoPE θ.
-    pub stage: String,
-    pub seq_len: u32,
-    pub rope_theta: f64,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    /// The loss or gradient norm was not finite: the step's update was dropped.
-    pub skipped: bool,
-    /// Tokens trained so far, this step included (samples x seq_len per step).
-    pub tokens: u64,
-    pub tokens_per_second: f64,
-    /// Samples taken from each source in this step, in the job's source order.
-    pub samples_per_source: Vec<u64>,
-    /// The samples of this step: (source, token offset).
-    pub samples: Vec<(usize, u64)>,
-    pub timing: Timing,
-}
-
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
+    /// Each step, as written to the metrics file.
     pub steps: Vec<StepRecord>,
     pub seconds: f64,
     pub source_names: Vec<String>,
@@ -614,39 +606,46 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
         )?;
         let step_tokens = (samples.len() * shape.seq_len) as u64;
         tokens += step_tokens;
-        let mut per_source = vec![0u64; names.len()];
-        for &(s, _) in &samples {
-            let known = per_source.get_mut(s).ok_or_else(|| {
-                Error::Config(format!("the planner chose source {s} of {}", names.len()))
-            })?;
-            *known += 1;
-            samples_total[s] += 1;
-            tokens_total[s] += shape.seq_len as u64;
+        let per_source = steplog::per_source(&samples, names.len()).ok_or_else(|| {
+            Error::Config(format!(
+                "the planner chose a source past the job's {}",
+                names.len()
+            ))
+        })?;
+        for (s, n) in per_source.iter().enumerate() {
+            samples_total[s] += n;
+            tokens_total[s] += n * shape.seq_len as u64;
         }
         let rec = StepRecord {
-            step: plan.step + 1,
-            stage: plan.stage_name.clone(),
+            step: plan.step,
+            stage: plan.stage.index,
+            stage_name: Some(plan.stage_name.clone()),
             seq_len: plan.stage.seq_len,
             rope_theta: trainer.rope_theta(),
             loss: r.loss_sum / r.samples.max(1) as f64,
+            global_loss: r.global_loss,
             lr: plan.lr,
             grad_norm: r.grad_norm,
             skipped: r.skipped,
-            tokens,
+            generation: 0,
+            rank: 0,
+            tokens: Some(tokens),
             tokens_per_second: step_tokens as f64 / t0.elapsed().as_secs_f64(),
             samples_per_source: per_source,
             samples,
             timing: r.timing,
         };
-        if rec.step.is_multiple_of(spec.log_every.max(1))
+        // Progress lines count steps done (1-based); the record counts from 0.
+        let done = plan.step + 1;
+        if done.is_multiple_of(spec.log_every.max(1))
             || plan.step == 0
-            || rec.step == steps
+            || done == steps
             || rec.skipped
         {
             println!(
                 "step {:>5}/{steps}  {}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  tokens/s {:.0}{}",
-                rec.step,
-                rec.stage,
+                done,
+                plan.stage_name,
                 rec.loss,
                 rec.lr,
                 rec.grad_norm,
@@ -659,8 +658,7 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
             );
         }
         if let Some((m, path)) = &mut metrics {
-            writeln!(m, "{}", serde_json::to_string(&rec).expect("serializable"))
-                .at(path.as_path())?;
+            rec.write_line(m).at(path.as_path())?;
         }
         records.push(rec);
     }

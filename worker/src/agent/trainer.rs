@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use stagecoach_proto::v1;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -24,25 +23,8 @@ use crate::collective::{Collective, CollectiveError};
 use crate::error::{Error, IoContext, Result};
 use crate::fault::Faults;
 use crate::metrics::Metrics;
+use crate::steplog::{self, StepRecord};
 use crate::train::{Guard, Shape, Trainer};
-
-/// One trained step, as written to `--metrics-out`.
-#[derive(Serialize)]
-struct StepLine<'a> {
-    generation: u64,
-    rank: usize,
-    step: u64,
-    stage: u32,
-    seq_len: u32,
-    /// The RoPE θ the step trained with (the model's own when the stage gives none).
-    rope_theta: f64,
-    loss: f64,
-    /// Mean loss over the whole global batch (null when not finite).
-    global_loss: f64,
-    /// The guard dropped the update.
-    skipped: bool,
-    samples: &'a [(usize, u64)],
-}
 
 /// Joins the world `w` with the backend of `device`.
 fn connect(
@@ -358,21 +340,31 @@ impl TrainerState {
             &res.timing,
         );
         if let Some(m) = &mut self.metrics {
-            let rank = self.ring.as_ref().map_or(0, |(_, r)| r.rank());
-            let line = StepLine {
-                generation,
-                rank,
+            let t = &res.timing;
+            let seconds = t.data + t.forward_backward + t.allreduce + t.optimizer;
+            let sources = self.sizes.len();
+            let line = StepRecord {
                 step: work.step,
                 stage: stage.index,
+                stage_name: self.trainer.stage_name(stage.index).map(str::to_owned),
                 seq_len: stage.seq_len,
                 rope_theta: self.trainer.rope_theta(),
                 loss,
                 global_loss: res.global_loss,
+                lr: work.lr,
+                grad_norm: res.grad_norm,
                 skipped: res.skipped,
-                samples: &samples,
+                generation,
+                rank: self.ring.as_ref().map_or(0, |(_, r)| r.rank()),
+                tokens: None,
+                tokens_per_second: work.global_batch as f64 * f64::from(stage.seq_len)
+                    / seconds.max(f64::MIN_POSITIVE),
+                samples_per_source: steplog::per_source(&samples, sources)
+                    .unwrap_or_else(|| vec![0; sources]),
+                samples,
+                timing: res.timing,
             };
-            writeln!(m, "{}", serde_json::to_string(&line).expect("serializable"))
-                .at("metrics file")?;
+            line.write_line(m).at("metrics file")?;
             m.flush().at("metrics file")?;
         }
         let t = res.timing;
