@@ -20,7 +20,8 @@
 //! **Asynchronous.** [`Writer::save`] copies every parameter and both AdamW moments to fresh
 //! CPU tensors on the calling (trainer) thread, which is all training waits for (the *blocking*
 //! time), and a background thread writes, hashes and fsyncs them, then applies retention (deletes
-//! older checkpoint folders, only ones holding a `manifest.json`). [`save_sync`] writes the same
+//! the older checkpoint folders it was given, only ones inside the new checkpoint's parent
+//! folder that hold a manifest of this format). [`save_sync`] writes the same
 //! bytes on the calling thread, straight from the live tensors, for comparison.
 //!
 //! **Checked on resume.** [`load`] refuses a checkpoint whose manifest disagrees with what the
@@ -505,28 +506,63 @@ pub fn save_sync(state: State<'_>, meta: &Meta, request: &Request) -> Result<Sav
     })
 }
 
-/// Deletes the checkpoint folders `delete` (retention) once `kept` is in place: only folders
-/// holding a `manifest.json`, never `kept` itself; anything else is left alone with a warning.
+/// Deletes the checkpoint folders `delete` (retention) once `kept` is in place. Confined: a
+/// folder is deleted only if it lies inside the job's checkpoint folder (the parent of `kept`,
+/// symbolic links and `..` resolved), is not `kept`, and holds a `manifest.json` of this format;
+/// anything else is refused with a warning naming it, and left alone (a coordinator bug, or a
+/// job name like `../../x`, must not delete outside the run's checkpoints).
 fn retire(kept: &Path, delete: &[PathBuf]) {
     for old in delete {
-        if old == kept {
-            warn!(path = %old.display(), "retention listed the checkpoint just written; kept");
-            continue;
-        }
-        if !old.exists() {
-            continue;
-        }
-        if !old.join(MANIFEST).is_file() {
-            warn!(path = %old.display(), "retention listed a folder without a manifest.json; not a checkpoint, left alone");
-            continue;
-        }
-        match std::fs::remove_dir_all(old) {
-            Ok(()) => info!(path = %old.display(), "old checkpoint deleted (retention)"),
-            Err(e) => {
-                warn!(path = %old.display(), error = %e, "cannot delete an old checkpoint")
+        match retirable(kept, old) {
+            Ok(None) => {}
+            Ok(Some(target)) => match std::fs::remove_dir_all(target) {
+                Ok(()) => info!(path = %old.display(), "old checkpoint deleted (retention)"),
+                Err(e) => {
+                    warn!(path = %old.display(), error = %e, "cannot delete an old checkpoint")
+                }
+            },
+            Err(why) => {
+                warn!(path = %old.display(), "retention refused to delete {}: {why}; left alone", old.display())
             }
         }
     }
+}
+
+/// The folder retention deletes for `old` now that `kept` is written (`old` resolved; none when
+/// it is gone already); `Err` says why it must not.
+fn retirable(kept: &Path, old: &Path) -> std::result::Result<Option<PathBuf>, String> {
+    let parent = match kept.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let root = std::fs::canonicalize(parent).map_err(|e| {
+        format!(
+            "the checkpoint folder {} cannot be resolved ({e})",
+            parent.display()
+        )
+    })?;
+    let kept = std::fs::canonicalize(kept).unwrap_or_else(|_| kept.to_path_buf());
+    let target = match std::fs::canonicalize(old) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !old.is_symlink() => return Ok(None),
+        Err(e) => return Err(format!("it cannot be resolved ({e})")),
+    };
+    if target == kept {
+        return Err("it is the checkpoint just written".into());
+    }
+    if target == root || !target.starts_with(&root) {
+        return Err(format!(
+            "it is not inside the job's checkpoint folder {} (it resolves to {})",
+            root.display(),
+            target.display()
+        ));
+    }
+    let manifest = target.join(MANIFEST);
+    let text = std::fs::read_to_string(&manifest)
+        .map_err(|_| "it holds no readable manifest.json: not a checkpoint".to_owned())?;
+    Manifest::parse(&text)
+        .map_err(|e| format!("its manifest.json is not one of a checkpoint ({e})"))?;
+    Ok(Some(target))
 }
 
 /// Reads `dir/manifest.json`, refusing an unknown format or missing fields (a resume needs
@@ -1208,6 +1244,77 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("mlp") && err.contains("has shape"), "{err}");
+    }
+
+    /// Retention deletes only checkpoint folders (a manifest of this format) inside the
+    /// checkpoint folder of the one just written; everything else it is given, outside by path,
+    /// by `..` or through a symbolic link, is left where it is.
+    #[test]
+    fn retention_is_confined_to_the_jobs_checkpoint_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("run").join("ckpts");
+        let elsewhere = dir.path().join("elsewhere");
+        let checkpoint = |path: &Path, format: &str| {
+            std::fs::create_dir_all(path).unwrap();
+            let m = serde_json::json!({"format": format, "files": {}});
+            std::fs::write(path.join(MANIFEST), m.to_string()).unwrap();
+        };
+        let kept = root.join("step-3");
+        checkpoint(&kept, FORMAT);
+        let old = root.join("step-1");
+        checkpoint(&old, FORMAT);
+        let nested = root.join("archive").join("step-0");
+        checkpoint(&nested, FORMAT);
+        let other_format = root.join("step-2");
+        checkpoint(&other_format, "stagecoach-checkpoint/9");
+        let plain = root.join("notes");
+        std::fs::create_dir_all(&plain).unwrap();
+        let outside = elsewhere.join("step-9");
+        checkpoint(&outside, FORMAT);
+        let link = root.join("link");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let dotdot = root.join("..").join("..").join("elsewhere").join("step-9");
+        let parent_itself = root.join(".");
+
+        retire(
+            &kept,
+            &[
+                old.clone(),
+                nested.clone(),
+                other_format.clone(),
+                plain.clone(),
+                outside.clone(),
+                link.clone(),
+                dotdot.clone(),
+                parent_itself,
+                root.join("gone"),
+                root.join(".").join("step-3"),
+            ],
+        );
+        assert!(
+            !old.exists() && !nested.exists(),
+            "checkpoints inside are retired"
+        );
+        for (what, p) in [
+            ("the checkpoint just written", &kept),
+            ("a manifest of another format", &other_format),
+            ("a folder without a manifest", &plain),
+            ("a checkpoint outside", &outside),
+            ("a symbolic link to a checkpoint outside", &link),
+            ("the checkpoint folder itself", &root),
+        ] {
+            assert!(p.exists(), "{what} was deleted");
+        }
+        assert!(outside.join(MANIFEST).is_file());
+        for (kept, p) in [(&kept, &kept), (&kept, &dotdot), (&kept, &link)] {
+            assert!(retirable(kept, p).is_err(), "{}", p.display());
+        }
+        let err = retirable(&kept, &dotdot).unwrap_err();
+        assert!(
+            err.contains("not inside the job's checkpoint folder"),
+            "{err}"
+        );
+        assert_eq!(retirable(&kept, &root.join("gone")), Ok(None));
     }
 
     /// A write that dies half-way (a crash leaving a temporary folder, or a failure before the
