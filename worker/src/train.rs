@@ -155,13 +155,8 @@ impl Trainer {
         }
         let config = job::model_config(spec)?;
         let sources = Sources::open(spec, &config)?;
-        tch::manual_seed(spec.init_seed as i64);
-        let mut vs = VarStore::new(device);
         let base_rope_theta = config.rope_theta;
-        let model = Llama::new(&vs, config)?;
-        if !spec.model_from.is_empty() {
-            crate::hf::load(&mut vs, std::path::Path::new(&spec.model_from))?;
-        }
+        let (vs, model) = initial_model(spec, config, device)?;
         let optimizer = AdamW::new(&vs, job::optimizer(spec)?)?;
         Ok(Trainer {
             vs,
@@ -172,6 +167,33 @@ impl Trainer {
             base_rope_theta,
             job: spec.clone(),
         })
+    }
+
+    /// Puts the trainer back to the state a fresh [`Trainer::new`] of the same job has at step
+    /// 0, bit for bit: the parameters initialised from the job's seed (or loaded from its
+    /// `[model] from` folder), a fresh optimizer (no step taken, zero moments), the RoPE θ of
+    /// the first stage. The data, the fast path and fault injection stay as they are. Restoring
+    /// "the checkpoint of step 0" is this. The parameters keep their tensors (the optimizer
+    /// refers to them); a seeded initialisation holds one more copy of them while it runs.
+    pub fn reinitialize(&mut self) -> Result<()> {
+        if self.job.model_from.is_empty() {
+            let config = job::model_config(&self.job)?;
+            let (fresh, _model) = initial_model(&self.job, config, self.device)?;
+            let initial = fresh.variables();
+            tch::no_grad(|| -> Result<()> {
+                for (name, mut dst) in self.vs.variables() {
+                    let src = initial.get(&name).ok_or_else(|| {
+                        Error::Config(format!("a fresh model of this job has no parameter {name}"))
+                    })?;
+                    dst.f_copy_(src)?;
+                }
+                Ok(())
+            })?;
+        } else {
+            crate::hf::load(&mut self.vs, std::path::Path::new(&self.job.model_from))?;
+        }
+        self.optimizer.reset()?;
+        self.model.set_rope_theta(self.base_rope_theta)
     }
 
     /// The job the trainer was built for.
@@ -401,6 +423,22 @@ impl Trainer {
         self.model.set_rope_theta(training_theta)?;
         losses
     }
+}
+
+/// The model of `spec` at step 0 on `device`: initialised N(0, init_std) from the job's seed
+/// (libtorch's global generator, seeded here), or loaded from the job's transformers folder.
+fn initial_model(
+    spec: &v1::JobSpec,
+    config: ModelConfig,
+    device: Device,
+) -> Result<(VarStore, Llama)> {
+    tch::manual_seed(spec.init_seed as i64);
+    let mut vs = VarStore::new(device);
+    let model = Llama::new(&vs, config)?;
+    if !spec.model_from.is_empty() {
+        crate::hf::load(&mut vs, std::path::Path::new(&spec.model_from))?;
+    }
+    Ok((vs, model))
 }
 
 /// What a checkpoint restores: parameters, optimizer, model (for its shape and RoPE θ).
@@ -1204,6 +1242,59 @@ mod tests {
             .unwrap();
         assert!(!r.skipped && r.global_loss.is_finite());
         assert_eq!(t.optimizer().step_count(), 2);
+    }
+
+    /// After training (moments, a step count, another RoPE θ), `reinitialize` gives exactly
+    /// what a fresh trainer of the job has, and both then train the same step alike. (Here the
+    /// job starts from a model folder; `tests/reinitialize.rs` checks a seeded start, alone in
+    /// its process since libtorch's generator is global.)
+    #[test]
+    fn reinitialize_gives_the_state_of_a_fresh_trainer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = job(dir.path());
+        spec.rope_theta = 20_000.0;
+        let mut t = Trainer::new(&spec, Device::Cpu).unwrap();
+        let shape = Shape::new(16, 2).unwrap();
+        let samples = [(0, 0), (1, 8), (0, 40)];
+        t.set_fast_path(FastPath {
+            precision: Precision::Fp32,
+            fused_adamw: true,
+        })
+        .unwrap();
+        for _ in 0..3 {
+            t.step(&samples, shape, 3, 1e-2, Guard::default(), &mut Solo)
+                .unwrap();
+        }
+        t.set_rope_theta(80_000.0).unwrap();
+        let fresh = Trainer::new(&spec, Device::Cpu).unwrap();
+        assert!(!same(&parameters(&t), &parameters(&fresh)));
+
+        t.reinitialize().unwrap();
+        assert!(same(&parameters(&t), &parameters(&fresh)));
+        assert!(optimizer_state(&t)
+            .iter()
+            .zip(optimizer_state(&fresh))
+            .all(|(a, b)| a.equal(&b)));
+        assert_eq!(t.optimizer().step_count(), 0);
+        assert_eq!((t.rope_theta(), fresh.rope_theta()), (20_000.0, 20_000.0));
+        // The fast path is the worker's, not the job's state: kept.
+        assert!(t.fast_path().fused_adamw);
+
+        let mut fresh = fresh;
+        fresh
+            .set_fast_path(FastPath {
+                precision: Precision::Fp32,
+                fused_adamw: true,
+            })
+            .unwrap();
+        let a = t
+            .step(&samples, shape, 3, 1e-2, Guard::default(), &mut Solo)
+            .unwrap();
+        let b = fresh
+            .step(&samples, shape, 3, 1e-2, Guard::default(), &mut Solo)
+            .unwrap();
+        assert_eq!((a.loss_sum, a.grad_norm), (b.loss_sum, b.grad_norm));
+        assert!(same(&parameters(&t), &parameters(&fresh)));
     }
 
     /// The trainer's fast path (bf16 compute, fused AdamW) trains the job's steps within bf16
