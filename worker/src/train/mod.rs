@@ -824,6 +824,77 @@ mod tests {
         }
     }
 
+    /// A token the model has no embedding for is refused before the model runs, training or
+    /// evaluating, with the shard file and the token's offset in it; nothing changes.
+    #[test]
+    fn a_token_outside_the_vocabulary_is_a_data_error_naming_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = job(dir.path());
+        // Source "b": 40 tokens, then a file whose token 7 (47 in the stream) is past micro's
+        // 264 ids.
+        let bad = dir.path().join("bad");
+        std::fs::create_dir_all(&bad).unwrap();
+        for (name, doc) in [
+            ("00.ds", (0..40u32).collect::<Vec<_>>()),
+            (
+                "01.ds",
+                (0..20).map(|i| if i == 7 { 300 } else { i }).collect(),
+            ),
+        ] {
+            let mut w = crate::shards::ShardWriter::create(
+                &bad.join(name),
+                crate::shards::TokenSize::U16,
+                "bytes",
+            )
+            .unwrap();
+            w.write_document(&doc).unwrap();
+            w.finish().unwrap();
+        }
+        spec.sources[1].path = bad.display().to_string();
+        spec.sources[1].eval_path = bad.display().to_string();
+        let mut t = Trainer::new(&spec, Device::Cpu).unwrap();
+        let before = parameters(&t);
+        let shape = Shape::new(16, 2).unwrap();
+        // A window before the bad token trains.
+        t.step(
+            &[(0, 0), (1, 30)],
+            shape,
+            2,
+            1e-3,
+            Guard::default(),
+            &mut Solo,
+        )
+        .unwrap();
+        let trained = parameters(&t);
+        assert!(!same(&before, &trained));
+        let file = bad.join("01.ds");
+        let check = |err: Error| {
+            let text = err.to_string();
+            let Error::Data { path, offset, .. } = err else {
+                panic!("not a data error: {text}")
+            };
+            assert_eq!((path, offset), (file.clone(), 7), "{text}");
+            assert!(
+                text.contains("token id 300 is outside the model's vocabulary of 264 ids"),
+                "{text}"
+            );
+        };
+        check(
+            t.step(
+                &[(0, 0), (1, 35)],
+                shape,
+                2,
+                1e-3,
+                Guard::default(),
+                &mut Solo,
+            )
+            .unwrap_err(),
+        );
+        check(t.evaluate(&[(1, 40)], shape, 0.0).unwrap_err());
+        assert!(same(&trained, &parameters(&t)));
+        assert_eq!(t.optimizer().step_count(), 1);
+    }
+
     #[test]
     fn bad_samples_and_stages_are_errors_not_panics() {
         let dir = tempfile::tempdir().unwrap();

@@ -13,6 +13,9 @@ use crate::collective::Solo;
 use crate::error::{Error, IoContext, Result};
 use crate::steplog::{self, StepRecord};
 
+/// What a failed write of a progress line names.
+const PROGRESS: &str = "the progress output";
+
 /// Options of a standalone run that are not part of the job file.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -42,7 +45,13 @@ pub struct RunSummary {
 
 /// Trains alone (world size 1) through the job's whole curriculum: the coordinator's planner
 /// chooses each step's stage, samples and learning rate, exactly as it would for a cluster.
-pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummary> {
+/// Progress lines go to `out`; failing to write them (a closed pipe) ends the run with an
+/// [`Error::Io`].
+pub fn run_standalone(
+    spec: &v1::JobSpec,
+    opts: &RunOptions,
+    out: &mut dyn Write,
+) -> Result<RunSummary> {
     let device = crate::device::parse(opts.device.as_deref().unwrap_or(&spec.device))?;
     let mut trainer = Trainer::new(spec, device)?;
     trainer.set_fast_path(opts.fast_path)?;
@@ -52,7 +61,8 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
         .map_err(|e| Error::Config(format!("the curriculum cannot be planned: {e}")))?;
     let steps = opts.steps.unwrap_or(spec.total_steps).min(spec.total_steps);
     let c = trainer.model_config();
-    println!(
+    writeln!(
+        out,
         "training {} ({:.2}M parameters) on {device:?}: {steps} steps of {} tokens in {} stage(s), sources: {}",
         if spec.model_preset.is_empty() { &spec.model_from } else { &spec.model_preset },
         c.num_parameters() as f64 / 1e6,
@@ -64,7 +74,8 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
             .map(|(n, t)| format!("{n} ({t} tokens)"))
             .collect::<Vec<_>>()
             .join(", ")
-    );
+    )
+    .at(PROGRESS)?;
     let mut metrics = match &opts.metrics_out {
         Some(p) => Some((
             std::io::BufWriter::new(std::fs::File::create(p).at(p)?),
@@ -88,7 +99,8 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
         if stage != Some(plan.stage.index) {
             trainer.set_rope_theta(plan.stage.rope_theta)?;
             stage = Some(plan.stage.index);
-            println!(
+            writeln!(
+                out,
                 "stage {} {:?} after {} steps: seq_len {}, rope θ {}, {} samples per step in micro-batches of {}",
                 plan.stage.index,
                 plan.stage_name,
@@ -97,7 +109,8 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
                 trainer.rope_theta(),
                 plan.global_batch,
                 shape.micro_batch
-            );
+            )
+            .at(PROGRESS)?;
         }
         let samples: Vec<(usize, u64)> = plan.samples.iter().map(|s| (s.source, s.index)).collect();
         let r = trainer.step(
@@ -146,7 +159,8 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
             || done == steps
             || rec.skipped
         {
-            println!(
+            writeln!(
+                out,
                 "step {:>5}/{steps}  {}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  tokens/s {:.0}{}",
                 done,
                 plan.stage_name,
@@ -159,7 +173,8 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
                 } else {
                     ""
                 }
-            );
+            )
+            .at(PROGRESS)?;
         }
         if let Some((m, path)) = &mut metrics {
             rec.write_line(m).at(path.as_path())?;
@@ -177,10 +192,12 @@ pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummar
     let seconds = start.elapsed().as_secs_f64();
     if let Some(dir) = &opts.save {
         crate::hf::save(trainer.var_store(), trainer.model_config(), dir)?;
-        println!(
+        writeln!(
+            out,
             "saved the model as a transformers folder: {}",
             dir.display()
-        );
+        )
+        .at(PROGRESS)?;
     }
     Ok(RunSummary {
         steps: records,
