@@ -122,7 +122,9 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
         /// cpu (workers all-reduce over a TCP ring) or cuda / cuda:N (NCCL, its unique id
-        /// relayed by the coordinator).
+        /// relayed by the coordinator); overrides the job's [train] device. Without it the
+        /// worker registers as a CPU worker (the backend is chosen at registration, before the
+        /// job is known), and a job whose device is a GPU asks for this option.
         #[arg(long)]
         device: Option<String>,
         /// Write one JSON record per trained step (with its samples) to this file.
