@@ -209,6 +209,20 @@ enum Command {
         #[arg(long)]
         token_bytes: Option<usize>,
     },
+    /// Compute the logits of a model folder (transformers', a checkpoint or an export of one)
+    /// for token ids, with this worker's model: what `python/reference.py hf-logits` computes
+    /// with transformers, to compare the two.
+    Logits {
+        /// The model folder: config.json and model.safetensors.
+        #[arg(long)]
+        model: PathBuf,
+        /// A safetensors file holding "input_ids", int64, [batch, seq].
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write "logits", fp32, [batch, seq, vocab], as safetensors.
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Write a freshly initialised model of a preset as a transformers folder.
     Init {
         #[arg(long)]
@@ -489,6 +503,45 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
                 let text = TextTokenizer::Bytes.decode(&doc[..doc.len().min(300)])?;
                 writeln!(out, "--- first document (start) ---\n{text}")?;
             }
+        }
+        Command::Logits {
+            model,
+            input,
+            output,
+        } => {
+            let cfg = hf::read_config(&model.join("config.json"))?;
+            let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            let llama = model::Llama::new(&vs, cfg.clone())?;
+            hf::load(&mut vs, &model)?;
+            let bytes = std::fs::read(&input).with_context(|| input.display().to_string())?;
+            let ids = hf::read_safetensors(&input, &bytes)?
+                .remove("input_ids")
+                .with_context(|| format!("{}: no tensor \"input_ids\"", input.display()))?;
+            if ids.kind() != tch::Kind::Int64 || ids.dim() != 2 {
+                anyhow::bail!(
+                    "{}: input_ids is {:?} of shape {:?}; give int64 ids of shape [batch, seq]",
+                    input.display(),
+                    ids.kind(),
+                    ids.size()
+                );
+            }
+            let flat = Vec::<i64>::try_from(ids.reshape([-1]))?;
+            if let Some(bad) = flat.iter().find(|&&t| t < 0 || t >= cfg.vocab_size) {
+                anyhow::bail!(
+                    "{}: token id {bad} is outside the model's vocabulary of {} ids",
+                    input.display(),
+                    cfg.vocab_size
+                );
+            }
+            let logits = tch::no_grad(|| llama.forward(&ids))?;
+            hf::write_safetensors(&output, &[("logits".into(), logits.shallow_clone())])?;
+            writeln!(
+                out,
+                "wrote logits {:?} of {} to {}",
+                logits.size(),
+                model.display(),
+                output.display()
+            )?;
         }
         Command::Init {
             preset,

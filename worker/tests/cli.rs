@@ -175,10 +175,24 @@ log_every = 1
     let corpus2 = dir.path().join("corpus2").display().to_string();
     let tokens = dir.path().join("tokens").display().to_string();
     let texts = texts.display().to_string();
+    let ids = dir.path().join("ids.safetensors");
+    stagecoach_worker::hf::write_safetensors(
+        &ids,
+        &[(
+            "input_ids".into(),
+            tch::Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9]).view([1, 6]),
+        )],
+    )
+    .unwrap();
+    let ids = ids.display().to_string();
+    let logits = dir.path().join("logits.safetensors").display().to_string();
     let commands: Vec<Vec<&str>> = vec![
         vec!["inspect", &prose],
         vec!["train", "--config", &job],
         vec!["init", "--preset", "micro", "--output", &init],
+        vec![
+            "logits", "--model", &init, "--input", &ids, "--output", &logits,
+        ],
         vec![
             "demo-corpus",
             "--docs",
