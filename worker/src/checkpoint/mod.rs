@@ -21,8 +21,8 @@
 //! CPU tensors on the calling (trainer) thread, which is all training waits for (the *blocking*
 //! time), and a background thread writes, hashes and fsyncs them, then applies retention (deletes
 //! the older checkpoint folders it was given, only ones inside the new checkpoint's parent
-//! folder that hold a manifest of this format). [`save_sync`] writes the same
-//! bytes on the calling thread, straight from the live tensors, for comparison.
+//! folder that hold a manifest of this format). [`save_sync`] writes the same bytes on the
+//! calling thread, straight from the live tensors, for comparison.
 //!
 //! **Checked on resume.** [`load`] refuses a checkpoint whose manifest disagrees with what the
 //! coordinator's ledger expects (step, stage, cursors), whose files are missing or differ from
