@@ -538,21 +538,37 @@ fn mix_set_explains_the_form_of_its_arguments() -> Result<()> {
     Ok(())
 }
 
-/// A checkpoint folder as rank 0 writes it: the model files, the optimizer state and a manifest
-/// with each file's size and SHA-256.
+/// A checkpoint folder as rank 0 writes it: the model files (a one-layer Llama), the optimizer
+/// state and a manifest with each file's size and SHA-256.
 fn fake_checkpoint(dir: &std::path::Path) -> Result<()> {
     use sha2::{Digest, Sha256};
-    use stagecoach_coordinator::cli::export::{FileDigest, Manifest, FORMAT, MANIFEST};
+    use stagecoach_core::checkpoint::{
+        Dtype, FileEntry, Header, LlamaLayout, Manifest, FORMAT, MANIFEST,
+    };
     std::fs::create_dir_all(dir)?;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 8,
+        "hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "tie_word_embeddings": true,
+    });
+    let layout = LlamaLayout::of_config(&config)?;
+    let mut model = Header::encode(
+        &Default::default(),
+        layout
+            .tensors
+            .iter()
+            .map(|(n, s)| (n.as_str(), Dtype::F32, s.as_slice())),
+    );
+    let elements: u64 = layout
+        .tensors
+        .iter()
+        .map(|(_, s)| s.iter().product::<u64>())
+        .sum();
+    model.resize(model.len() + 4 * elements as usize, 0);
+    let config = config.to_string();
     let files: [(&str, &[u8]); 3] = [
-        (
-            "model.safetensors",
-            b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ",
-        ),
-        (
-            "config.json",
-            b"{\"architectures\": [\"LlamaForCausalLM\"]}",
-        ),
+        ("model.safetensors", &model),
+        ("config.json", config.as_bytes()),
         ("optimizer.safetensors", b"moments"),
     ];
     let mut digests = std::collections::BTreeMap::new();
@@ -563,7 +579,7 @@ fn fake_checkpoint(dir: &std::path::Path) -> Result<()> {
             .map(|b| format!("{b:02x}"))
             .collect();
         let bytes = bytes.len() as u64;
-        digests.insert(name.to_owned(), FileDigest { bytes, sha256 });
+        digests.insert(name.to_owned(), FileEntry { bytes, sha256 });
     }
     let manifest = Manifest {
         format: FORMAT.into(),

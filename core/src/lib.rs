@@ -1,5 +1,6 @@
 //! The pure job logic of stagecoach, shared by the coordinator and the worker: what a job is and
-//! how it unfolds step by step, with no I/O but reading a job file, no server, no libtorch.
+//! how it unfolds step by step, with no I/O but reading a job file (the checkpoint format takes
+//! bytes), no server, no libtorch.
 //!
 //! Module map:
 //! - [`spec`]: the job file (TOML), its validation (every problem with its path in the file),
@@ -14,6 +15,8 @@
 //!   fail).
 //! - [`retention`]: the checkpoint policy (`[checkpoints]`) and which checkpoints retention
 //!   removes.
+//! - [`checkpoint`]: the checkpoint folder format: file names, the manifest, safetensors headers
+//!   read from bytes, and the tensors a transformers Llama `config.json` implies.
 //! - [`clock`]: timestamps (`now_ms`) and the date of result files.
 //! - [`metrics`]: registering metrics, the sliding-window rate both binaries report, and (with
 //!   the `http` feature) the `/metrics` endpoint.
@@ -21,6 +24,7 @@
 //! Layering: `stagecoach-proto` ← this crate ← {`stagecoach-coordinator`, `stagecoach-worker`}.
 //! Nothing here may depend on either of those (a test in `tests/` checks it).
 
+pub mod checkpoint;
 pub mod clock;
 pub mod curriculum;
 pub mod metrics;

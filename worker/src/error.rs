@@ -10,6 +10,16 @@ pub enum Error {
     #[error("shard {path}: {reason}")]
     Shard { path: PathBuf, reason: String },
 
+    /// The data itself cannot be trained on: a token of the shard file `path` at token
+    /// `offset` (counted in that file) is not an id of the model's vocabulary. The shards or
+    /// the model must change, not the code; a step that meets it fails before the model runs.
+    #[error("{path}, token {offset}: {reason}")]
+    Data {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+
     /// A configuration (job file, model config, preset name, CLI value) is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -56,7 +66,7 @@ impl Error {
         use stagecoach_proto::v1::FailureKind;
         match self {
             // The same samples fail the same way until the data is fixed.
-            Error::Shard { .. } | Error::Io { .. } => FailureKind::Data,
+            Error::Shard { .. } | Error::Data { .. } | Error::Io { .. } => FailureKind::Data,
             Error::Config(_) | Error::Tokenizer(_) => FailureKind::Config,
             Error::Checkpoint { .. } => FailureKind::Checkpoint,
             Error::Device(_) | Error::Torch(_) => FailureKind::Resource,

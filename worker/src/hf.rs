@@ -2,10 +2,12 @@
 //! `model.safetensors` (or shards listed in `model.safetensors.index.json`) with
 //! `LlamaForCausalLM` parameter names. Our checkpoints load in transformers and theirs in ours.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::Path;
 
 use serde_json::{json, Value};
+use stagecoach_core::checkpoint::{self, Dtype, Header};
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
@@ -136,70 +138,52 @@ pub fn save(vs: &VarStore, config: &ModelConfig, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).at(dir)?;
     let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     let kind = vars.values().next().map_or(Kind::Float, Tensor::kind);
-    let named: Vec<(String, Tensor)> = vars
-        .into_iter()
-        .map(|(name, t)| (name, t.detach().to_device(tch::Device::Cpu).contiguous()))
-        .collect();
-    write_safetensors(&dir.join("model.safetensors"), &named)?;
+    let named: Vec<(String, Tensor)> = vars.into_iter().map(|(n, t)| (n, t.detach())).collect();
+    write_safetensors(&dir.join(checkpoint::MODEL), &named)?;
     let cfg = serde_json::to_string_pretty(&config_json(config, kind)).expect("json");
-    let cfg_path = dir.join("config.json");
+    let cfg_path = dir.join(checkpoint::CONFIG);
     std::fs::write(&cfg_path, cfg).at(&cfg_path)
 }
 
 /// Copies the weights of a transformers model folder into `vs`, whose variables must be exactly
 /// the model's: every one present with the right shape (an extra `lm_head.weight` is accepted only
-/// if it equals the tied embedding).
+/// if it equals the tied embedding). Nothing is copied unless every tensor fits.
 pub fn load(vs: &mut VarStore, dir: &Path) -> Result<()> {
-    let tensors = read_weights(dir)?;
-    let mut vars = vs.variables();
-    let mut missing: Vec<&String> = vars.keys().filter(|k| !tensors.contains_key(*k)).collect();
-    missing.sort();
-    if let Some(first) = missing.first() {
-        return Err(Error::checkpoint(
-            dir,
-            format!(
-                "{} parameters missing, e.g. {first}; is this a Llama model of the same shape?",
-                missing.len()
-            ),
-        ));
-    }
-    for (name, src) in &tensors {
-        if name == "lm_head.weight" {
-            let embed = &tensors["model.embed_tokens.weight"];
-            let same = src.size() == embed.size()
-                && src.to_kind(Kind::Float).equal(&embed.to_kind(Kind::Float));
-            if !same {
-                return Err(Error::checkpoint(dir, "lm_head.weight differs from model.embed_tokens.weight; untied heads are not supported"));
-            }
-            continue;
-        }
-        if name.ends_with("rotary_emb.inv_freq") {
-            continue;
-        }
-        let Some(dst) = vars.get_mut(name) else {
+    let mut tensors = read_weights(dir)?;
+    tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
+    if let Some(head) = tensors.remove("lm_head.weight") {
+        let same = tensors
+            .get("model.embed_tokens.weight")
+            .is_some_and(|embed| {
+                head.size() == embed.size()
+                    && head.to_kind(Kind::Float).equal(&embed.to_kind(Kind::Float))
+            });
+        if !same {
             return Err(Error::checkpoint(
                 dir,
-                format!("unexpected parameter {name}: not part of this model"),
-            ));
-        };
-        if dst.size() != src.size() {
-            return Err(Error::checkpoint(
-                dir,
-                format!(
-                    "{name} has shape {:?}, the model expects {:?}",
-                    src.size(),
-                    dst.size()
-                ),
+                "lm_head.weight differs from model.embed_tokens.weight; untied heads are not supported",
             ));
         }
-        tch::no_grad(|| dst.f_copy_(src))?;
     }
-    Ok(())
+    let vars = vs.variables();
+    let pairs = match_tensors(
+        dir,
+        "parameter",
+        vars.iter().map(|(n, t)| (n.clone(), t)),
+        tensors,
+        "is this a Llama model of the same shape?",
+    )?;
+    tch::no_grad(|| -> Result<()> {
+        for (dst, src) in pairs {
+            dst.shallow_clone().f_copy_(&src)?;
+        }
+        Ok(())
+    })
 }
 
 /// Reads `model.safetensors`, or every file named in `model.safetensors.index.json`.
-fn read_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
-    let single = dir.join("model.safetensors");
+fn read_weights(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let single = dir.join(checkpoint::MODEL);
     let index = dir.join("model.safetensors.index.json");
     let files = if single.exists() {
         vec![single]
@@ -225,59 +209,191 @@ fn read_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
             "no model.safetensors or model.safetensors.index.json",
         ));
     };
-    let mut out = HashMap::new();
+    let mut out = BTreeMap::new();
     for f in files {
-        let tensors =
-            Tensor::read_safetensors(&f).map_err(|e| Error::checkpoint(&f, e.to_string()))?;
-        out.extend(tensors);
+        let file = std::fs::File::open(&f).at(&f)?;
+        // SAFETY: read-only; a model folder changed while it is being loaded is a user error
+        // that can at worst give wrong weights (the header is checked before any tensor is read).
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.at(&f)?;
+        out.extend(read_safetensors(&f, &bytes)?);
     }
     Ok(out)
 }
 
-struct View<'a> {
-    tensor: &'a Tensor,
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
+/// The libtorch kind of a safetensors dtype.
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::Bool => Kind::Bool,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::F8E5M2 => Kind::Float8e5m2,
+        Dtype::F8E4M3 => Kind::Float8e4m3fn,
+        Dtype::I16 => Kind::Int16,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I32 => Kind::Int,
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::U16 | Dtype::U32 | Dtype::U64 => return None,
+    })
 }
 
-impl safetensors::View for View<'_> {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        let mut buf = vec![0u8; self.data_len()];
-        self.tensor.copy_data_u8(&mut buf, self.tensor.numel());
-        buf.into()
-    }
-    fn data_len(&self) -> usize {
-        self.tensor.numel() * self.tensor.kind().elt_size_in_bytes()
-    }
+/// The safetensors dtype of a libtorch kind.
+fn dtype_of(kind: Kind) -> Option<Dtype> {
+    [
+        Dtype::Bool,
+        Dtype::U8,
+        Dtype::I8,
+        Dtype::F8E5M2,
+        Dtype::F8E4M3,
+        Dtype::I16,
+        Dtype::F16,
+        Dtype::BF16,
+        Dtype::I32,
+        Dtype::F32,
+        Dtype::F64,
+        Dtype::I64,
+    ]
+    .into_iter()
+    .find(|&d| kind_of(d) == Some(kind))
 }
 
-/// Writes CPU-contiguous tensors as safetensors with `{"format": "pt"}` metadata, as PyTorch
-/// users' tools expect.
-pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let views = tensors
-        .iter()
-        .map(|(name, t)| {
-            let dtype = safetensors::Dtype::try_from(t.kind())?;
-            let shape = t.size().iter().map(|&d| d as usize).collect();
-            Ok((
-                name.as_str(),
-                View {
-                    tensor: t,
-                    dtype,
-                    shape,
-                },
+/// The tensors of the safetensors file `path` whose bytes are `data`, in their stored types;
+/// the header is checked first (see [`Header::parse`]).
+pub fn read_safetensors(path: &Path, data: &[u8]) -> Result<BTreeMap<String, Tensor>> {
+    let header = Header::parse(data, data.len() as u64)
+        .map_err(|e| Error::checkpoint(path, format!("not a safetensors file: {e}")))?;
+    let start = header.data_start() as usize;
+    let mut out = BTreeMap::new();
+    for (name, info) in header.tensors {
+        let kind = kind_of(info.dtype).ok_or_else(|| {
+            Error::checkpoint(
+                path,
+                format!("{name} is {}, which libtorch has no type for", info.dtype),
+            )
+        })?;
+        let (begin, end) = info.data_offsets;
+        let bytes = &data[start + begin as usize..start + end as usize];
+        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        out.insert(name, Tensor::f_from_data_size(bytes, &shape, kind)?);
+    }
+    Ok(out)
+}
+
+/// Writes tensors as safetensors (`{"format": "pt"}` metadata, stored in the order given),
+/// streaming each tensor's memory into `w` without another copy. Every tensor must be a
+/// contiguous CPU tensor of a type safetensors has.
+pub fn write_safetensors_to(w: &mut impl Write, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut entries = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let dtype = dtype_of(t.kind()).ok_or_else(|| {
+            Error::Config(format!(
+                "{name}: safetensors has no type for {:?}",
+                t.kind()
             ))
-        })
-        .collect::<Result<Vec<_>, tch::TchError>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, &Some(metadata), path)
-        .map_err(|e| Error::checkpoint(path, e.to_string()))
+        })?;
+        if t.device() != tch::Device::Cpu || !t.is_contiguous() {
+            return Err(Error::Config(format!(
+                "{name} is not a contiguous CPU tensor; it cannot be written as it is"
+            )));
+        }
+        let shape: Vec<u64> = t.size().iter().map(|&d| d as u64).collect();
+        entries.push((name.as_str(), dtype, shape));
+    }
+    let metadata = BTreeMap::from([("format".to_owned(), "pt".to_owned())]);
+    let header = Header::encode(
+        &metadata,
+        entries.iter().map(|(n, d, s)| (*n, *d, s.as_slice())),
+    );
+    let io = |e: std::io::Error| Error::Io {
+        path: "safetensors output".into(),
+        source: e,
+    };
+    w.write_all(&header).map_err(io)?;
+    for (t, (_, dtype, _)) in tensors.iter().map(|(_, t)| t).zip(&entries) {
+        let n = t.numel() * dtype.size() as usize;
+        if n == 0 {
+            continue;
+        }
+        // SAFETY: checked above to be a contiguous CPU tensor of this dtype, so its data pointer
+        // is valid for numel * element size bytes. Callers hold tensors nothing writes to while
+        // this runs (a checkpoint's copies are its own; a live tensor is written before the
+        // thread that updates it goes on).
+        let bytes = unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<u8>(), n) };
+        w.write_all(bytes).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Writes tensors (on any device, contiguous or not) as the safetensors file `path`.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.f_to_device(tch::Device::Cpu)?.f_contiguous()?)))
+        .collect::<Result<_>>()?;
+    let file = std::fs::File::create(path).at(path)?;
+    let mut w = std::io::BufWriter::new(file);
+    write_safetensors_to(&mut w, &cpu).map_err(|e| match e {
+        Error::Io { source, .. } => Error::Io {
+            path: path.into(),
+            source,
+        },
+        e => e,
+    })?;
+    w.flush().at(path)
+}
+
+/// Pairs each expected tensor (`what`: "parameter", "moment") with the one of that name read
+/// from `path`, refusing missing, extra or reshaped ones; `hint` ends each refusal.
+pub fn match_tensors<'a>(
+    path: &Path,
+    what: &str,
+    expected: impl IntoIterator<Item = (String, &'a Tensor)>,
+    mut found: BTreeMap<String, Tensor>,
+    hint: &str,
+) -> Result<Vec<(&'a Tensor, Tensor)>> {
+    let expected: Vec<(String, &Tensor)> = expected.into_iter().collect();
+    let missing: Vec<&str> = expected
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !found.contains_key(*n))
+        .collect();
+    if let Some(first) = missing.first() {
+        let more = match missing.len() {
+            1 => String::new(),
+            n => format!(" (and {} more missing)", n - 1),
+        };
+        return Err(Error::checkpoint(
+            path,
+            format!("no {what} {first}{more}; {hint}"),
+        ));
+    }
+    let mut pairs = Vec::with_capacity(expected.len());
+    for (name, dst) in expected {
+        let src = found.remove(&name).expect("checked above");
+        if src.size() != dst.size() {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "{name} has shape {:?} but this model's is {:?}; {hint}",
+                    src.size(),
+                    dst.size()
+                ),
+            ));
+        }
+        pairs.push((dst, src));
+    }
+    if let Some(extra) = found.keys().next() {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "{extra} is not part of this model ({} unexpected tensors); {hint}",
+                found.len()
+            ),
+        ));
+    }
+    Ok(pairs)
 }
 
 #[cfg(test)]
@@ -309,6 +425,88 @@ mod tests {
         let _m3 = Llama::new(&vs3, other).unwrap();
         let err = load(&mut vs3, dir.path()).unwrap_err().to_string();
         assert!(err.contains("mlp") && err.contains("shape"), "{err}");
+    }
+
+    /// The tensors stagecoach-core's layout derives from our config.json (what `stagecoach
+    /// export` checks) are our model's parameters, names and shapes; a folder `save` writes
+    /// passes that check.
+    #[test]
+    fn the_core_layout_of_our_config_is_our_models_parameters() {
+        for preset in ["micro", "tiny", "smollm2-135m"] {
+            let cfg = ModelConfig::preset(preset).unwrap();
+            let vs = VarStore::new(tch::Device::Cpu);
+            let _m = Llama::new(&vs, cfg.clone()).unwrap();
+            let layout =
+                checkpoint::LlamaLayout::of_config(&config_json(&cfg, Kind::Float)).unwrap();
+            let ours: BTreeMap<String, Vec<u64>> = vs
+                .variables()
+                .into_iter()
+                .map(|(n, t)| (n, t.size().iter().map(|&d| d as u64).collect()))
+                .collect();
+            let theirs: BTreeMap<String, Vec<u64>> = layout.tensors.into_iter().collect();
+            assert_eq!(ours, theirs, "{preset}");
+            assert_eq!(layout.dtype, Some(Dtype::F32));
+            if preset == "micro" {
+                let dir = tempfile::tempdir().unwrap();
+                save(&vs, &cfg, dir.path()).unwrap();
+                let bytes = std::fs::read(dir.path().join(checkpoint::MODEL)).unwrap();
+                let header = Header::parse(&bytes, bytes.len() as u64).unwrap();
+                let config: Value = serde_json::from_str(
+                    &std::fs::read_to_string(dir.path().join(checkpoint::CONFIG)).unwrap(),
+                )
+                .unwrap();
+                let layout = checkpoint::LlamaLayout::of_config(&config).unwrap();
+                assert_eq!(layout.mismatches(&header), []);
+            }
+        }
+    }
+
+    /// Safetensors files round-trip every type we write, and a broken header is an error that
+    /// names the file.
+    #[test]
+    fn safetensors_round_trip_and_broken_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let tensors: Vec<(String, Tensor)> = vec![
+            (
+                "ids".into(),
+                Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9]).view([2, 3]),
+            ),
+            (
+                "w".into(),
+                Tensor::from_slice(&[0.5f32, -2.0]).to_kind(Kind::BFloat16),
+            ),
+            // Not contiguous: written as its values.
+            (
+                "t".into(),
+                Tensor::from_slice(&[1f32, 2., 3., 4.]).view([2, 2]).tr(),
+            ),
+            (
+                "empty".into(),
+                Tensor::zeros([0, 4], (Kind::Float, tch::Device::Cpu)),
+            ),
+        ];
+        write_safetensors(&path, &tensors).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let back = read_safetensors(&path, &bytes).unwrap();
+        assert_eq!(back.len(), tensors.len());
+        for (name, t) in &tensors {
+            assert_eq!(back[name].kind(), t.kind(), "{name}");
+            assert!(back[name].equal(t), "{name}");
+        }
+        // tch's reader agrees.
+        let theirs: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert!(theirs["t"].equal(&tensors[2].1));
+        let err = read_safetensors(&path, &bytes[..bytes.len() - 2])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("t.safetensors: not a safetensors file: the tensors' data ends at"),
+            "{err}"
+        );
     }
 
     #[test]

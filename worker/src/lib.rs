@@ -11,7 +11,8 @@
 //!   curriculum; [`collective`]: gradient all-reduce;
 //! - [`agent`]: the coordinator-driven worker (`join`): session, heartbeats, reconnection, the
 //!   trainer thread (stages applied per step, the step guard, evaluations and checkpoints
-//!   between steps); [`metrics`]: its Prometheus metrics;
+//!   between steps); [`metrics`]: its Prometheus metrics; [`steplog`]: the `--metrics-out`
+//!   record of each step, the same for `train` and `join`;
 //! - [`checkpoint`]: checkpoint folders (atomic, written in the background, checked on resume);
 //!   [`fault`]: fault injection for tests (poisoned samples, a crash, silent heartbeats);
 //! - [`device`]: CPU/CUDA selection; [`error`]: the crate's error type.
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod shards;
+pub mod steplog;
 pub mod tokenize;
 pub mod train;
 

@@ -1,6 +1,8 @@
 //! `stagecoach-worker`: train, tokenize text into shards, write the demo corpus, inspect shards.
 
+use std::io::Write;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -9,7 +11,7 @@ use stagecoach_core::spec::JobFile;
 use stagecoach_worker::corpus::{self, Domain};
 use stagecoach_worker::fault::{Faults, Poison};
 use stagecoach_worker::model::Precision;
-use stagecoach_worker::shards::{ShardFolder, TokenSize};
+use stagecoach_worker::shards::{self, ShardFolder, TokenSize};
 use stagecoach_worker::tokenize::{self, ShardOptions, TextTokenizer};
 use stagecoach_worker::{hf, model, train};
 
@@ -120,7 +122,9 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
         /// cpu (workers all-reduce over a TCP ring) or cuda / cuda:N (NCCL, its unique id
-        /// relayed by the coordinator).
+        /// relayed by the coordinator); overrides the job's [train] device. Without it the
+        /// worker registers as a CPU worker (the backend is chosen at registration, before the
+        /// job is known), and a job whose device is a GPU asks for this option.
         #[arg(long)]
         device: Option<String>,
         /// Write one JSON record per trained step (with its samples) to this file.
@@ -200,9 +204,24 @@ enum Command {
     /// Summarise a folder of shards and show the start of its first document.
     Inspect {
         folder: PathBuf,
-        /// Token size for shards whose metadata names none (2 or 4).
-        #[arg(long, default_value_t = 2)]
-        token_bytes: usize,
+        /// Token size (2 or 4) of shards whose .ds.metadata names none; without it, a shard
+        /// without .ds.metadata is refused (its token size would be a guess).
+        #[arg(long)]
+        token_bytes: Option<usize>,
+    },
+    /// Compute the logits of a model folder (transformers', a checkpoint or an export of one)
+    /// for token ids, with this worker's model: what `python/reference.py hf-logits` computes
+    /// with transformers, to compare the two.
+    Logits {
+        /// The model folder: config.json and model.safetensors.
+        #[arg(long)]
+        model: PathBuf,
+        /// A safetensors file holding "input_ids", int64, [batch, seq].
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write "logits", fp32, [batch, seq, vocab], as safetensors.
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Write a freshly initialised model of a preset as a transformers folder.
     Init {
@@ -215,7 +234,7 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::builder()
@@ -225,7 +244,31 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let mut out = std::io::stdout().lock();
+    match run(cli, &mut out).and_then(|()| Ok(out.flush()?)) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `stagecoach-worker inspect ... | head -1`: the reader is gone; nothing left to say.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "Error: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Whether `e` comes from writing to a pipe whose reader has gone.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Runs a command, printing what it reports to `out`.
+fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
+    match cli.command {
         Command::Train {
             config,
             device,
@@ -242,12 +285,13 @@ fn main() -> anyhow::Result<()> {
                 save,
                 fast_path: fast.get(),
             };
-            let summary = train::run_standalone(&spec, &opts)?;
+            let summary = train::run_standalone(&spec, &opts, out)?;
             let (Some(first), Some(last)) = (summary.steps.first(), summary.steps.last()) else {
                 anyhow::bail!("the job trained no step");
             };
-            let tokens = last.tokens;
-            println!(
+            let tokens: u64 = summary.tokens_per_source.iter().sum();
+            writeln!(
+                out,
                 "done: {} steps, {} tokens in {:.1}s ({:.0} tokens/s); loss {:.4} -> {:.4}; tokens per source: {}",
                 summary.steps.len(),
                 tokens,
@@ -262,7 +306,7 @@ fn main() -> anyhow::Result<()> {
                     .map(|(n, c)| format!("{n}={c}"))
                     .collect::<Vec<_>>()
                     .join(" ")
-            );
+            )?;
         }
         Command::BenchTrain {
             preset,
@@ -295,7 +339,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 peak,
             )?;
-            println!("{}", serde_json::to_string(&report)?);
+            writeln!(out, "{}", serde_json::to_string(&report)?)?;
         }
         Command::Join {
             coordinator,
@@ -355,7 +399,8 @@ fn main() -> anyhow::Result<()> {
                 &pb,
             )?;
             pb.finish_and_clear();
-            println!(
+            writeln!(
+                out,
                 "wrote {} documents, {} tokens into {} file(s) in {} (tokenizer {}, vocabulary {})",
                 written.documents,
                 written.tokens,
@@ -363,7 +408,7 @@ fn main() -> anyhow::Result<()> {
                 opts.output.display(),
                 tok.name(),
                 tok.vocab_size()
-            );
+            )?;
         }
         Command::DemoCorpus {
             output,
@@ -393,48 +438,110 @@ fn main() -> anyhow::Result<()> {
                     let w =
                         tokenize::write_shards(texts.iter().cloned().map(Ok), &tok, &opts, &pb)?;
                     pb.finish_and_clear();
-                    println!(
+                    writeln!(
+                        out,
                         "{:<6} {split:<5} {:>6} documents {:>9} tokens -> {}",
                         domain.name(),
                         w.documents,
                         w.tokens,
                         opts.output.display()
-                    );
+                    )?;
                 }
             }
-            println!(
+            writeln!(
+                out,
                 "synthetic demo corpus written to {} (byte-level tokens)",
                 output.display()
-            );
+            )?;
         }
         Command::Inspect {
             folder,
             token_bytes,
         } => {
             let size = match token_bytes {
-                2 => TokenSize::U16,
-                4 => TokenSize::U32,
-                n => anyhow::bail!("--token-bytes must be 2 or 4, got {n}"),
+                None => None,
+                Some(2) => Some(TokenSize::U16),
+                Some(4) => Some(TokenSize::U32),
+                Some(n) => anyhow::bail!("--token-bytes must be 2 or 4, got {n}"),
             };
-            let f = ShardFolder::open(&folder, size)?;
+            if size.is_none() {
+                let missing = shards::without_metadata(&folder)?;
+                if let Some(first) = missing.first() {
+                    anyhow::bail!(
+                        "{} has no .ds.metadata ({} of the folder's .ds files lack one), so its \
+                         token size is unknown: pass --token-bytes 2 or 4 (training reads such \
+                         shards with the size the model's vocabulary needs: 2 bytes up to \
+                         65,536 ids), or tokenize the data again",
+                        first.display(),
+                        missing.len()
+                    );
+                }
+            }
+            // Refuses what training refuses: no .ds files, damaged ones, no tokens at all.
+            let f = ShardFolder::open(&folder, size.unwrap_or(TokenSize::U16))?;
             for s in f.shards() {
-                println!(
-                    "{}  {} documents  {} tokens  {}-byte tokens  tokenizer {}",
+                writeln!(
+                    out,
+                    "{}  {} documents  {} tokens  {}-byte tokens  tokenizer {}{}",
                     s.path().display(),
                     s.num_documents(),
                     s.num_tokens(),
                     s.token_size().bytes(),
-                    s.tokenizer_name().unwrap_or("(no metadata)")
-                );
+                    s.tokenizer_name().unwrap_or("(no metadata)"),
+                    if s.num_tokens() == 0 {
+                        "  (empty: skipped when reading)"
+                    } else {
+                        ""
+                    }
+                )?;
             }
-            let first = &f.shards()[0];
-            if first.num_documents() > 0
-                && first.tokenizer_name() == Some(TextTokenizer::Bytes.name())
+            let first = f.shards().iter().find(|s| s.num_tokens() > 0);
+            if let Some(first) =
+                first.filter(|s| s.tokenizer_name() == Some(TextTokenizer::Bytes.name()))
             {
                 let doc = first.document(0)?;
                 let text = TextTokenizer::Bytes.decode(&doc[..doc.len().min(300)])?;
-                println!("--- first document (start) ---\n{text}");
+                writeln!(out, "--- first document (start) ---\n{text}")?;
             }
+        }
+        Command::Logits {
+            model,
+            input,
+            output,
+        } => {
+            let cfg = hf::read_config(&model.join("config.json"))?;
+            let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            let llama = model::Llama::new(&vs, cfg.clone())?;
+            hf::load(&mut vs, &model)?;
+            let bytes = std::fs::read(&input).with_context(|| input.display().to_string())?;
+            let ids = hf::read_safetensors(&input, &bytes)?
+                .remove("input_ids")
+                .with_context(|| format!("{}: no tensor \"input_ids\"", input.display()))?;
+            if ids.kind() != tch::Kind::Int64 || ids.dim() != 2 {
+                anyhow::bail!(
+                    "{}: input_ids is {:?} of shape {:?}; give int64 ids of shape [batch, seq]",
+                    input.display(),
+                    ids.kind(),
+                    ids.size()
+                );
+            }
+            let flat = Vec::<i64>::try_from(ids.reshape([-1]))?;
+            if let Some(bad) = flat.iter().find(|&&t| t < 0 || t >= cfg.vocab_size) {
+                anyhow::bail!(
+                    "{}: token id {bad} is outside the model's vocabulary of {} ids",
+                    input.display(),
+                    cfg.vocab_size
+                );
+            }
+            let logits = tch::no_grad(|| llama.forward(&ids))?;
+            hf::write_safetensors(&output, &[("logits".into(), logits.shallow_clone())])?;
+            writeln!(
+                out,
+                "wrote logits {:?} of {} to {}",
+                logits.size(),
+                model.display(),
+                output.display()
+            )?;
         }
         Command::Init {
             preset,
@@ -447,12 +554,13 @@ fn main() -> anyhow::Result<()> {
             let _model = model::Llama::new(&vs, cfg.clone())?;
             hf::save(&vs, &cfg, &output)
                 .with_context(|| format!("saving to {}", output.display()))?;
-            println!(
+            writeln!(
+                out,
                 "wrote {} ({:.2}M parameters) to {}",
                 preset,
                 cfg.num_parameters() as f64 / 1e6,
                 output.display()
-            );
+            )?;
         }
     }
     Ok(())

@@ -313,6 +313,21 @@ impl AdamW {
         });
     }
 
+    /// Back to the state of a fresh optimizer over the same parameters: zero moments, no step
+    /// taken, no gradient (the same tensors, zeroed in place).
+    pub fn reset(&mut self) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            for p in &mut self.params {
+                let _ = p.exp_avg.f_zero_()?;
+                let _ = p.exp_avg_sq.f_zero_()?;
+            }
+            Ok(())
+        })?;
+        self.step = 0;
+        self.zero_grad();
+        Ok(())
+    }
+
     /// Clears the gradients.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {

@@ -434,6 +434,16 @@ impl ShardFolder {
             total += s.num_tokens();
             starts.push(total);
         }
+        if total == 0 {
+            return Err(Error::shard(
+                dir,
+                format!(
+                    "its {} .ds file(s) hold no tokens: there is nothing to train on (tokenize \
+                     documents into the folder again)",
+                    shards.len()
+                ),
+            ));
+        }
         Ok(ShardFolder {
             dir: dir.to_owned(),
             shards,
@@ -452,6 +462,42 @@ impl ShardFolder {
     /// Tokens in the whole stream.
     pub fn num_tokens(&self) -> u64 {
         self.starts.last().copied().unwrap_or(0)
+    }
+
+    /// The shard file holding token `offset` of the stream, and the token's offset in that
+    /// file; `None` past the end.
+    pub fn locate(&self, offset: u64) -> Option<(&Path, u64)> {
+        if offset >= self.num_tokens() {
+            return None;
+        }
+        // The last shard starting at or before `offset`: it holds tokens (an empty one shares
+        // its start with the next).
+        let i = self.starts.partition_point(|&s| s <= offset) - 1;
+        Some((self.shards[i].path(), offset - self.starts[i]))
+    }
+
+    /// Refuses `window`, the tokens of the stream from `offset`, if one lies outside `0..vocab`,
+    /// with an [`Error::Data`] naming the shard file and the token's offset in it.
+    pub fn check_vocab(&self, offset: u64, window: &[i64], vocab: i64) -> Result<()> {
+        let Some((i, &bad)) = window
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t < 0 || t >= vocab)
+        else {
+            return Ok(());
+        };
+        let at = offset + i as u64;
+        let (path, in_file) = self.locate(at).unwrap_or((self.dir(), at));
+        Err(Error::Data {
+            path: path.to_owned(),
+            offset: in_file,
+            reason: format!(
+                "token id {bad} is outside the model's vocabulary of {vocab} ids (0..{}); the \
+                 shards were tokenized for another vocabulary: tokenize them again with the \
+                 model's tokenizer, or train a model whose vocab_size covers them",
+                vocab - 1
+            ),
+        })
     }
 
     /// Copies the `out.len()` tokens of the stream that start at token `offset` into `out`,
@@ -484,6 +530,16 @@ impl ShardFolder {
         }
         Ok(())
     }
+}
+
+/// The `.ds` files under `dir` (in path order) that have no `.ds.metadata` beside them: their
+/// token size is whatever the reader is told (a model's vocabulary decides it for training).
+pub fn without_metadata(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    collect_ds(dir, &mut files)?;
+    files.sort();
+    files.retain(|f| !sidecar(f, ".metadata").exists());
+    Ok(files)
 }
 
 fn collect_ds(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -626,6 +682,44 @@ mod tests {
         assert!(err.contains("holds 40 tokens"), "{err}");
     }
 
+    /// A stream offset is found in its file (empty files and subfolders skipped), and a window
+    /// with a token outside the vocabulary is a data error naming that file and offset.
+    #[test]
+    fn tokens_are_located_in_their_file_and_checked_against_the_vocabulary() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(dir.path(), "a.ds", TokenSize::U16, &[(0..10).collect()]);
+        write(dir.path(), "a_empty.ds", TokenSize::U16, &[]);
+        let b = write(dir.path(), "b.ds", TokenSize::U16, &[vec![1, 2, 999, 3]]);
+        let folder = ShardFolder::open(dir.path(), TokenSize::U16).unwrap();
+        assert_eq!(folder.locate(0), Some((a.as_path(), 0)));
+        assert_eq!(folder.locate(9), Some((a.as_path(), 9)));
+        assert_eq!(folder.locate(10), Some((b.as_path(), 0)));
+        assert_eq!(folder.locate(13), Some((b.as_path(), 3)));
+        assert_eq!(folder.locate(14), None);
+
+        let mut window = [0i64; 6];
+        folder.read_window(7, &mut window).unwrap();
+        assert_eq!(window, [7, 8, 9, 1, 2, 999]);
+        folder.check_vocab(7, &window, 1000).unwrap();
+        let err = folder.check_vocab(7, &window, 264).unwrap_err();
+        let Error::Data {
+            path,
+            offset,
+            reason,
+        } = &err
+        else {
+            panic!("{err:?}")
+        };
+        assert_eq!((path, *offset), (&b, 2));
+        assert!(
+            reason.contains("token id 999 is outside the model's vocabulary of 264 ids"),
+            "{reason}"
+        );
+        assert!(err
+            .to_string()
+            .starts_with(&format!("{}, token 2: token id 999", b.display())));
+    }
+
     #[test]
     fn truncated_ds_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
@@ -690,5 +784,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no .ds files"), "{err}");
+        // Shards, but not one token in them.
+        write(dir.path(), "a.ds", TokenSize::U16, &[]);
+        write(dir.path(), "b.ds", TokenSize::U16, &[vec![]]);
+        let err = ShardFolder::open(dir.path(), TokenSize::U16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&dir.path().display().to_string())
+                && err.contains("its 2 .ds file(s) hold no tokens"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn shards_without_metadata_are_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(dir.path(), "a.ds", TokenSize::U16, &docs());
+        let b = write(dir.path(), "b.ds", TokenSize::U16, &docs());
+        assert_eq!(without_metadata(dir.path()).unwrap(), Vec::<PathBuf>::new());
+        std::fs::remove_file(sidecar(&b, ".metadata")).unwrap();
+        assert_eq!(without_metadata(dir.path()).unwrap(), [b]);
+        // The reader opens it all the same, with the size it is given.
+        let folder = ShardFolder::open(dir.path(), TokenSize::U16).unwrap();
+        assert_eq!(folder.shards()[1].tokenizer_name(), None);
+        assert_eq!(folder.shards()[0].path(), a);
     }
 }

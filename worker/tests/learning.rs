@@ -127,12 +127,15 @@ fn tiny_preset_learns_the_demo_corpus_through_a_context_extension() {
     assert_eq!(records.len(), 150);
     // Each stage trains with its own shape; the tokens per step stay as specified.
     for (i, r) in records.iter().enumerate() {
-        let (stage, seq_len, theta, samples) = if i < 120 {
-            ("stable", 128, 10_000.0, 16)
+        let (index, stage, seq_len, theta, samples) = if i < 120 {
+            (0, "stable", 128, 10_000.0, 16)
         } else {
-            ("long-context", 256, 40_000.0, 8)
+            (1, "long-context", 256, 40_000.0, 8)
         };
-        assert_eq!(r["stage"], stage, "{r}");
+        // Steps count from 0, as the coordinator's ledger (and `join`'s records) count them.
+        assert_eq!(r["step"], i as u64, "{r}");
+        assert_eq!(r["stage"], index, "{r}");
+        assert_eq!(r["stage_name"], stage, "{r}");
         assert_eq!(r["seq_len"], seq_len, "{r}");
         assert_eq!(r["rope_theta"], theta, "{r}");
         assert_eq!(r["samples"].as_array().unwrap().len(), samples, "{r}");

@@ -4,7 +4,9 @@
 //! sends heartbeats and relays messages; and one named OS thread, `trainer`, that owns the model,
 //! the optimizer, the data and the collective. They talk over bounded channels: commands down
 //! (`World`, `Work`, `Evaluate`, `SaveCheckpoint`, leave, exit), worker messages up. No libtorch
-//! or collective call runs on a tokio thread; the trainer thread is [`trainer`].
+//! or collective call runs on a tokio thread: the trainer thread is [`trainer`], and what the
+//! async side needs of libtorch or NCCL before it exists (choosing the device, an NCCL unique
+//! id for the registration) runs on tokio's blocking pool.
 //!
 //! Each `Work` carries its curriculum stage (sequence length, RoPE θ, micro-batch), applied
 //! before the step, and its guard (every rank drops the update alike when the global loss or
@@ -20,7 +22,6 @@
 //! tagged with the session of the command they answer, so a new session never carries a reply
 //! meant for the coordinator that went away.
 
-mod sync;
 mod trainer;
 
 use std::net::{SocketAddr, TcpListener};
@@ -47,7 +48,8 @@ pub struct JoinOptions {
     pub coordinator: String,
     /// Where to accept the ring neighbour (port 0: any free port).
     pub listen: SocketAddr,
-    /// Overrides the job's device.
+    /// The device to train on, overriding the job's; without it the worker registers as a CPU
+    /// worker, which a job whose `[train] device` is a GPU refuses (see [`check_device`]).
     pub device: Option<String>,
     /// Write one JSON record per trained step (with its samples) here.
     pub metrics_out: Option<PathBuf>,
@@ -127,7 +129,10 @@ impl Registrar {
         // The device decides the collective: NCCL between GPUs (its unique id travels through
         // the coordinator), the TCP ring between CPU workers.
         let (backend, nccl_unique_id) = match self.device {
-            tch::Device::Cuda(_) => (v1::CollectiveBackend::Nccl, fresh_nccl_id()?),
+            tch::Device::Cuda(_) => (
+                v1::CollectiveBackend::Nccl,
+                off_async("creating an NCCL unique id", fresh_nccl_id).await?,
+            ),
             _ => (v1::CollectiveBackend::Tcp, Vec::new()),
         };
         let reg = client
@@ -240,14 +245,24 @@ async fn session(opts: JoinOptions) -> Result<()> {
     let endpoint = tonic::transport::Endpoint::from_shared(opts.coordinator.clone())
         .map_err(|e| Error::Config(format!("coordinator URL {:?}: {e}", opts.coordinator)))?
         .connect_timeout(Duration::from_secs(10));
+    // The device decides the backend this worker registers with, and the registration is what
+    // tells it the job: so the device is `--device`, else the CPU, and the job's own device
+    // must then be the CPU too (see `check_device`). Parsing may load libtorch_cuda: off the
+    // async threads.
+    let requested = opts.device.clone();
+    let device = off_async("choosing the device", move || {
+        crate::device::parse(requested.as_deref().unwrap_or("cpu"))
+    })
+    .await?;
     let registrar = Registrar {
         endpoint,
         url: opts.coordinator.clone(),
         address,
-        device: crate::device::parse(opts.device.as_deref().unwrap_or("cpu"))?,
+        device,
     };
     let link = registrar.register().await?;
     info!(worker = %link.worker_id, job = %link.job.name, %address, "registered");
+    check_device(opts.device.as_deref(), &link.job)?;
 
     let (up_tx, up_rx) = mpsc::channel::<Up>(64);
     let (cmd_tx, cmd_rx) = mpsc::channel::<Envelope>(16);
@@ -437,6 +452,45 @@ async fn run_session(
             },
         }
     }
+}
+
+/// Whether this worker may train the job on the device it registered with: `--device` wins
+/// over the job's `[train] device` (logged when they differ); without it the worker registered
+/// as a CPU worker (the TCP backend: the backend is part of the registration, which is what
+/// tells the worker the job), which a job whose device is a GPU refuses, saying to pass
+/// `--device`. A CPU job (`cpu`, or no device) needs no `--device`.
+fn check_device(requested: Option<&str>, job: &v1::JobSpec) -> Result<()> {
+    let wanted = job.device.trim();
+    match requested {
+        Some(d) if !wanted.is_empty() && d.trim() != wanted => {
+            info!(
+                device = d,
+                job_device = wanted,
+                "--device overrides the job's [train] device"
+            );
+            Ok(())
+        }
+        Some(_) => Ok(()),
+        None if wanted.is_empty() || wanted == "cpu" => Ok(()),
+        None => Err(Error::Config(format!(
+            "job {:?} trains on {wanted:?} ([train] device), but this worker was started without \
+             --device and registered as a CPU worker (the collective backend is chosen at \
+             registration, before the job is known); start it with --device {wanted} (or \
+             --device cpu to train it on the CPU)",
+            job.name
+        ))),
+    }
+}
+
+/// Runs `f`, which calls into libtorch or NCCL (it may load a library or initialise CUDA), on
+/// tokio's blocking pool rather than on an async worker thread.
+async fn off_async<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Config(format!("{what}: {e}")))?
 }
 
 fn fresh_nccl_id() -> Result<Vec<u8>> {
@@ -656,6 +710,44 @@ mod tests {
             drop(inbound);
             fake.server.abort();
         });
+    }
+
+    /// A job that trains on a GPU, joined without `--device`: the worker registered as a CPU
+    /// worker, so it stops with an error that says to pass `--device`, before opening a
+    /// session. A CPU job needs none.
+    #[test]
+    fn a_gpu_job_joined_without_device_is_refused_with_the_flag_to_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = fixtures::job(dir.path());
+        spec.device = "cuda:0".into();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut fake = fake_coordinator(spec).await;
+            let opts = join_options(&fake.url, 1);
+            let worker = std::thread::spawn(move || join(opts));
+            let registration = fake.registrations.recv().await.unwrap();
+            assert_eq!(registration.backend(), v1::CollectiveBackend::Tcp);
+            let result = tokio::task::spawn_blocking(move || worker.join().unwrap())
+                .await
+                .unwrap();
+            let err = result.unwrap_err().to_string();
+            assert!(
+                err.contains("trains on \"cuda:0\" ([train] device)")
+                    && err.contains("start it with --device cuda:0"),
+                "{err}"
+            );
+            assert!(fake.sessions.try_recv().is_err(), "a session was opened");
+            fake.server.abort();
+        });
+        let job = |device: &str| v1::JobSpec {
+            device: device.into(),
+            ..Default::default()
+        };
+        assert!(check_device(None, &job("cpu")).is_ok());
+        assert!(check_device(None, &job("")).is_ok());
+        assert!(check_device(Some("cpu"), &job("cuda")).is_ok());
+        assert!(check_device(Some("cuda:1"), &job("cuda")).is_ok());
+        assert!(check_device(None, &job("cuda")).is_err());
     }
 
     /// A coordinator that stays away longer than `--reconnect-secs`: the worker gives up with

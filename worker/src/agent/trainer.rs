@@ -11,14 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use stagecoach_proto::v1;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use stagecoach_core::plan::samples_digest;
 
-use super::sync::{reset_to_initial, state_digest, take_state};
 use super::{fresh_nccl_id, Command, Envelope, Reply, Up};
 use crate::checkpoint::{self, Saved};
 use crate::collective::nccl::{self, Nccl};
@@ -27,25 +25,8 @@ use crate::collective::{Collective, CollectiveError};
 use crate::error::{Error, IoContext, Result};
 use crate::fault::Faults;
 use crate::metrics::Metrics;
+use crate::steplog::{self, StepRecord};
 use crate::train::{Guard, Shape, Trainer};
-
-/// One trained step, as written to `--metrics-out`.
-#[derive(Serialize)]
-struct StepLine<'a> {
-    generation: u64,
-    rank: usize,
-    step: u64,
-    stage: u32,
-    seq_len: u32,
-    /// The RoPE θ the step trained with (the model's own when the stage gives none).
-    rope_theta: f64,
-    loss: f64,
-    /// Mean loss over the whole global batch (null when not finite).
-    global_loss: f64,
-    /// The guard dropped the update.
-    skipped: bool,
-    samples: &'a [(usize, u64)],
-}
 
 /// Joins the world `w` with the backend of `device`.
 fn connect(
@@ -155,7 +136,6 @@ pub(super) fn trainer_thread(setup: Setup) -> Result<()> {
         None => None,
     };
     let mut state = TrainerState {
-        job: job.clone(),
         sizes: trainer.sources().sizes(),
         trainer,
         device,
@@ -205,8 +185,6 @@ struct LastStep {
 
 /// What the trainer thread keeps between commands.
 struct TrainerState {
-    /// The job, to build its initial state again.
-    job: v1::JobSpec,
     trainer: Trainer,
     sizes: Vec<v1::SourceSize>,
     device: tch::Device,
@@ -296,7 +274,7 @@ impl TrainerState {
             sources: self.sizes.clone(),
             step: self.steps_taken,
             next_nccl_unique_id,
-            state_digest: state_digest(&self.trainer)?,
+            state_digest: self.trainer.state_digest()?,
             last_samples_digest: last.as_ref().map_or(0, |l| l.samples_digest),
             last_rank: last.as_ref().map_or(0, |l| l.rank),
             last_world_size: last.as_ref().map_or(0, |l| l.world_size),
@@ -322,7 +300,7 @@ impl TrainerState {
         let t0 = Instant::now();
         let ring = &mut self.ring.as_mut().expect("checked by in_generation").1;
         let source = s.source_rank as usize;
-        let taken = take_state(&mut self.trainer, ring.as_mut(), source);
+        let taken = self.trainer.take_state(ring.as_mut(), source);
         if let Err(e) = taken {
             warn!(generation = s.generation, error = %e, "cannot take the state of rank {source}");
             return Ok(self.fail(s.generation, &e));
@@ -354,7 +332,7 @@ impl TrainerState {
                     r.step
                 )));
             }
-            reset_to_initial(&mut self.trainer, &self.job, self.device)?;
+            self.trainer.reinitialize()?;
             self.steps_taken = 0;
             self.stage = None;
             self.prom.restored(0);
@@ -469,21 +447,31 @@ impl TrainerState {
             &res.timing,
         );
         if let Some(m) = &mut self.metrics {
-            let rank = self.ring.as_ref().map_or(0, |(_, r)| r.rank());
-            let line = StepLine {
-                generation,
-                rank,
+            let t = &res.timing;
+            let seconds = t.data + t.forward_backward + t.allreduce + t.optimizer;
+            let sources = self.sizes.len();
+            let line = StepRecord {
                 step: work.step,
                 stage: stage.index,
+                stage_name: self.trainer.stage_name(stage.index).map(str::to_owned),
                 seq_len: stage.seq_len,
                 rope_theta: self.trainer.rope_theta(),
                 loss,
                 global_loss: res.global_loss,
+                lr: work.lr,
+                grad_norm: res.grad_norm,
                 skipped: res.skipped,
-                samples: &samples,
+                generation,
+                rank: self.ring.as_ref().map_or(0, |(_, r)| r.rank()),
+                tokens: None,
+                tokens_per_second: work.global_batch as f64 * f64::from(stage.seq_len)
+                    / seconds.max(f64::MIN_POSITIVE),
+                samples_per_source: steplog::per_source(&samples, sources)
+                    .unwrap_or_else(|| vec![0; sources]),
+                samples,
+                timing: res.timing,
             };
-            writeln!(m, "{}", serde_json::to_string(&line).expect("serializable"))
-                .at("metrics file")?;
+            line.write_line(m).at("metrics file")?;
             m.flush().at("metrics file")?;
         }
         let t = res.timing;
@@ -501,7 +489,7 @@ impl TrainerState {
             }),
             skipped: res.skipped,
             global_loss: res.global_loss,
-            state_digest: state_digest(&self.trainer)?,
+            state_digest: self.trainer.state_digest()?,
         };
         let (rank, world_size) = self
             .ring

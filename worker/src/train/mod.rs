@@ -8,25 +8,33 @@
 //!
 //! What a step trains with (sequence length, micro-batch, RoPE θ) comes from the curriculum
 //! stage it belongs to, so it is given per call rather than fixed when the trainer is built.
+//!
+//! Beside the trainer: `reduce.rs`, what a step exchanges with the other ranks; `standalone.rs`,
+//! the `train` command's loop through the curriculum; `bench.rs`, `bench-train`.
 
-use std::io::Write;
-use std::path::PathBuf;
+mod bench;
+#[cfg(test)]
+pub(crate) mod fixtures;
+mod reduce;
+mod standalone;
+mod state;
+
+pub use bench::{bench_train, train_flops_per_token, BenchOptions, BenchReport};
+pub use standalone::{run_standalone, RunOptions, RunSummary};
+
 use std::time::Instant;
 
 use serde::Serialize;
-use stagecoach_core::curriculum::Curriculum;
 use stagecoach_proto::v1;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::collective::{Collective, Solo};
-use crate::error::{Error, IoContext, Result};
+use crate::collective::Collective;
+use crate::error::{Error, Result};
 use crate::job::{self, Sources};
 use crate::model::{Llama, ModelConfig, Precision};
-use crate::optim::{AdamW, AdamWConfig};
-
-/// Gradients are all-reduced in buckets of about this many bytes.
-const BUCKET_BYTES: usize = 25 << 20;
+use crate::optim::AdamW;
+use reduce::{agree, all_reduce, flatten, for_each_bucket};
 
 /// Seconds spent in each part of a step.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -141,6 +149,8 @@ pub struct Trainer {
     /// The θ the model was built with (the job's first stage's, else the model's own): what a
     /// stage's θ of 0 stands for.
     base_rope_theta: f64,
+    /// The job the trainer was built for.
+    job: v1::JobSpec,
 }
 
 impl Trainer {
@@ -152,13 +162,8 @@ impl Trainer {
         }
         let config = job::model_config(spec)?;
         let sources = Sources::open(spec, &config)?;
-        tch::manual_seed(spec.init_seed as i64);
-        let mut vs = VarStore::new(device);
         let base_rope_theta = config.rope_theta;
-        let model = Llama::new(&vs, config)?;
-        if !spec.model_from.is_empty() {
-            crate::hf::load(&mut vs, std::path::Path::new(&spec.model_from))?;
-        }
+        let (vs, model) = initial_model(spec, config, device)?;
         let optimizer = AdamW::new(&vs, job::optimizer(spec)?)?;
         Ok(Trainer {
             vs,
@@ -167,7 +172,45 @@ impl Trainer {
             sources,
             device,
             base_rope_theta,
+            job: spec.clone(),
         })
+    }
+
+    /// Puts the trainer back to the state a fresh [`Trainer::new`] of the same job has at step
+    /// 0, bit for bit: the parameters initialised from the job's seed (or loaded from its
+    /// `[model] from` folder), a fresh optimizer (no step taken, zero moments), the RoPE θ of
+    /// the first stage. The data, the fast path and fault injection stay as they are. Restoring
+    /// "the checkpoint of step 0" is this. The parameters keep their tensors (the optimizer
+    /// refers to them); a seeded initialisation holds one more copy of them while it runs.
+    pub fn reinitialize(&mut self) -> Result<()> {
+        if self.job.model_from.is_empty() {
+            let config = job::model_config(&self.job)?;
+            let (fresh, _model) = initial_model(&self.job, config, self.device)?;
+            let initial = fresh.variables();
+            tch::no_grad(|| -> Result<()> {
+                for (name, mut dst) in self.vs.variables() {
+                    let src = initial.get(&name).ok_or_else(|| {
+                        Error::Config(format!("a fresh model of this job has no parameter {name}"))
+                    })?;
+                    dst.f_copy_(src)?;
+                }
+                Ok(())
+            })?;
+        } else {
+            crate::hf::load(&mut self.vs, std::path::Path::new(&self.job.model_from))?;
+        }
+        self.optimizer.reset()?;
+        self.model.set_rope_theta(self.base_rope_theta)
+    }
+
+    /// The job the trainer was built for.
+    pub fn job(&self) -> &v1::JobSpec {
+        &self.job
+    }
+
+    /// The name of the job's stage `index`, if it has one.
+    pub fn stage_name(&self, index: u32) -> Option<&str> {
+        self.job.stages.get(index as usize).map(|s| s.name.as_str())
     }
 
     pub fn model_config(&self) -> &ModelConfig {
@@ -216,11 +259,6 @@ impl Trainer {
             optimizer: &self.optimizer,
             config: self.model.config(),
         }
-    }
-
-    /// The parts a checkpoint restores: parameters, optimizer, model (for its RoPE θ).
-    pub(crate) fn parts_mut(&mut self) -> (&mut VarStore, &mut AdamW, &mut Llama) {
-        (&mut self.vs, &mut self.optimizer, &mut self.model)
     }
 
     /// The RoPE θ the model computes with now.
@@ -394,522 +432,29 @@ impl Trainer {
     }
 }
 
-/// What every rank of a step knows alike after [`agree`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Agreed {
-    global_loss: f64,
-    grad_norm: f64,
-}
-
-/// Each rank's report travels as 16-bit pieces of its bits, in its own slots of a buffer that
-/// is zero elsewhere: whole numbers below 2^16 plus zeros sum exactly in f32 whatever the order
-/// or the backend, so every rank decodes every rank's exact f64s.
-const REPORT_SLOTS: usize = 12;
-
-fn encode_u64(v: u64, out: &mut [f32]) {
-    for (i, slot) in out.iter_mut().take(4).enumerate() {
-        *slot = ((v >> (16 * i)) & 0xffff) as f32;
+/// The model of `spec` at step 0 on `device`: initialised N(0, init_std) from the job's seed
+/// (libtorch's global generator, seeded here), or loaded from the job's transformers folder.
+fn initial_model(
+    spec: &v1::JobSpec,
+    config: ModelConfig,
+    device: Device,
+) -> Result<(VarStore, Llama)> {
+    tch::manual_seed(spec.init_seed as i64);
+    let mut vs = VarStore::new(device);
+    let model = Llama::new(&vs, config)?;
+    if !spec.model_from.is_empty() {
+        crate::hf::load(&mut vs, std::path::Path::new(&spec.model_from))?;
     }
+    Ok((vs, model))
 }
 
-fn decode_u64(slots: &[f32]) -> u64 {
-    slots
-        .iter()
-        .take(4)
-        .enumerate()
-        .fold(0, |v, (i, &s)| v | ((s as u64) << (16 * i)))
-}
-
-/// Shares this rank's loss sum, sample count and local gradient norm with every rank: the global
-/// mean loss is the sum over ranks (in rank order) over the global sample count, and the gradient
-/// norm is rank 0's (ranks hold the same all-reduced gradients; taking one rank's norm makes the
-/// guard's and the clipping's decisions identical even if a norm differed in its last bit).
-fn agree(
-    comm: &mut dyn Collective,
-    loss_sum: f64,
-    samples: usize,
-    grad_norm: f64,
-) -> Result<Agreed> {
-    let n = comm.world_size();
-    if n == 1 {
-        return Ok(Agreed {
-            global_loss: loss_sum / samples.max(1) as f64,
-            grad_norm,
-        });
-    }
-    let mut buf = vec![0f32; n * REPORT_SLOTS];
-    let mine = &mut buf[comm.rank() * REPORT_SLOTS..][..REPORT_SLOTS];
-    encode_u64(loss_sum.to_bits(), &mut mine[0..4]);
-    encode_u64(samples as u64, &mut mine[4..8]);
-    encode_u64(grad_norm.to_bits(), &mut mine[8..12]);
-    comm.all_reduce_sum(&mut buf)
-        .map_err(|e| Error::Collective(e.to_string()))?;
-    let (mut total_loss, mut total_samples) = (0.0, 0u64);
-    for r in buf.chunks_exact(REPORT_SLOTS) {
-        total_loss += f64::from_bits(decode_u64(&r[0..4]));
-        total_samples += decode_u64(&r[4..8]);
-    }
-    Ok(Agreed {
-        global_loss: total_loss / total_samples.max(1) as f64,
-        grad_norm: f64::from_bits(decode_u64(&buf[8..12])),
-    })
-}
-
-/// Calls `f` on consecutive groups of tensors of about [`BUCKET_BYTES`].
-fn for_each_bucket(tensors: &[Tensor], mut f: impl FnMut(&[Tensor]) -> Result<()>) -> Result<()> {
-    let mut start = 0;
-    let mut bytes = 0;
-    for (i, t) in tensors.iter().enumerate() {
-        bytes += t.numel() * 4;
-        if bytes >= BUCKET_BYTES || i + 1 == tensors.len() {
-            f(&tensors[start..=i])?;
-            start = i + 1;
-            bytes = 0;
-        }
-    }
-    Ok(())
-}
-
-fn flatten(group: &[Tensor], f: impl Fn(&Tensor) -> Tensor) -> Tensor {
-    let parts: Vec<Tensor> = group.iter().map(|t| f(t).reshape([-1])).collect();
-    Tensor::cat(&parts, 0)
-}
-
-/// All-reduces `flat` and copies the result back into `group`.
-fn all_reduce(comm: &mut dyn Collective, mut flat: Tensor, group: &[Tensor]) -> Result<()> {
-    comm.all_reduce_tensor(&mut flat)
-        .map_err(|e| Error::Collective(e.to_string()))?;
-    let mut offset = 0;
-    for t in group {
-        let n = t.numel() as i64;
-        let mut dst = t.shallow_clone();
-        dst.f_copy_(&flat.narrow(0, offset, n).view(t.size().as_slice()))?;
-        offset += n;
-    }
-    Ok(())
-}
-
-/// Options of a standalone run that are not part of the job file.
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    /// Overrides `[train].device`.
-    pub device: Option<String>,
-    /// Stop after this many steps (the curriculum and its schedule keep their configured length).
-    pub steps: Option<u64>,
-    /// Write one JSON object per step here.
-    pub metrics_out: Option<PathBuf>,
-    /// Save the final weights as a transformers folder here.
-    pub save: Option<PathBuf>,
-    /// Precision and optimizer kernel.
-    pub fast_path: FastPath,
-}
-
-/// One step's numbers, as written to the metrics file.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepRecord {
-    pub step: u64,
-    /// The curriculum stage the step trained in, and its sequence length and RoPE θ.
-    pub stage: String,
-    pub seq_len: u32,
-    pub rope_theta: f64,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    /// The loss or gradient norm was not finite: the step's update was dropped.
-    pub skipped: bool,
-    /// Tokens trained so far, this step included (samples x seq_len per step).
-    pub tokens: u64,
-    pub tokens_per_second: f64,
-    /// Samples taken from each source in this step, in the job's source order.
-    pub samples_per_source: Vec<u64>,
-    /// The samples of this step: (source, token offset).
-    pub samples: Vec<(usize, u64)>,
-    pub timing: Timing,
-}
-
-/// What a finished run reports.
-#[derive(Debug, Clone)]
-pub struct RunSummary {
-    pub steps: Vec<StepRecord>,
-    pub seconds: f64,
-    pub source_names: Vec<String>,
-    pub samples_per_source: Vec<u64>,
-    /// Tokens trained from each source, in the job's source order.
-    pub tokens_per_source: Vec<u64>,
-}
-
-/// Trains alone (world size 1) through the job's whole curriculum: the coordinator's planner
-/// chooses each step's stage, samples and learning rate, exactly as it would for a cluster.
-pub fn run_standalone(spec: &v1::JobSpec, opts: &RunOptions) -> Result<RunSummary> {
-    let device = crate::device::parse(opts.device.as_deref().unwrap_or(&spec.device))?;
-    let mut trainer = Trainer::new(spec, device)?;
-    trainer.set_fast_path(opts.fast_path)?;
-    let names = trainer.sources().names();
-    let source_tokens = trainer.sources().num_tokens();
-    let mut curriculum = Curriculum::new(spec, &source_tokens)
-        .map_err(|e| Error::Config(format!("the curriculum cannot be planned: {e}")))?;
-    let steps = opts.steps.unwrap_or(spec.total_steps).min(spec.total_steps);
-    let c = trainer.model_config();
-    println!(
-        "training {} ({:.2}M parameters) on {device:?}: {steps} steps of {} tokens in {} stage(s), sources: {}",
-        if spec.model_preset.is_empty() { &spec.model_from } else { &spec.model_preset },
-        c.num_parameters() as f64 / 1e6,
-        spec.global_batch_tokens,
-        spec.stages.len(),
-        names
-            .iter()
-            .zip(&source_tokens)
-            .map(|(n, t)| format!("{n} ({t} tokens)"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let mut metrics = match &opts.metrics_out {
-        Some(p) => Some((
-            std::io::BufWriter::new(std::fs::File::create(p).at(p)?),
-            p.clone(),
-        )),
-        None => None,
-    };
-    let start = Instant::now();
-    let mut records = Vec::with_capacity(steps as usize);
-    let mut samples_total = vec![0u64; names.len()];
-    let mut tokens_total = vec![0u64; names.len()];
-    let mut tokens = 0u64;
-    let mut stage: Option<u32> = None;
-    let mut solo = Solo;
-    while let Some(plan) = curriculum.next_step() {
-        if plan.step >= steps {
-            break;
-        }
-        let t0 = Instant::now();
-        let shape = Shape::of(&plan.stage)?;
-        if stage != Some(plan.stage.index) {
-            trainer.set_rope_theta(plan.stage.rope_theta)?;
-            stage = Some(plan.stage.index);
-            println!(
-                "stage {} {:?} after {} steps: seq_len {}, rope θ {}, {} samples per step in micro-batches of {}",
-                plan.stage.index,
-                plan.stage_name,
-                plan.step,
-                shape.seq_len,
-                trainer.rope_theta(),
-                plan.global_batch,
-                shape.micro_batch
-            );
-        }
-        let samples: Vec<(usize, u64)> = plan.samples.iter().map(|s| (s.source, s.index)).collect();
-        let r = trainer.step(
-            &samples,
-            shape,
-            plan.global_batch as usize,
-            plan.lr,
-            Guard::default(),
-            &mut solo,
-        )?;
-        let step_tokens = (samples.len() * shape.seq_len) as u64;
-        tokens += step_tokens;
-        let mut per_source = vec![0u64; names.len()];
-        for &(s, _) in &samples {
-            let known = per_source.get_mut(s).ok_or_else(|| {
-                Error::Config(format!("the planner chose source {s} of {}", names.len()))
-            })?;
-            *known += 1;
-            samples_total[s] += 1;
-            tokens_total[s] += shape.seq_len as u64;
-        }
-        let rec = StepRecord {
-            step: plan.step + 1,
-            stage: plan.stage_name.clone(),
-            seq_len: plan.stage.seq_len,
-            rope_theta: trainer.rope_theta(),
-            loss: r.loss_sum / r.samples.max(1) as f64,
-            lr: plan.lr,
-            grad_norm: r.grad_norm,
-            skipped: r.skipped,
-            tokens,
-            tokens_per_second: step_tokens as f64 / t0.elapsed().as_secs_f64(),
-            samples_per_source: per_source,
-            samples,
-            timing: r.timing,
-        };
-        if rec.step.is_multiple_of(spec.log_every.max(1))
-            || plan.step == 0
-            || rec.step == steps
-            || rec.skipped
-        {
-            println!(
-                "step {:>5}/{steps}  {}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  tokens/s {:.0}{}",
-                rec.step,
-                rec.stage,
-                rec.loss,
-                rec.lr,
-                rec.grad_norm,
-                rec.tokens_per_second,
-                if rec.skipped {
-                    "  (skipped: no update)"
-                } else {
-                    ""
-                }
-            );
-        }
-        if let Some((m, path)) = &mut metrics {
-            writeln!(m, "{}", serde_json::to_string(&rec).expect("serializable"))
-                .at(path.as_path())?;
-        }
-        records.push(rec);
-    }
-    if let Some((m, path)) = &mut metrics {
-        m.flush().at(path.as_path())?;
-    }
-    if records.is_empty() {
-        return Err(Error::Config(
-            "the job trained no step (a curriculum of no steps, or --steps 0)".into(),
-        ));
-    }
-    let seconds = start.elapsed().as_secs_f64();
-    if let Some(dir) = &opts.save {
-        crate::hf::save(trainer.var_store(), trainer.model_config(), dir)?;
-        println!(
-            "saved the model as a transformers folder: {}",
-            dir.display()
-        );
-    }
-    Ok(RunSummary {
-        steps: records,
-        seconds,
-        source_names: names,
-        samples_per_source: samples_total,
-        tokens_per_source: tokens_total,
-    })
-}
-
-/// What `stagecoach-worker bench-train` measures: training throughput on random tokens.
-#[derive(Debug, Clone)]
-pub struct BenchOptions {
-    pub preset: String,
-    pub seq_len: usize,
-    pub micro_batch: usize,
-    /// Micro-batches per optimizer step.
-    pub accumulation: usize,
-    /// Timed steps.
-    pub steps: usize,
-    /// Steps run before the timing starts (allocator warm-up, kernel selection).
-    pub warmup: usize,
-    pub device: String,
-    pub fast_path: FastPath,
-    /// Read the loss back every this many steps (the only host synchronisation in the loop).
-    pub log_every: usize,
-    pub seed: u64,
-}
-
-/// One `bench-train` run, printed as a JSON line.
-#[derive(Debug, Clone, Serialize)]
-pub struct BenchReport {
-    pub impl_name: &'static str,
-    pub preset: String,
-    pub parameters: i64,
-    pub device: String,
-    pub precision: Precision,
-    pub fused_adamw: bool,
-    pub seq_len: usize,
-    pub micro_batch: usize,
-    pub accumulation: usize,
-    pub steps: usize,
-    pub warmup: usize,
-    pub seconds: f64,
-    pub tokens_per_second: f64,
-    /// Training FLOPs per token (see [`train_flops_per_token`]).
-    pub flops_per_token: f64,
-    /// Achieved FLOP/s over `peak_flops`, when a peak is given.
-    pub mfu: Option<f64>,
-    pub peak_flops: Option<f64>,
-    /// GPU memory in use at the end (total - free from the driver): with libtorch's caching
-    /// allocator, which keeps what it reserved, about the peak reserved memory. None on CPU.
-    pub gpu_memory_used_bytes: Option<u64>,
-    /// The losses read every `log_every` steps (warm-up included), to show training happens.
-    pub losses: Vec<f64>,
-}
-
-/// Training FLOPs per token as PaLM's appendix B counts them for MFU: `6 N` for the matrix
-/// products of forward and backward over the `N` parameters (the tied embedding counted once,
-/// as the output projection; the lookup is free), plus `12 · layers · heads · head_dim · seq`
-/// for the attention scores and their weighted sum (QKᵀ and AV, 2 FLOPs per multiply-add,
-/// backward twice the forward). The causal mask is not halved out, as in PaLM, so MFUs compare
-/// with those usually published.
-pub fn train_flops_per_token(config: &ModelConfig, seq_len: usize) -> f64 {
-    let n = config.num_parameters() as f64;
-    let attn = 12.0
-        * config.num_hidden_layers as f64
-        * (config.num_attention_heads * config.head_dim) as f64
-        * seq_len as f64;
-    6.0 * n + attn
-}
-
-/// Trains a preset on random tokens and reports its throughput. The device is synchronised
-/// only when the warm-up ends, every `log_every` steps (to read the loss) and at the end.
-pub fn bench_train(opts: &BenchOptions, peak_flops: Option<f64>) -> Result<BenchReport> {
-    if opts.seq_len == 0 || opts.micro_batch == 0 || opts.accumulation == 0 || opts.steps == 0 {
-        return Err(Error::Config(
-            "bench-train needs positive --seq, --micro-batch, --accumulation and --steps".into(),
-        ));
-    }
-    let device = crate::device::parse(&opts.device)?;
-    let mut config = ModelConfig::preset(&opts.preset)?;
-    config.max_position_embeddings = config.max_position_embeddings.max(opts.seq_len as i64);
-    tch::manual_seed(opts.seed as i64);
-    let vs = VarStore::new(device);
-    let mut model = Llama::new(&vs, config.clone())?;
-    model.set_precision(opts.fast_path.precision);
-    let mut optimizer = AdamW::new(&vs, AdamWConfig::default())?;
-    optimizer.set_fused(opts.fast_path.fused_adamw)?;
-    // A few host batches, pinned on CUDA so that their copies are asynchronous.
-    let shape = [opts.micro_batch as i64, opts.seq_len as i64 + 1];
-    let host: Vec<Tensor> = (0..4)
-        .map(|_| {
-            let t = Tensor::randint(config.vocab_size, shape, (Kind::Int64, Device::Cpu));
-            if device.is_cuda() {
-                t.pin_memory(device)
-            } else {
-                t
-            }
-        })
-        .collect();
-    let sync = || {
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
-    let mut losses = Vec::new();
-    let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
-    let mut start = Instant::now();
-    let log_every = opts.log_every.max(1);
-    let mut micro = 0usize;
-    for step in 0..opts.warmup + opts.steps {
-        if step == opts.warmup {
-            sync();
-            start = Instant::now();
-        }
-        for _ in 0..opts.accumulation {
-            let batch = host[micro % host.len()].f_to_device_(device, Kind::Int64, true, false)?;
-            micro += 1;
-            let loss = model.loss(&batch)?;
-            (&loss / opts.accumulation as f64).f_backward()?;
-            loss_acc += loss.detach() / opts.accumulation as f64;
-        }
-        let _norm = optimizer.clip_grad_norm_on_device();
-        optimizer.step(3e-4);
-        optimizer.zero_grad();
-        if (step + 1) % log_every == 0 {
-            losses.push(loss_acc.f_double_value(&[])? / log_every as f64);
-            let _ = loss_acc.zero_();
-        }
-    }
-    sync();
-    let seconds = start.elapsed().as_secs_f64();
-    let tokens = (opts.steps * opts.accumulation * opts.micro_batch * opts.seq_len) as f64;
-    let tokens_per_second = tokens / seconds;
-    let flops_per_token = train_flops_per_token(&config, opts.seq_len);
-    Ok(BenchReport {
-        impl_name: "stagecoach",
-        preset: opts.preset.clone(),
-        parameters: config.num_parameters(),
-        device: opts.device.clone(),
-        precision: opts.fast_path.precision,
-        fused_adamw: opts.fast_path.fused_adamw,
-        seq_len: opts.seq_len,
-        micro_batch: opts.micro_batch,
-        accumulation: opts.accumulation,
-        steps: opts.steps,
-        warmup: opts.warmup,
-        seconds,
-        tokens_per_second,
-        flops_per_token,
-        mfu: peak_flops.map(|p| tokens_per_second * flops_per_token / p),
-        peak_flops,
-        gpu_memory_used_bytes: if device.is_cuda() {
-            gpu_memory_used()
-        } else {
-            None
-        },
-        losses,
-    })
-}
-
-/// Bytes of GPU memory in use on the current CUDA context (total - free), if the driver answers.
-fn gpu_memory_used() -> Option<u64> {
-    use cudarc::driver::{result, sys};
-    // SAFETY: only checks whether libcuda can be loaded.
-    if !unsafe { sys::is_culib_present() } {
-        return None;
-    }
-    result::init().ok()?;
-    let (free, total) = result::mem_get_info().ok()?;
-    Some((total - free) as u64)
-}
-
-/// A small job on data written for the test, shared by the tests of this module and `agent`.
-#[cfg(test)]
-pub(crate) mod fixtures {
-    use std::path::Path;
-
-    use stagecoach_proto::v1;
-
-    use crate::model::{Llama, ModelConfig};
-    use crate::shards::{ShardWriter, TokenSize};
-
-    /// Writes a folder of `files` shards of `tokens` byte-level tokens each.
-    pub fn shards(dir: &Path, files: usize, tokens: usize, seed: u64) {
-        std::fs::create_dir_all(dir).unwrap();
-        for f in 0..files {
-            let mut w =
-                ShardWriter::create(&dir.join(format!("{f:02}.ds")), TokenSize::U16, "bytes")
-                    .unwrap();
-            let doc: Vec<u32> = (0..tokens as u64)
-                .map(|i| ((i * 7919 + seed * 104_729 + f as u64 * 31) % 256) as u32)
-                .collect();
-            w.write_document(&doc).unwrap();
-            w.finish().unwrap();
-        }
-    }
-
-    /// A micro model over source "a" (two files, also its own held-out folder) and source "b"
-    /// (no held-out folder). The model starts from a transformers folder written here, so that
-    /// trainers built from the job are identical whatever else uses libtorch's global random
-    /// generator meanwhile (tests run in parallel).
-    pub fn job(dir: &Path) -> v1::JobSpec {
-        shards(&dir.join("a"), 2, 80, 1);
-        shards(&dir.join("b"), 1, 50, 2);
-        let config = ModelConfig::preset("micro").unwrap();
-        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-        let _model = Llama::new(&vs, config.clone()).unwrap();
-        crate::hf::save(&vs, &config, &dir.join("model")).unwrap();
-        let path = |p: &str| dir.join(p).display().to_string();
-        v1::JobSpec {
-            name: "test".into(),
-            model_from: path("model"),
-            optimizer: Some(v1::OptimizerSpec {
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.01,
-                grad_clip: 1.0,
-            }),
-            seq_len: 32,
-            sources: vec![
-                v1::SourceSpec {
-                    name: "a".into(),
-                    path: path("a"),
-                    eval_path: path("a"),
-                },
-                v1::SourceSpec {
-                    name: "b".into(),
-                    path: path("b"),
-                    eval_path: String::new(),
-                },
-            ],
-            threads: 1,
-            init_seed: 3,
-            ..Default::default()
+/// What a checkpoint restores: parameters, optimizer, model (for its shape and RoPE θ).
+impl<'a> From<&'a mut Trainer> for crate::checkpoint::Target<'a> {
+    fn from(t: &'a mut Trainer) -> Self {
+        crate::checkpoint::Target {
+            vs: &t.vs,
+            optimizer: &mut t.optimizer,
+            model: &mut t.model,
         }
     }
 }
@@ -918,6 +463,7 @@ pub(crate) mod fixtures {
 mod tests {
     use super::fixtures::job;
     use super::*;
+    use crate::collective::Solo;
 
     fn parameters(t: &Trainer) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> = t
@@ -1047,25 +593,6 @@ mod tests {
         assert!(g.holds(4.5, 1.0).unwrap().contains("above the guard's 4"));
         assert!(g.holds(1.0, 2.5).unwrap().contains("above the guard's 2"));
         assert_eq!(Guard::of(None), none);
-    }
-
-    #[test]
-    fn reports_travel_exactly_through_f32_sums() {
-        for v in [
-            0u64,
-            1,
-            0xffff,
-            0x1_0000,
-            u64::MAX,
-            f64::NAN.to_bits(),
-            2.75f64.to_bits(),
-        ] {
-            let mut slots = [0f32; 4];
-            encode_u64(v, &mut slots);
-            // What another rank's zeros add.
-            let summed: Vec<f32> = slots.iter().map(|s| s + 0.0 + 0.0).collect();
-            assert_eq!(decode_u64(&summed), v);
-        }
     }
 
     /// Two ranks of a TCP ring: the guard drops the update on both alike (parameters, moments
@@ -1202,6 +729,59 @@ mod tests {
         assert_eq!(t.optimizer().step_count(), 2);
     }
 
+    /// After training (moments, a step count, another RoPE θ), `reinitialize` gives exactly
+    /// what a fresh trainer of the job has, and both then train the same step alike. (Here the
+    /// job starts from a model folder; `tests/reinitialize.rs` checks a seeded start, alone in
+    /// its process since libtorch's generator is global.)
+    #[test]
+    fn reinitialize_gives_the_state_of_a_fresh_trainer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = job(dir.path());
+        spec.rope_theta = 20_000.0;
+        let mut t = Trainer::new(&spec, Device::Cpu).unwrap();
+        let shape = Shape::new(16, 2).unwrap();
+        let samples = [(0, 0), (1, 8), (0, 40)];
+        t.set_fast_path(FastPath {
+            precision: Precision::Fp32,
+            fused_adamw: true,
+        })
+        .unwrap();
+        for _ in 0..3 {
+            t.step(&samples, shape, 3, 1e-2, Guard::default(), &mut Solo)
+                .unwrap();
+        }
+        t.set_rope_theta(80_000.0).unwrap();
+        let fresh = Trainer::new(&spec, Device::Cpu).unwrap();
+        assert!(!same(&parameters(&t), &parameters(&fresh)));
+
+        t.reinitialize().unwrap();
+        assert!(same(&parameters(&t), &parameters(&fresh)));
+        assert!(optimizer_state(&t)
+            .iter()
+            .zip(optimizer_state(&fresh))
+            .all(|(a, b)| a.equal(&b)));
+        assert_eq!(t.optimizer().step_count(), 0);
+        assert_eq!((t.rope_theta(), fresh.rope_theta()), (20_000.0, 20_000.0));
+        // The fast path is the worker's, not the job's state: kept.
+        assert!(t.fast_path().fused_adamw);
+
+        let mut fresh = fresh;
+        fresh
+            .set_fast_path(FastPath {
+                precision: Precision::Fp32,
+                fused_adamw: true,
+            })
+            .unwrap();
+        let a = t
+            .step(&samples, shape, 3, 1e-2, Guard::default(), &mut Solo)
+            .unwrap();
+        let b = fresh
+            .step(&samples, shape, 3, 1e-2, Guard::default(), &mut Solo)
+            .unwrap();
+        assert_eq!((a.loss_sum, a.grad_norm), (b.loss_sum, b.grad_norm));
+        assert!(same(&parameters(&t), &parameters(&fresh)));
+    }
+
     /// The trainer's fast path (bf16 compute, fused AdamW) trains the job's steps within bf16
     /// rounding of the default path, and the optimizer state checkpoints rely on stays fp32.
     #[test]
@@ -1243,6 +823,77 @@ mod tests {
                 p.name
             );
         }
+    }
+
+    /// A token the model has no embedding for is refused before the model runs, training or
+    /// evaluating, with the shard file and the token's offset in it; nothing changes.
+    #[test]
+    fn a_token_outside_the_vocabulary_is_a_data_error_naming_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = job(dir.path());
+        // Source "b": 40 tokens, then a file whose token 7 (47 in the stream) is past micro's
+        // 264 ids.
+        let bad = dir.path().join("bad");
+        std::fs::create_dir_all(&bad).unwrap();
+        for (name, doc) in [
+            ("00.ds", (0..40u32).collect::<Vec<_>>()),
+            (
+                "01.ds",
+                (0..20).map(|i| if i == 7 { 300 } else { i }).collect(),
+            ),
+        ] {
+            let mut w = crate::shards::ShardWriter::create(
+                &bad.join(name),
+                crate::shards::TokenSize::U16,
+                "bytes",
+            )
+            .unwrap();
+            w.write_document(&doc).unwrap();
+            w.finish().unwrap();
+        }
+        spec.sources[1].path = bad.display().to_string();
+        spec.sources[1].eval_path = bad.display().to_string();
+        let mut t = Trainer::new(&spec, Device::Cpu).unwrap();
+        let before = parameters(&t);
+        let shape = Shape::new(16, 2).unwrap();
+        // A window before the bad token trains.
+        t.step(
+            &[(0, 0), (1, 30)],
+            shape,
+            2,
+            1e-3,
+            Guard::default(),
+            &mut Solo,
+        )
+        .unwrap();
+        let trained = parameters(&t);
+        assert!(!same(&before, &trained));
+        let file = bad.join("01.ds");
+        let check = |err: Error| {
+            let text = err.to_string();
+            let Error::Data { path, offset, .. } = err else {
+                panic!("not a data error: {text}")
+            };
+            assert_eq!((path, offset), (file.clone(), 7), "{text}");
+            assert!(
+                text.contains("token id 300 is outside the model's vocabulary of 264 ids"),
+                "{text}"
+            );
+        };
+        check(
+            t.step(
+                &[(0, 0), (1, 35)],
+                shape,
+                2,
+                1e-3,
+                Guard::default(),
+                &mut Solo,
+            )
+            .unwrap_err(),
+        );
+        check(t.evaluate(&[(1, 40)], shape, 0.0).unwrap_err());
+        assert!(same(&trained, &parameters(&t)));
+        assert_eq!(t.optimizer().step_count(), 1);
     }
 
     #[test]
