@@ -24,7 +24,9 @@ use stagecoach_proto::v1::{
     ListStagesResponse, PauseRequest, ResumeRequest, RollbackRequest, RollbackResponse,
     SetMixRequest, SourceWeight,
 };
-use tonic::transport::{Channel, Endpoint};
+use std::sync::OnceLock;
+
+use stagecoach_proto::connect::{AuthedChannel, ClientAuth};
 use tonic::Code;
 
 pub use checkpoints::{render_checkpoints, render_events};
@@ -52,24 +54,32 @@ pub fn exit_code(err: &Error) -> u8 {
     }
 }
 
-/// Connects to the coordinator at `url` (`http://` is assumed when it has no scheme).
+/// What this process presents to coordinators (TLS material, a token); set once at start.
+static CLIENT_AUTH: OnceLock<ClientAuth> = OnceLock::new();
+
+/// Sets what every later call presents to the coordinator (`--ca`, `--cert`, `--key`,
+/// `--token-file`); without it, calls go in the clear with no token.
+pub fn set_client_auth(auth: ClientAuth) {
+    let _ = CLIENT_AUTH.set(auth);
+}
+
+/// Connects to the coordinator at `url` (`http://` is assumed when it has no scheme; it becomes
+/// `https://` with TLS material).
 pub async fn connect(url: &str) -> Result<Client, Error> {
-    let url = if url.contains("://") {
-        url.to_owned()
-    } else {
-        format!("http://{url}")
-    };
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| Error::InvalidAddress {
-            reason: innermost(&e).to_string(),
-            url: url.clone(),
-        })?
-        .connect_timeout(CONNECT_TIMEOUT)
+    let auth = CLIENT_AUTH.get().cloned().unwrap_or_default();
+    let url = auth.url(url);
+    tonic::transport::Endpoint::from_shared(url.clone()).map_err(|e| Error::InvalidAddress {
+        reason: innermost(&e).to_string(),
+        url: url.clone(),
+    })?;
+    let endpoint = auth
+        .endpoint(&url, CONNECT_TIMEOUT)
+        .map_err(|e| Error::Client(e.to_string()))?
         .timeout(CALL_TIMEOUT);
     match endpoint.connect().await {
         Ok(channel) => Ok(Client {
             url,
-            inner: ControlClient::new(channel),
+            inner: ControlClient::with_interceptor(channel, auth.bearer()),
         }),
         // Every failure to connect means the coordinator is not there to answer.
         Err(e) => Err(Error::Unreachable {
@@ -83,7 +93,7 @@ pub async fn connect(url: &str) -> Result<Client, Error> {
 #[derive(Debug, Clone)]
 pub struct Client {
     url: String,
-    inner: ControlClient<Channel>,
+    inner: ControlClient<AuthedChannel>,
 }
 
 impl Client {

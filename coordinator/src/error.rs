@@ -35,6 +35,10 @@ pub enum Error {
     #[error("{0}")]
     FailedPrecondition(String),
 
+    /// The caller is not allowed this (another caller's worker id, say).
+    #[error("{0}")]
+    PermissionDenied(String),
+
     /// A named thing (stage, checkpoint) does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -46,6 +50,10 @@ pub enum Error {
     /// The coordinator address given by the user is not a usable URI.
     #[error("invalid coordinator address {url:?}: {reason}")]
     InvalidAddress { url: String, reason: String },
+
+    /// What a client was told to present (a CA, a certificate, a token) cannot be used.
+    #[error("{0}")]
+    Client(String),
 
     /// No connection could be made to the coordinator (nothing listening, host down, timeout),
     /// or it went away during a call. Retrying later may succeed.
@@ -89,9 +97,12 @@ impl From<Error> for Status {
             Error::UnknownWorker(_) | Error::NotFound(_) => Code::NotFound,
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Store(e) if e.retryable() => Code::Unavailable,
             Error::Store(_) => Code::Internal,
-            Error::InvalidAddress { .. } | Error::Destination { .. } => Code::InvalidArgument,
+            Error::InvalidAddress { .. } | Error::Destination { .. } | Error::Client(_) => {
+                Code::InvalidArgument
+            }
             Error::Checkpoint { .. } => Code::FailedPrecondition,
             Error::Unreachable { .. } => Code::Unavailable,
             Error::Refused { code, message } => {

@@ -13,22 +13,29 @@
 //! - [`metrics`]: the Prometheus metrics of the job and the `/metrics` endpoint (the worker
 //!   serves its own through it too).
 //! - [`error`]: the crate's [`Error`], and its mapping onto gRPC status codes.
+//! - [`auth`]: who may call what (client certificates, bearer tokens, roles); [`tls`]: the
+//!   coordinator's certificate and client CA; [`certs`]: `stagecoach certs init` and tokens;
+//!   [`http`]: the HTTP endpoint (`/metrics`, `/healthz`) with the same TLS and auth.
 //! - [`store`]: durable state behind the [`store::StateStore`] trait (etcd, or an embedded
 //!   crash-safe log in a directory), opened from a URL, with the conformance suite both pass.
 //!
 //! The binaries in `src/bin/` are thin: `stagecoach-coordinator` (the server) and `stagecoach`
 //! (the user CLI).
 
+pub mod auth;
+pub mod certs;
 pub mod cli;
 pub mod datacheck;
 pub mod driver;
 pub mod error;
+pub mod http;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod workers;
 
 pub use error::Error;

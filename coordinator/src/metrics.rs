@@ -37,7 +37,7 @@ const CAUSES: [v1::TransitionCause; 5] = [
 ];
 
 /// The spike actions, each a value of the `action` label of `stagecoach_job_spikes_total`.
-const ACTIONS: [v1::SpikeAction; 7] = [
+const ACTIONS: [v1::SpikeAction; 8] = [
     v1::SpikeAction::SkipStep,
     v1::SpikeAction::Rollback,
     v1::SpikeAction::Pause,
@@ -45,6 +45,7 @@ const ACTIONS: [v1::SpikeAction; 7] = [
     v1::SpikeAction::FailurePause,
     v1::SpikeAction::FailureStop,
     v1::SpikeAction::CheckpointFallback,
+    v1::SpikeAction::Control,
 ];
 
 /// The kinds of store write, each a value of the `write` label of
@@ -69,6 +70,7 @@ pub fn action_label(action: v1::SpikeAction) -> &'static str {
         v1::SpikeAction::FailurePause => "failure_pause",
         v1::SpikeAction::FailureStop => "failure_stop",
         v1::SpikeAction::CheckpointFallback => "checkpoint_fallback",
+        v1::SpikeAction::Control => "control",
     }
 }
 
@@ -82,6 +84,25 @@ pub fn cause_label(cause: v1::TransitionCause) -> &'static str {
         v1::TransitionCause::ManualSet => "manual_set",
         v1::TransitionCause::MixChange => "mix_change",
     }
+}
+
+/// Control requests by action and outcome (done, failed, refused): the audit trail's count.
+/// Process-wide, so the services record into it without a handle; registered into a
+/// [`Metrics`] registry by [`Metrics::new`].
+static CONTROL_REQUESTS: std::sync::LazyLock<IntCounterVec> = std::sync::LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "stagecoach_control_requests_total",
+            "Requests to change the job, by action and outcome (done, failed, refused)",
+        ),
+        &["action", "outcome"],
+    )
+    .expect("a valid metric definition")
+});
+
+/// Counts a control request (see [`CONTROL_REQUESTS`]).
+pub fn control_request(action: &str, outcome: &str) {
+    CONTROL_REQUESTS.with_label_values(&[action, outcome]).inc();
 }
 
 /// The coordinator's metrics. The driver updates them: [`Metrics::observe`] after every event,
@@ -409,6 +430,8 @@ impl Metrics {
             registry: r,
         };
         m.store_available.set(1);
+        // Each registry holds the process's counter of control requests (tests build several).
+        let _ = m.registry.register(Box::new(CONTROL_REQUESTS.clone()));
         for kind in stagecoach_core::recovery::KINDS {
             m.failures
                 .with_label_values(&[stagecoach_core::recovery::kind_label(kind)]);

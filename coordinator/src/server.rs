@@ -14,6 +14,7 @@ use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use crate::auth::{Auth, Caller, Need};
 use crate::driver::{ControlReply, ControlRequest, Event};
 use crate::workers::{ask, WorkersService};
 use crate::Error;
@@ -26,6 +27,8 @@ pub struct Coordinator {
     started: Instant,
     /// The running job's driver, when this coordinator runs one.
     driver: Option<DriverHandle>,
+    /// Who may call what (every handler checks its caller first).
+    auth: Arc<Auth>,
 }
 
 /// How the services reach a running [`Driver`](crate::driver::Driver).
@@ -44,7 +47,18 @@ impl Coordinator {
             job: job.into(),
             started: Instant::now(),
             driver: None,
+            auth: Arc::new(Auth::open()),
         }
+    }
+
+    /// Checks callers with `auth` (an open coordinator by default).
+    pub fn with_auth(mut self, auth: Arc<Auth>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
     }
 
     /// A coordinator whose status and worker services are backed by a running driver.
@@ -86,6 +100,38 @@ impl Coordinator {
         };
         ask(&d.events, |reply| Event::Control { request, reply }).await
     }
+
+    /// A change an operator asks for: checks the caller, records who asked (the authenticated
+    /// identity; on an open coordinator what the client says) and the outcome in the audit log
+    /// and metric, and passes it to the driver.
+    async fn operate<T>(
+        &self,
+        request: &Request<T>,
+        action: &'static str,
+        given_by: String,
+        make: impl FnOnce(String) -> ControlRequest,
+    ) -> Result<ControlReply, Status> {
+        let caller = self.permitted(request, action)?;
+        let who = match caller.role {
+            None => requester(given_by),
+            Some(_) => caller.describe(),
+        };
+        let reply = self.control(make(who.clone())).await;
+        audit(action, if reply.is_ok() { "done" } else { "failed" }, &who);
+        reply
+    }
+
+    /// The caller, if it may change the job; a refusal is audited.
+    fn permitted<T>(&self, request: &Request<T>, action: &'static str) -> Result<Caller, Status> {
+        self.auth.check(request, Need::Operate).inspect_err(|status| {
+            audit(action, "refused", &format!("{} ({})", peer(request), status.message()));
+        })
+    }
+
+    /// A read a viewer may do: checks the caller.
+    fn view<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.auth.check(request, Need::View).map(|_| ())
+    }
 }
 
 /// The reply of the kind a request expects (the driver answers each request with its own kind).
@@ -105,8 +151,9 @@ macro_rules! expect_reply {
 impl Control for Coordinator {
     async fn get_status(
         &self,
-        _request: Request<GetStatusRequest>,
+        request: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
+        self.view(&request)?;
         let mut status = GetStatusResponse {
             job: self.job.clone(),
             state: self.state().into(),
@@ -157,8 +204,9 @@ impl Control for Coordinator {
 
     async fn list_stages(
         &self,
-        _request: Request<v1::ListStagesRequest>,
+        request: Request<v1::ListStagesRequest>,
     ) -> Result<Response<v1::ListStagesResponse>, Status> {
+        self.view(&request)?;
         expect_reply!(self.control(ControlRequest::ListStages).await?, Stages)
     }
 
@@ -166,7 +214,8 @@ impl Control for Coordinator {
         &self,
         request: Request<v1::ChangeStageRequest>,
     ) -> Result<Response<v1::ChangeStageResponse>, Status> {
-        let r = request.into_inner();
+        self.permitted(&request, "stage")?;
+        let (request, r) = split(request);
         let stage = match r.target {
             Some(v1::change_stage_request::Target::Stage(name)) => {
                 if name.trim().is_empty() {
@@ -190,86 +239,102 @@ impl Control for Coordinator {
                 ))
             }
         };
-        let request = ControlRequest::ChangeStage {
-            stage,
-            requested_by: requester(r.requested_by),
-        };
-        expect_reply!(self.control(request).await?, StageChanged)
+        let reply = self
+            .operate(&request, "stage", r.requested_by, |requested_by| {
+                ControlRequest::ChangeStage {
+                    stage,
+                    requested_by,
+                }
+            })
+            .await?;
+        expect_reply!(reply, StageChanged)
     }
 
     async fn set_mix(
         &self,
         request: Request<v1::SetMixRequest>,
     ) -> Result<Response<v1::SetMixResponse>, Status> {
-        let r = request.into_inner();
+        self.permitted(&request, "mix")?;
+        let (request, r) = split(request);
         if r.weights.is_empty() {
             return Err(Status::invalid_argument(
                 "no weights: give at least one source=weight",
             ));
         }
-        let request = ControlRequest::SetMix {
-            stage: r.stage,
-            weights: r
-                .weights
-                .into_iter()
-                .map(|w| (w.source, w.weight))
-                .collect(),
-            requested_by: requester(r.requested_by),
-        };
-        expect_reply!(self.control(request).await?, MixSet)
+        let weights: Vec<(String, f64)> = r
+            .weights
+            .into_iter()
+            .map(|w| (w.source, w.weight))
+            .collect();
+        let reply = self
+            .operate(&request, "mix", r.requested_by, |requested_by| {
+                ControlRequest::SetMix {
+                    stage: r.stage,
+                    weights,
+                    requested_by,
+                }
+            })
+            .await?;
+        expect_reply!(reply, MixSet)
     }
 
     async fn pause(
         &self,
         request: Request<v1::PauseRequest>,
     ) -> Result<Response<v1::PauseResponse>, Status> {
-        let requested_by = requester(request.into_inner().requested_by);
-        expect_reply!(
-            self.control(ControlRequest::Pause { requested_by }).await?,
-            Paused
-        )
+        let (request, r) = split(request);
+        let reply = self
+            .operate(&request, "pause", r.requested_by, |requested_by| {
+                ControlRequest::Pause { requested_by }
+            })
+            .await?;
+        expect_reply!(reply, Paused)
     }
 
     async fn resume(
         &self,
         request: Request<v1::ResumeRequest>,
     ) -> Result<Response<v1::ResumeResponse>, Status> {
-        let requested_by = requester(request.into_inner().requested_by);
-        expect_reply!(
-            self.control(ControlRequest::Resume { requested_by })
-                .await?,
-            Resumed
-        )
+        let (request, r) = split(request);
+        let reply = self
+            .operate(&request, "resume", r.requested_by, |requested_by| {
+                ControlRequest::Resume { requested_by }
+            })
+            .await?;
+        expect_reply!(reply, Resumed)
     }
 
     async fn evaluate(
         &self,
         request: Request<v1::EvaluateRequest>,
     ) -> Result<Response<v1::EvaluateResponse>, Status> {
-        let requested_by = requester(request.into_inner().requested_by);
-        expect_reply!(
-            self.control(ControlRequest::Evaluate { requested_by })
-                .await?,
-            Evaluating
-        )
+        let (request, r) = split(request);
+        let reply = self
+            .operate(&request, "evaluate", r.requested_by, |requested_by| {
+                ControlRequest::Evaluate { requested_by }
+            })
+            .await?;
+        expect_reply!(reply, Evaluating)
     }
 
     async fn checkpoint_now(
         &self,
         request: Request<v1::CheckpointNowRequest>,
     ) -> Result<Response<v1::CheckpointNowResponse>, Status> {
-        let requested_by = requester(request.into_inner().requested_by);
-        expect_reply!(
-            self.control(ControlRequest::CheckpointNow { requested_by })
-                .await?,
-            CheckpointScheduled
-        )
+        let (request, r) = split(request);
+        let reply = self
+            .operate(&request, "checkpoint", r.requested_by, |requested_by| {
+                ControlRequest::CheckpointNow { requested_by }
+            })
+            .await?;
+        expect_reply!(reply, CheckpointScheduled)
     }
 
     async fn list_checkpoints(
         &self,
-        _request: Request<v1::ListCheckpointsRequest>,
+        request: Request<v1::ListCheckpointsRequest>,
     ) -> Result<Response<v1::ListCheckpointsResponse>, Status> {
+        self.view(&request)?;
         expect_reply!(
             self.control(ControlRequest::ListCheckpoints).await?,
             Checkpoints
@@ -280,18 +345,24 @@ impl Control for Coordinator {
         &self,
         request: Request<v1::RollbackRequest>,
     ) -> Result<Response<v1::RollbackResponse>, Status> {
-        let r = request.into_inner();
-        let request = ControlRequest::Rollback {
-            checkpoint: (!r.checkpoint.is_empty()).then_some(r.checkpoint),
-            requested_by: requester(r.requested_by),
-        };
-        expect_reply!(self.control(request).await?, RolledBack)
+        let (request, r) = split(request);
+        let checkpoint = (!r.checkpoint.is_empty()).then_some(r.checkpoint);
+        let reply = self
+            .operate(&request, "rollback", r.requested_by, |requested_by| {
+                ControlRequest::Rollback {
+                    checkpoint,
+                    requested_by,
+                }
+            })
+            .await?;
+        expect_reply!(reply, RolledBack)
     }
 
     async fn list_events(
         &self,
-        _request: Request<v1::ListEventsRequest>,
+        request: Request<v1::ListEventsRequest>,
     ) -> Result<Response<v1::ListEventsResponse>, Status> {
+        self.view(&request)?;
         expect_reply!(self.control(ControlRequest::ListEvents).await?, Events)
     }
 }
@@ -299,6 +370,26 @@ impl Control for Coordinator {
 /// The longest stage name a request may carry, in bytes (names have at most
 /// `stagecoach_core::spec::MAX_NAME` characters of up to 4 bytes).
 const MAX_NAME_BYTES: usize = 4 * stagecoach_core::spec::MAX_NAME;
+
+/// A request's message, and a request of nothing that keeps its metadata and connection
+/// (to check and audit the caller after taking the message apart).
+fn split<T>(request: Request<T>) -> (Request<()>, T) {
+    let (metadata, extensions, message) = request.into_parts();
+    (Request::from_parts(metadata, extensions, ()), message)
+}
+
+/// Where a request came from, for the audit log of a refusal.
+fn peer<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or("an unknown peer".to_owned(), |a| a.to_string())
+}
+
+/// One line of the audit trail (target `audit`), and its metric.
+fn audit(action: &str, outcome: &str, who: &str) {
+    info!(target: "audit", action, outcome, by = %who, "control request");
+    crate::metrics::control_request(action, outcome);
+}
 
 /// Who asked, for the record: what the client said, or "unknown".
 fn requester(given: String) -> String {
@@ -309,23 +400,31 @@ fn requester(given: String) -> String {
     }
 }
 
-/// Serves the coordinator's gRPC services on `listener` until `shutdown` resolves, then stops
-/// accepting connections and returns once the open ones have finished.
+/// Serves the coordinator's gRPC services on `listener` (over TLS with `tls`) until `shutdown`
+/// resolves, then stops accepting connections and returns once the open ones have finished.
 ///
 /// The caller binds the listener, so it can bind port 0 and read the port back first.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<Coordinator>,
+    tls: Option<&crate::tls::ServerTls>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let addr = listener.local_addr()?;
-    info!(%addr, job = %state.job(), "coordinator serving");
+    info!(%addr, job = %state.job(), tls = tls.is_some(), "coordinator serving");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let workers = state
-        .driver
-        .as_ref()
-        .map(|d| WorkersServer::new(WorkersService::new(d.events.clone(), d.leases.clone())));
-    Server::builder()
+    let workers = state.driver.as_ref().map(|d| {
+        WorkersServer::new(WorkersService::new(
+            d.events.clone(),
+            d.leases.clone(),
+            state.auth.clone(),
+        ))
+    });
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls.grpc())?;
+    }
+    server
         .add_service(ControlServer::from_arc(state))
         .add_optional_service(workers)
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
+use crate::auth::{Auth, Need};
 use crate::driver::{Event, LeaseBook};
 use crate::error::clip;
 use crate::Error;
@@ -29,15 +30,18 @@ const OUTBOX: usize = 256;
 pub struct WorkersService {
     events: mpsc::Sender<Event>,
     leases: Arc<LeaseBook>,
+    /// Only a worker registers and holds a session; an id belongs to who registered it.
+    auth: Arc<Auth>,
     /// Numbers sessions, so that the end of an old session never detaches a newer one.
     sessions: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl WorkersService {
-    pub fn new(events: mpsc::Sender<Event>, leases: Arc<LeaseBook>) -> Self {
+    pub fn new(events: mpsc::Sender<Event>, leases: Arc<LeaseBook>, auth: Arc<Auth>) -> Self {
         WorkersService {
             events,
             leases,
+            auth,
             sessions: Default::default(),
         }
     }
@@ -96,11 +100,19 @@ impl Workers for WorkersService {
         &self,
         request: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
+        // An unauthenticated caller learns nothing: not the job, not whether its request is sound.
+        let caller = self.auth.check(&request, Need::Work)?;
         let request = request.into_inner();
         if request.backend() == v1::CollectiveBackend::Unspecified {
             return Err(Status::invalid_argument("backend must be TCP or NCCL"));
         }
-        let response = ask(&self.events, |reply| Event::Register { request, reply }).await?;
+        let identity = caller.describe();
+        let response = ask(&self.events, |reply| Event::Register {
+            request,
+            identity,
+            reply,
+        })
+        .await?;
         Ok(Response::new(response))
     }
 
@@ -113,6 +125,7 @@ impl Workers for WorkersService {
         &self,
         request: Request<Streaming<v1::WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let caller = self.auth.check(&request, Need::Work)?;
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -133,8 +146,10 @@ impl Workers for WorkersService {
         let session = 1 + self
             .sessions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let identity = caller.describe();
         ask(&self.events, |reply| Event::Attach {
             worker_id: id,
+            identity,
             session,
             outbox,
             reply,

@@ -36,7 +36,7 @@ impl TestServer {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let state = Arc::new(Coordinator::new(job));
-        let task = tokio::spawn(serve(listener, state, async {
+        let task = tokio::spawn(serve(listener, state, None, async {
             let _ = stopped.await;
         }));
         Self { url, stop, task }

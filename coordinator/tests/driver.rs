@@ -241,7 +241,11 @@ async fn nccl_worlds_carry_rank_0s_unique_id_and_each_id_serves_one_world() {
                 nccl_unique_id: vec![id_byte; len],
             };
             events
-                .send(Event::Register { request, reply })
+                .send(Event::Register {
+                request,
+                identity: "anonymous".into(),
+                reply,
+            })
                 .await
                 .unwrap();
             rx.await.unwrap()

@@ -67,7 +67,7 @@ async fn start() -> String {
             leases,
         },
     ));
-    tokio::spawn(serve(listener, coordinator, std::future::pending()));
+    tokio::spawn(serve(listener, coordinator, None, std::future::pending()));
     url
 }
 

@@ -137,6 +137,19 @@ enum Command {
         /// register again for this many seconds before giving up.
         #[arg(long, value_name = "SECONDS", default_value_t = 120)]
         reconnect_secs: u64,
+        /// The CA that signed the coordinator's certificate: talk TLS, and check it against this.
+        #[arg(long, value_name = "FILE", env = "STAGECOACH_CA")]
+        ca: Option<PathBuf>,
+        /// A client certificate for mutual TLS (with --key).
+        #[arg(long, value_name = "FILE", env = "STAGECOACH_CERT")]
+        cert: Option<PathBuf>,
+        /// The private key of --cert.
+        #[arg(long, value_name = "FILE", env = "STAGECOACH_KEY")]
+        key: Option<PathBuf>,
+        /// A file holding the worker join token (without one, the STAGECOACH_TOKEN environment
+        /// variable is used if set). Tokens are never given on the command line.
+        #[arg(long, value_name = "FILE", env = "STAGECOACH_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
         /// Replace the tokens of every training sample of source index SOURCE whose token
         /// offset lies in FROM..TO (TO excluded) with uniformly random tokens (a fixed seed), so
         /// the loss jumps for real. Repeatable.
@@ -348,11 +361,21 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
             metrics_out,
             metrics_listen,
             reconnect_secs,
+            ca,
+            cert,
+            key,
+            token_file,
             poison,
             kill_at_step,
             stop_heartbeats_at_step,
             fast,
         } => {
+            let auth = stagecoach_proto::connect::ClientAuth::from_files(
+                ca.as_deref(),
+                cert.as_deref(),
+                key.as_deref(),
+                token_file.as_deref(),
+            )?;
             stagecoach_worker::agent::join(stagecoach_worker::agent::JoinOptions {
                 coordinator,
                 listen,
@@ -366,6 +389,7 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
                     stop_heartbeats_at_step,
                 },
                 fast_path: fast.get(),
+                auth,
             })?;
         }
         Command::Tokenize {

@@ -7,14 +7,17 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use stagecoach_coordinator::auth::Auth;
 use stagecoach_coordinator::driver::{Driver, Policy, Resume, Settings};
 use stagecoach_coordinator::ledger::StoreLedger;
 use stagecoach_coordinator::metrics::Metrics;
 use stagecoach_coordinator::server::DriverHandle;
+use stagecoach_coordinator::tls::ServerTls;
 use stagecoach_coordinator::{serve, shutdown_signal, Coordinator};
 use stagecoach_core::spec::JobFile;
 use stagecoach_proto::v1::JobState;
@@ -39,6 +42,58 @@ struct Args {
     /// Durable state: a directory (the embedded store) or etcd://host:port[/prefix].
     #[arg(long, value_name = "URL", default_value = "runs/state")]
     state: String,
+    /// The coordinator's TLS certificate (PEM; its chain may follow), for the gRPC services and
+    /// the HTTP endpoint. With --tls-key.
+    #[arg(long, value_name = "FILE", env = "STAGECOACH_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", env = "STAGECOACH_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS); a certificate's Common Name
+    /// ROLE:NAME (or a rule in --auth) gives its role. Needs --tls-cert.
+    #[arg(long, value_name = "FILE", env = "STAGECOACH_CLIENT_CA", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// The auth file: bearer tokens (by their SHA-256) with roles, and certificate rules (see
+    /// `stagecoach certs init`).
+    #[arg(long, value_name = "FILE", env = "STAGECOACH_AUTH")]
+    auth: Option<PathBuf>,
+    /// Listen on a non-loopback address without TLS and without tokens (anyone who reaches the
+    /// port may drive the job).
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl Args {
+    /// The TLS material and the auth policy, checked: a coordinator reachable from other
+    /// machines must authenticate its callers unless told `--insecure`.
+    fn security(&self) -> anyhow::Result<(Option<ServerTls>, Auth)> {
+        let auth = Auth::load(self.auth.as_deref(), self.client_ca.is_some())?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTls::load(
+                cert,
+                key,
+                self.client_ca.as_deref(),
+                auth.has_tokens(),
+            )?),
+            _ => None,
+        };
+        let exposed = [self.listen, self.metrics_listen]
+            .into_iter()
+            .find(|a| !a.ip().is_loopback());
+        if let Some(addr) = exposed {
+            if tls.is_none() && auth.is_open() && !self.insecure {
+                anyhow::bail!(
+                    "refusing to listen on {addr} with neither TLS nor tokens: anyone who reaches it could drive the job. \
+                     Give --tls-cert/--tls-key (and --client-ca) or --auth with tokens (`stagecoach certs init DIR` writes all of them), \
+                     listen on 127.0.0.1, or pass --insecure"
+                );
+            }
+            if tls.is_none() && !auth.is_open() {
+                tracing::warn!(%addr, "tokens are accepted without TLS: they cross the network in the clear");
+            }
+        }
+        Ok((tls, auth))
+    }
 }
 
 #[tokio::main]
@@ -55,6 +110,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
 
     let shutdown = shutdown_signal().context("installing signal handlers")?;
+    let (tls, auth) = args.security()?;
+    let auth = Arc::new(auth);
     // The job and its state first: a coordinator that refuses its job never says it listens.
     let prepared = match &args.job {
         Some(path) => Some(prepare(path, &args.state).await?),
@@ -83,26 +140,41 @@ async fn main() -> anyhow::Result<()> {
     stdout.flush()?;
     drop(stdout);
 
+    let http_tls = match &tls {
+        Some(t) => Some(t.rustls()?),
+        None => None,
+    };
+    let endpoint = |registry| {
+        Arc::new(stagecoach_coordinator::http::Endpoint {
+            registry,
+            auth: auth.clone(),
+            tls: http_tls.clone(),
+        })
+    };
     let Some((job, driver, metrics)) = prepared else {
         let registry = Metrics::new().registry().clone();
-        let metrics_server = stagecoach_core::metrics::serve(metrics_listener, registry);
+        let http = stagecoach_coordinator::http::serve(metrics_listener, endpoint(registry));
+        let coordinator = Arc::new(Coordinator::new("none").with_auth(auth.clone()));
         tokio::select! {
-            served = serve(listener, Arc::new(Coordinator::new("none")), shutdown) => served?,
-            () = metrics_server => {}
+            served = serve(listener, coordinator, tls.as_ref(), shutdown) => served?,
+            () = http => {}
         }
         return Ok(());
     };
     let (events, rx) = tokio::sync::mpsc::channel(1024);
     let snapshot = driver.snapshot();
     let mut finished = snapshot.clone();
-    let coordinator = Arc::new(Coordinator::with_driver(
-        job.job.name.clone(),
-        DriverHandle {
-            events,
-            snapshot,
-            leases: driver.leases(),
-        },
-    ));
+    let coordinator = Arc::new(
+        Coordinator::with_driver(
+            job.job.name.clone(),
+            DriverHandle {
+                events,
+                snapshot,
+                leases: driver.leases(),
+            },
+        )
+        .with_auth(auth.clone()),
+    );
     let span = tracing::info_span!("job", job = %job.job.name);
     let mut driver_task = tokio::spawn(tracing::Instrument::instrument(driver.run(rx), span));
     // Serve until a signal, or until the job is over (after a moment for workers to hear it),
@@ -116,11 +188,11 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let metrics_server =
-        stagecoach_core::metrics::serve(metrics_listener, metrics.registry().clone());
+        stagecoach_coordinator::http::serve(metrics_listener, endpoint(metrics.registry().clone()));
     let outcome = finished_outcome(&coordinator);
     let mut crashed = None;
     {
-        let served = serve(listener, coordinator.clone(), async {
+        let served = serve(listener, coordinator.clone(), tls.as_ref(), async {
             tokio::select! {
                 _ = shutdown => {}
                 _ = over => {}

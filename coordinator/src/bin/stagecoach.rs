@@ -21,6 +21,19 @@ struct Cli {
         default_value = cli::DEFAULT_COORDINATOR
     )]
     coordinator: String,
+    /// The CA that signed the coordinator's certificate: talk TLS, and check it against this.
+    #[arg(long, global = true, value_name = "FILE", env = "STAGECOACH_CA")]
+    ca: Option<PathBuf>,
+    /// A client certificate for mutual TLS (with --key).
+    #[arg(long, global = true, value_name = "FILE", env = "STAGECOACH_CERT")]
+    cert: Option<PathBuf>,
+    /// The private key of --cert.
+    #[arg(long, global = true, value_name = "FILE", env = "STAGECOACH_KEY")]
+    key: Option<PathBuf>,
+    /// A file holding a bearer token (without one, the STAGECOACH_TOKEN environment variable
+    /// is used if set). Tokens are never given on the command line.
+    #[arg(long, global = true, value_name = "FILE", env = "STAGECOACH_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,6 +103,11 @@ enum Command {
         /// Where to write the model folder (created; it must be empty if it exists).
         dir: PathBuf,
     },
+    /// Make the certificates and tokens of a cluster (needs no coordinator).
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
     /// Check a job file without a coordinator: every problem, with its place in the file.
     Validate {
         /// The job file (TOML).
@@ -119,6 +137,42 @@ enum StageAction {
 }
 
 #[derive(Debug, Subcommand)]
+enum CertsAction {
+    /// Write a CA, the coordinator's certificate, client certificates for a worker, an operator
+    /// and a viewer, a token per role and the auth file into DIR.
+    Init {
+        /// The folder to write into (created; no file in it is ever replaced).
+        dir: PathBuf,
+        /// A name or address the coordinator is reached at, besides localhost, 127.0.0.1 and ::1
+        /// (repeat for several).
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+    },
+    /// Write a new token into FILE and print the auth file entry that admits it.
+    Token {
+        /// Who holds it (the audit trail's name).
+        #[arg(long)]
+        name: String,
+        /// viewer, operator or worker.
+        #[arg(long, value_parser = parse_role)]
+        role: stagecoach_coordinator::auth::Role,
+        /// Where to write the token.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+fn parse_role(s: &str) -> Result<stagecoach_coordinator::auth::Role, String> {
+    use stagecoach_coordinator::auth::Role;
+    match s {
+        "viewer" => Ok(Role::Viewer),
+        "operator" => Ok(Role::Operator),
+        "worker" => Ok(Role::Worker),
+        other => Err(format!("{other:?}: the roles are viewer, operator and worker")),
+    }
+}
+
+#[derive(Debug, Subcommand)]
 enum CheckpointAction {
     /// Write a checkpoint after the step in flight (or now, between steps).
     Now,
@@ -141,6 +195,18 @@ enum MixAction {
 async fn main() -> ExitCode {
     let args = Cli::parse();
     let url = &args.coordinator;
+    match stagecoach_proto::connect::ClientAuth::from_files(
+        args.ca.as_deref(),
+        args.cert.as_deref(),
+        args.key.as_deref(),
+        args.token_file.as_deref(),
+    ) {
+        Ok(auth) => cli::set_client_auth(auth),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match args.command {
         Command::Status { json } => cli::status(url, json).await,
         Command::Stages { json } => cli::stages(url, json).await,
@@ -168,6 +234,12 @@ async fn main() -> ExitCode {
         Command::Rollback { checkpoint } => cli::rollback(url, checkpoint.as_deref()).await,
         Command::Events { json } => cli::events(url, json).await,
         Command::Export { checkpoint, dir } => cli::export(&checkpoint, &dir),
+        Command::Certs { action } => match action {
+            CertsAction::Init { dir, hosts } => stagecoach_coordinator::certs::init(&dir, &hosts),
+            CertsAction::Token { name, role, out } => {
+                stagecoach_coordinator::certs::token(&name, role, &out)
+            }
+        },
         Command::Validate {
             job,
             no_data,

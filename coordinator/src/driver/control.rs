@@ -7,7 +7,34 @@ use tracing::info;
 use super::{now_ms, ControlReply, ControlRequest, Driver, Error};
 
 impl Driver {
+    /// A control request, and, when it changed the job, its entry in the audit trail (an event
+    /// with the caller's identity; a rollback has its own event).
     pub(super) async fn control(&mut self, request: ControlRequest) -> Result<ControlReply, Error> {
+        let audit = audit_entry(&request);
+        let reply = self.handle_control(request).await?;
+        if let Some((who, what)) = audit {
+            let detail = match &reply {
+                ControlReply::StageChanged(r) => {
+                    format!("{what}: {} → {} at step {}", r.from, r.to, r.effective_step)
+                }
+                ControlReply::Paused(r) => format!("{what} after step {}", r.step),
+                ControlReply::Resumed(r) => format!("{what} at step {}", r.step),
+                _ => what,
+            };
+            let event = v1::SpikeEvent {
+                detected_at: self.step,
+                action: v1::SpikeAction::Control.into(),
+                requested_by: who,
+                unix_ms: now_ms(),
+                detail: crate::error::clip(&detail, 500),
+                ..Default::default()
+            };
+            self.record_event(event).await;
+        }
+        Ok(reply)
+    }
+
+    async fn handle_control(&mut self, request: ControlRequest) -> Result<ControlReply, Error> {
         let read_only = matches!(
             request,
             ControlRequest::ListStages
@@ -212,4 +239,37 @@ impl Driver {
             ))
         })
     }
+}
+
+/// Who asked and what, for the audit trail of a request that changes the job.
+fn audit_entry(request: &ControlRequest) -> Option<(String, String)> {
+    let (who, what) = match request {
+        ControlRequest::ChangeStage {
+            stage,
+            requested_by,
+        } => (
+            requested_by,
+            match stage {
+                Some(s) => format!("stage set {s}"),
+                None => "stage next".to_owned(),
+            },
+        ),
+        ControlRequest::SetMix {
+            stage,
+            weights,
+            requested_by,
+        } => {
+            let w: Vec<String> = weights.iter().map(|(s, w)| format!("{s}={w}")).collect();
+            (requested_by, format!("mix set {stage} {}", w.join(" ")))
+        }
+        ControlRequest::Pause { requested_by } => (requested_by, "pause".to_owned()),
+        ControlRequest::Resume { requested_by } => (requested_by, "resume".to_owned()),
+        ControlRequest::Evaluate { requested_by } => (requested_by, "evaluation".to_owned()),
+        ControlRequest::CheckpointNow { requested_by } => (requested_by, "checkpoint".to_owned()),
+        ControlRequest::ListStages
+        | ControlRequest::ListCheckpoints
+        | ControlRequest::ListEvents
+        | ControlRequest::Rollback { .. } => return None,
+    };
+    Some((who.clone(), what))
 }

@@ -17,11 +17,16 @@ use crate::Error;
 pub enum Event {
     Register {
         request: v1::RegisterRequest,
+        /// Who registers (the authenticated caller; `anonymous` on an open coordinator): the
+        /// worker id it gets is bound to it.
+        identity: String,
         reply: oneshot::Sender<Result<v1::RegisterResponse, Error>>,
     },
     /// Session `session` opened for `worker_id`; messages for it go to `outbox`.
     Attach {
         worker_id: String,
+        /// Who opens the session: it must be who registered `worker_id`.
+        identity: String,
         session: u64,
         outbox: mpsc::Sender<v1::CoordinatorMessage>,
         reply: oneshot::Sender<Result<(), Error>>,

@@ -21,6 +21,8 @@ pub(super) const NCCL_ID_BYTES: usize = 128;
 const MAX_FIELD: usize = 256;
 
 pub(super) struct Member {
+    /// Who registered it (the authenticated caller): only it may open its sessions.
+    pub(super) owner: String,
     pub(super) address: String,
     pub(super) backend: v1::CollectiveBackend,
     /// An unused NCCL unique id from this worker, for a world where it is rank 0.
@@ -72,6 +74,7 @@ impl Driver {
     pub(super) async fn register(
         &mut self,
         request: v1::RegisterRequest,
+        identity: String,
     ) -> Result<v1::RegisterResponse, Error> {
         if request.name.len() > MAX_FIELD || request.collective_address.len() > MAX_FIELD {
             return Err(Error::InvalidArgument(format!(
@@ -106,10 +109,15 @@ impl Driver {
         }
         // A worker that registers again (its session broke, or it restarted on the same
         // address) supersedes its old id at once: no world waits a lease for a ghost.
+        // Only by the same identity: another caller cannot push a worker out.
         let superseded: Vec<String> = self
             .members
             .iter()
-            .filter(|(_, m)| !m.address.is_empty() && m.address == request.collective_address)
+            .filter(|(_, m)| {
+                !m.address.is_empty()
+                    && m.address == request.collective_address
+                    && m.owner == identity
+            })
             .map(|(id, _)| id.clone())
             .collect();
         if let Some(other) = self
@@ -133,6 +141,7 @@ impl Driver {
         self.members.insert(
             id.clone(),
             Member {
+                owner: identity,
                 address: request.collective_address,
                 backend,
                 nccl_id: request.nccl_unique_id,

@@ -328,18 +328,27 @@ impl Driver {
 
     pub(super) async fn handle(&mut self, ev: Event) {
         match ev {
-            Event::Register { request, reply } => {
-                let r = self.register(request).await;
+            Event::Register {
+                request,
+                identity,
+                reply,
+            } => {
+                let r = self.register(request, identity).await;
                 let _ = reply.send(r);
             }
             Event::Attach {
                 worker_id,
+                identity,
                 session,
                 outbox,
                 reply,
             } => {
                 let r = match self.members.get_mut(&worker_id) {
-                    None => Err(Error::UnknownWorker(worker_id)),
+                    None => Err(Error::UnknownWorker(crate::error::clip(&worker_id, 80))),
+                    Some(m) if m.owner != identity => Err(Error::PermissionDenied(format!(
+                        "worker {worker_id} was registered by {}, not {identity}",
+                        m.owner
+                    ))),
                     Some(m) => {
                         m.outbox = Some(outbox);
                         m.session = session;

@@ -181,7 +181,11 @@ impl Harness {
             ..Default::default()
         };
         self.events
-            .send(Event::Register { request, reply })
+            .send(Event::Register {
+                request,
+                identity: "anonymous".into(),
+                reply,
+            })
             .await
             .unwrap();
         rx.await.unwrap()
@@ -194,6 +198,7 @@ impl Harness {
         self.events
             .send(Event::Attach {
                 worker_id: id.into(),
+                identity: "anonymous".into(),
                 session: self.sessions.get(),
                 outbox,
                 reply,

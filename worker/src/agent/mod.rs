@@ -61,6 +61,9 @@ pub struct JoinOptions {
     pub faults: Faults,
     /// bf16 and the fused optimizer (fp32 and element-wise by default).
     pub fast_path: crate::train::FastPath,
+    /// What to present to the coordinator: a CA to check it against, a client certificate, a
+    /// token (none by default: plain gRPC).
+    pub auth: stagecoach_proto::connect::ClientAuth,
 }
 
 enum Command {
@@ -106,7 +109,7 @@ fn rpc(what: &str, e: tonic::Status) -> Error {
 
 /// A registration: the client, this worker's id in it, and the job.
 struct Link {
-    client: WorkersClient<tonic::transport::Channel>,
+    client: WorkersClient<stagecoach_proto::connect::AuthedChannel>,
     worker_id: String,
     job: v1::JobSpec,
     heartbeat: Duration,
@@ -116,6 +119,8 @@ struct Link {
 struct Registrar {
     endpoint: tonic::transport::Endpoint,
     url: String,
+    /// The token interceptor of every call.
+    bearer: stagecoach_proto::connect::Bearer,
     address: SocketAddr,
     device: tch::Device,
 }
@@ -125,7 +130,7 @@ impl Registrar {
         let channel = self.endpoint.connect().await.map_err(|e| {
             Error::Coordinator(format!("cannot reach the coordinator at {}: {e}", self.url))
         })?;
-        let mut client = WorkersClient::new(channel);
+        let mut client = WorkersClient::with_interceptor(channel, self.bearer.clone());
         // The device decides the collective: NCCL between GPUs (its unique id travels through
         // the coordinator), the TCP ring between CPU workers.
         let (backend, nccl_unique_id) = match self.device {
@@ -242,9 +247,10 @@ async fn session(opts: JoinOptions) -> Result<()> {
         metrics.registry().clone(),
     )));
     info!("metrics on http://{metrics_address}/metrics");
-    let endpoint = tonic::transport::Endpoint::from_shared(opts.coordinator.clone())
-        .map_err(|e| Error::Config(format!("coordinator URL {:?}: {e}", opts.coordinator)))?
-        .connect_timeout(Duration::from_secs(10));
+    let endpoint = opts
+        .auth
+        .endpoint(&opts.coordinator, Duration::from_secs(10))
+        .map_err(|e| Error::Config(e.to_string()))?;
     // The device decides the backend this worker registers with, and the registration is what
     // tells it the job: so the device is `--device`, else the CPU, and the job's own device
     // must then be the CPU too (see `check_device`). Parsing may load libtorch_cuda: off the
@@ -256,7 +262,8 @@ async fn session(opts: JoinOptions) -> Result<()> {
     .await?;
     let registrar = Registrar {
         endpoint,
-        url: opts.coordinator.clone(),
+        url: opts.auth.url(&opts.coordinator),
+        bearer: opts.auth.bearer(),
         address,
         device,
     };
@@ -620,6 +627,7 @@ mod tests {
             reconnect: Duration::from_secs(reconnect_secs),
             faults: Faults::default(),
             fast_path: Default::default(),
+            auth: Default::default(),
         }
     }
 
