@@ -38,6 +38,15 @@ demo-single: build
 clean-demo:
 	rm -rf $(DEMO)
 
+## A seeded random fault campaign against the real binaries (scripts/faults.py; not part of
+## `make test`): workers, the coordinator and etcd killed, a worker stopped past its lease,
+## poison after a stage change; one row per trial, checked against a fault-free run, and a
+## summary. `make faults FAULTS_ARGS="--seed 7 --trials 9 --out faults.md"` passes options.
+.PHONY: faults
+faults: setup
+	$(CARGO) build --workspace --bins
+	$(VENV)/bin/python scripts/faults.py --bin-dir $(BIN) $(FAULTS_ARGS)
+
 # The end-to-end tests start the binaries, so they are built first.
 test: setup
 	$(CARGO) build --workspace --bins
