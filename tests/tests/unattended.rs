@@ -211,3 +211,45 @@ fn a_spike_on_the_second_step_of_a_stage_is_rolled_back() {
         }
     }
 }
+
+/// Workers that cannot open the job's data say why before they exit: the status names the
+/// folder while the job waits for workers that can; one more such worker past the
+/// deterministic budget pauses the job for a person (no retry for ever), and each worker exits
+/// with the same reason.
+#[test]
+fn workers_that_cannot_open_the_data_pause_the_job_with_the_folder_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("nowhere");
+    let missing = data.join("prose/train").to_string_lossy().into_owned();
+    let job = micro("nodata", &data, 2)
+        .stage("main", 10, 64, MIX)
+        .write(d.join("nodata.toml"));
+    let (_coord, url) = coordinator(&job, &d.join("state"), &d.join("nodata.log"));
+    let mut ws = workers(&url, d, "w", 2, &[]);
+    let s = wait_for(&url, Duration::from_secs(60), "two failures", |s| {
+        s["last_failure"]["attempts"] == 2
+    });
+    assert_eq!(s["state"], "waiting", "{s}");
+    let failure = &s["last_failure"];
+    assert_eq!(failure["kind"], "data", "{s}");
+    let reason = failure["reason"].as_str().unwrap();
+    assert!(reason.contains("could not start") && reason.contains(&missing), "{reason}");
+    for (i, w) in ws.iter_mut().enumerate() {
+        let code = w.wait(Duration::from_secs(30));
+        assert!(!code.success());
+        let log = std::fs::read_to_string(d.join(format!("w-{i}.log"))).unwrap();
+        assert!(log.contains(&missing), "{log}");
+    }
+    let _third = join_worker(&url, d, "third", &[]);
+    let s = wait_for(&url, Duration::from_secs(60), "the pause", |s| s["state"] == "paused");
+    assert!(s["detail"].as_str().unwrap().contains("3 failures at step 0"), "{s}");
+    assert!(
+        s["last_failure"]["recovery"]
+            .as_str()
+            .unwrap()
+            .contains("stagecoach resume"),
+        "{s}"
+    );
+    assert_eq!(s["step"], 0);
+}

@@ -373,6 +373,9 @@ async fn heartbeat(
     }
 }
 
+/// How long a worker that stops waits for the coordinator to have read its last messages.
+const FLUSH: Duration = Duration::from_secs(5);
+
 /// One session: Hello, then the coordinator's messages down to the trainer and the trainer's
 /// replies of this session (`epoch`) up, with heartbeats beside.
 async fn run_session(
@@ -403,7 +406,7 @@ async fn run_session(
             ))
         }
     };
-    let _beat = AbortOnDrop(tokio::spawn(heartbeat(
+    let beat = AbortOnDrop(tokio::spawn(heartbeat(
         out.clone(),
         link.worker_id.clone(),
         link.heartbeat,
@@ -455,7 +458,18 @@ async fn run_session(
                     }
                 }
                 Some(_) => debug!("dropped a reply meant for an earlier session"),
-                None => return End::Done(Err(Error::Config("the trainer thread ended".into()))),
+                None => {
+                    // The trainer ended; its last reply (why it could not go on) is queued on
+                    // `out`. Close this side of the session and wait, briefly, for the
+                    // coordinator to end its side: it has then handled every message.
+                    drop(beat);
+                    drop(out);
+                    let _ = tokio::time::timeout(FLUSH, async {
+                        while let Ok(Some(_)) = inbound.message().await {}
+                    })
+                    .await;
+                    return End::Done(Err(Error::Config("the trainer thread ended".into())));
+                }
             },
         }
     }
