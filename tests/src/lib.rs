@@ -108,8 +108,20 @@ pub fn coordinator(job: &Path, state: &Path, log: &Path) -> (Proc, String) {
 
 /// Starts a coordinator on free loopback ports; returns it, its URL and its /metrics URL.
 pub fn coordinator_with_metrics(job: &Path, state: &Path, log: &Path) -> (Proc, String, String) {
+    coordinator_with_args(job, state, log, &[])
+}
+
+/// Starts a coordinator on free loopback ports with `extra` arguments (TLS, auth); returns it,
+/// its URL (`https://` when it serves TLS) and its /metrics URL.
+pub fn coordinator_with_args(
+    job: &Path,
+    state: &Path,
+    log: &Path,
+    extra: &[&std::ffi::OsStr],
+) -> (Proc, String, String) {
     let mut cmd = Command::new(bin("stagecoach-coordinator"));
     cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(extra)
         .arg("--job")
         .arg(job)
         .arg("--state")
@@ -128,7 +140,8 @@ pub fn coordinator_with_metrics(job: &Path, state: &Path, log: &Path) -> (Proc, 
     };
     let addr = line("listening on ");
     let metrics = line("metrics on ");
-    (p, format!("http://{addr}"), metrics)
+    let scheme = if metrics.starts_with("https://") { "https" } else { "http" };
+    (p, format!("{scheme}://{addr}"), metrics)
 }
 
 /// Writes a small demo corpus (300 training documents per domain) under `dir/data`.

@@ -131,8 +131,9 @@ async fn main() -> anyhow::Result<()> {
     // Scripts and tests read these lines to learn the ports when an address asks for port 0.
     // One write: a reader that stops after the first line must not make the second one fail.
     let lines = format!(
-        "listening on {}\nmetrics on http://{}/metrics\n",
+        "listening on {}\nmetrics on {}://{}/metrics\n",
         listener.local_addr()?,
+        if tls.is_some() { "https" } else { "http" },
         metrics_listener.local_addr()?
     );
     let mut stdout = std::io::stdout().lock();
