@@ -30,7 +30,8 @@ Run it (Python 3.11, standard library only) from the repository root:
 
 It needs `/usr/bin/etcd` (Debian's etcd-server, installed by `make setup`). Failed trials
 keep their folders (coordinator and worker logs, job file, state, status.jsonl) whatever
-`--keep` says, and the exit status is 1 when any trial did not survive.
+`--keep` says, and the exit status is 1 when any trial did not survive (or the campaign was
+interrupted: SIGINT, SIGTERM and SIGHUP kill the trial's processes and report what ran).
 """
 
 from __future__ import annotations
@@ -1228,6 +1229,12 @@ def plan_trials(args: argparse.Namespace) -> list[tuple[str, int]]:
     return [(names[i % len(names)], i // len(names)) for i in range(args.trials)]
 
 
+def _interrupted(signum: int, _frame) -> None:
+    """SIGTERM and SIGHUP end the campaign as Ctrl-C does: the trial under way kills its
+    processes, and the trials run so far are reported."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main() -> None:
     """Parses the options, runs the trials and prints (and writes) the table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -1248,6 +1255,8 @@ def main() -> None:
     if not ETCD.is_file():
         sys.exit(f"{ETCD} is missing: install Debian's etcd-server (`make setup` does)")
 
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
     rng = random.Random(args.seed)
     shapes = draw_shapes(rng)
     root = Path(tempfile.mkdtemp(prefix="stagecoach-faults-"))
@@ -1259,6 +1268,7 @@ def main() -> None:
               f"checkpoints every {s.every}, data seed {s.data_seed}", flush=True)
     campaign.corpus()
     rows: list[Row] = []
+    interrupted = False
     try:
         for n, (kind, rep) in enumerate(plan_trials(args), start=1):
             t0 = time.monotonic()
@@ -1267,8 +1277,9 @@ def main() -> None:
             print(fmt_row(row) + f"  ({time.monotonic() - t0:.0f} s)", flush=True)
             if row.survived and not args.keep:
                 shutil.rmtree(row.folder, ignore_errors=True)
-    except KeyboardInterrupt:
-        print("interrupted; reporting the trials run so far", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'SIGINT'}); reporting the trials run so far", file=sys.stderr)
+        interrupted = True
     failed = [r for r in rows if not r.survived]
     text = "\n".join([
         f"Seed {args.seed}, {len(rows)} trials, {started:%Y-%m-%d %H:%M} UTC, "
@@ -1290,7 +1301,7 @@ def main() -> None:
         print(f"campaign folder kept: {root}")
     else:
         shutil.rmtree(root, ignore_errors=True)
-    sys.exit(1 if failed else 0)
+    sys.exit(1 if failed or interrupted else 0)
 
 
 if __name__ == "__main__":
