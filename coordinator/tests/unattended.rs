@@ -601,7 +601,16 @@ async fn a_store_that_stays_away_past_its_budget_fails_the_job_clearly() {
         panic!("expected Stop")
     };
     assert_eq!(stop.reason(), v1::StopReason::JobFailed);
-    assert!(stop.detail.contains("unreachable for"), "{}", stop.detail);
+    assert!(
+        stop.detail.contains("stayed unreachable for"),
+        "{}",
+        stop.detail
+    );
+    // The status says why the job ended, not that writes are still waiting.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let s = h.snapshot();
+    assert_eq!(s.state, v1::JobState::Failed as i32);
+    assert_eq!(s.detail, stop.detail);
 }
 
 #[tokio::test(start_paused = true)]

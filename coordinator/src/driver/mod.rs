@@ -446,10 +446,13 @@ impl Driver {
             loss: self.loss,
             workers_alive: self.members.len() as u32,
             world_size: self.world.as_ref().map_or(0, |w| w.members.len() as u32),
-            detail: self
-                .pending
-                .describe()
-                .unwrap_or_else(|| self.detail.clone()),
+            // An outage under way says more than the last detail, until the job is over: then
+            // why it ended does.
+            detail: match self.state {
+                v1::JobState::Finished | v1::JobState::Failed => None,
+                _ => self.pending.describe(),
+            }
+            .unwrap_or_else(|| self.detail.clone()),
             stage: stage.name.clone(),
             stage_index: c.map_or(0, |c| c.current() as u32),
             stages: self.job.stages.len() as u32,

@@ -247,10 +247,18 @@ impl Names {
         match err {
             E::TransportError(_) | E::IoError(_) => self.unavailable(err.to_string()),
             E::GRpcStatus(status) => match status.code() {
-                // etcd's "no leader", "leader changed", "request timed out", and lost connections.
-                Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled => {
-                    self.unavailable(status.message().to_owned())
-                }
+                // etcd's "no leader", "leader changed", "request timed out", and lost
+                // connections. A connection that breaks with a request in flight comes back
+                // from the client as `Unknown` ("transport error", a broken pipe) or
+                // `Internal` ("h2 protocol error"): not etcd's answer, so the request's fate is
+                // unknown, as with `Unavailable`. (etcd itself answers with neither code for a
+                // request it refuses.)
+                Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Aborted
+                | Code::Cancelled
+                | Code::Unknown
+                | Code::Internal => self.unavailable(describe_status(&status)),
                 Code::InvalidArgument | Code::OutOfRange => {
                     StoreError::InvalidArgument(status.message().to_owned())
                 }
@@ -271,6 +279,18 @@ impl Names {
     }
 }
 
+/// A status's message with the error that caused it ("transport error: broken pipe").
+fn describe_status(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
 fn versioned(kv: KeyValue) -> Versioned {
     let (version, mod_revision) = (revision(kv.version()), revision(kv.mod_revision()));
     Versioned {
@@ -283,4 +303,53 @@ fn versioned(kv: KeyValue) -> Versioned {
 /// etcd's counters are non-negative `i64`s.
 fn revision(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> Names {
+        Names {
+            prefix: String::new(),
+            endpoints: "http://127.0.0.1:2379".into(),
+        }
+    }
+
+    /// A connection broken with a request in flight is an outage to wait out, however the
+    /// client library words it; what etcd itself refuses is not.
+    #[test]
+    fn broken_connections_are_outages_and_refusals_are_not() {
+        let broken = std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "stream closed because of a broken pipe",
+        );
+        let transport = tonic::Status::from_error(Box::new(broken));
+        assert_eq!(transport.code(), Code::Unknown);
+        for status in [
+            transport,
+            tonic::Status::internal("h2 protocol error: error reading a body from connection"),
+            tonic::Status::unavailable("etcdserver: no leader"),
+            tonic::Status::deadline_exceeded("context deadline exceeded"),
+        ] {
+            let e = names().error(etcd_client::Error::GRpcStatus(status));
+            assert!(e.retryable(), "{e}");
+        }
+        let e = names().error(etcd_client::Error::GRpcStatus(tonic::Status::from_error(
+            Box::new(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "broken pipe",
+            )),
+        )));
+        assert!(e.to_string().contains("broken pipe"), "{e}");
+        for status in [
+            tonic::Status::invalid_argument("etcdserver: request is too large"),
+            tonic::Status::resource_exhausted("etcdserver: mvcc: database space exceeded"),
+            tonic::Status::permission_denied("etcdserver: permission denied"),
+            tonic::Status::data_loss("etcdserver: corrupt cluster"),
+        ] {
+            let e = names().error(etcd_client::Error::GRpcStatus(status));
+            assert!(!e.retryable(), "{e}");
+        }
+    }
 }
