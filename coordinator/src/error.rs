@@ -35,6 +35,10 @@ pub enum Error {
     #[error("{0}")]
     FailedPrecondition(String),
 
+    /// The job has ended (`finished`, or not): a worker that registers has nothing to do.
+    #[error("the job is over ({detail})")]
+    JobOver { finished: bool, detail: String },
+
     /// The caller is not allowed this (another caller's worker id, say).
     #[error("{0}")]
     PermissionDenied(String),
@@ -107,6 +111,15 @@ impl From<Error> for Status {
             Error::Unreachable { .. } => Code::Unavailable,
             Error::Refused { code, message } => {
                 return Status::new(*code, clip(message, MAX_MESSAGE))
+            }
+            Error::JobOver { finished, .. } => {
+                let mut status = Status::failed_precondition(clip(&err.to_string(), MAX_MESSAGE));
+                let state = if *finished { "finished" } else { "failed" };
+                status.metadata_mut().insert(
+                    stagecoach_proto::JOB_OVER_METADATA,
+                    tonic::metadata::MetadataValue::from_static(state),
+                );
+                return status;
             }
             // Pass the upstream status through unchanged, details and metadata included.
             Error::Rpc { status, .. } => return status.clone(),

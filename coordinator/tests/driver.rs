@@ -62,6 +62,21 @@ async fn a_world_forms_trains_and_commits_every_step() {
     );
     assert!(ledger.iter().all(|s| s.stage == 0 && s.seq_len == 16));
     assert_eq!(h.snapshot().state, v1::JobState::Finished as i32);
+    // A worker that comes now is told, in a form a program can read, that there is nothing
+    // left to do.
+    let late: tonic::Status = h.register("127.0.0.1:5003").await.unwrap_err().into();
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        late.metadata()
+            .get(stagecoach_proto::JOB_OVER_METADATA)
+            .map(|v| v.to_str().unwrap()),
+        Some("finished")
+    );
+    assert!(
+        late.message().contains("the job is over"),
+        "{}",
+        late.message()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -242,10 +257,10 @@ async fn nccl_worlds_carry_rank_0s_unique_id_and_each_id_serves_one_world() {
             };
             events
                 .send(Event::Register {
-                request,
-                identity: "anonymous".into(),
-                reply,
-            })
+                    request,
+                    identity: "anonymous".into(),
+                    reply,
+                })
                 .await
                 .unwrap();
             rx.await.unwrap()

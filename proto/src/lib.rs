@@ -5,6 +5,11 @@
 
 pub mod connect;
 
+/// Metadata on the `FailedPrecondition` that answers a Register once the job is over: the
+/// job's end state, `finished` or `failed`, so that a worker (or any client) can tell "nothing
+/// left to do" from a refusal without reading the message.
+pub const JOB_OVER_METADATA: &str = "stagecoach-job-over";
+
 #[allow(clippy::all, missing_docs, rust_2018_idioms)]
 pub mod v1 {
     tonic::include_proto!("stagecoach.v1");

@@ -52,6 +52,10 @@ pub enum Error {
     #[error("coordinator: {0}")]
     Coordinator(String),
 
+    /// The coordinator's job has ended: `finished` (nothing left to do), or failed.
+    #[error("coordinator: {message}")]
+    JobOver { finished: bool, message: String },
+
     /// libtorch raised an error (bad shapes, out of memory...).
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -70,7 +74,9 @@ impl Error {
             Error::Config(_) | Error::Tokenizer(_) => FailureKind::Config,
             Error::Checkpoint { .. } => FailureKind::Checkpoint,
             Error::Device(_) | Error::Torch(_) => FailureKind::Resource,
-            Error::Collective(_) | Error::Coordinator(_) => FailureKind::Transient,
+            Error::Collective(_) | Error::Coordinator(_) | Error::JobOver { .. } => {
+                FailureKind::Transient
+            }
         }
     }
 

@@ -102,10 +102,10 @@ impl Driver {
             )));
         }
         if matches!(self.state, v1::JobState::Finished | v1::JobState::Failed) {
-            return Err(Error::FailedPrecondition(format!(
-                "the job is over ({})",
-                clip(&self.detail, 300)
-            )));
+            return Err(Error::JobOver {
+                finished: self.state == v1::JobState::Finished,
+                detail: clip(&self.detail, 300),
+            });
         }
         // A worker that registers again (its session broke, or it restarted on the same
         // address) supersedes its old id at once: no world waits a lease for a ghost.

@@ -100,11 +100,22 @@ pub fn join(opts: JoinOptions) -> Result<()> {
 }
 
 fn rpc(what: &str, e: tonic::Status) -> Error {
-    Error::Coordinator(format!(
+    let message = format!(
         "{what}: the coordinator answered {:?}: {}",
         e.code(),
         e.message()
-    ))
+    );
+    match e
+        .metadata()
+        .get(stagecoach_proto::JOB_OVER_METADATA)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(state) => Error::JobOver {
+            finished: state == "finished",
+            message,
+        },
+        None => Error::Coordinator(message),
+    }
 }
 
 /// A registration: the client, this worker's id in it, and the job.
@@ -180,6 +191,8 @@ impl Registrar {
                     info!(attempt, worker = %link.worker_id, "registered again with the coordinator; the model is kept");
                     return Ok(link);
                 }
+                // Trying again cannot change that.
+                Err(e @ Error::JobOver { .. }) => return Err(e),
                 Err(e) if start.elapsed() + backoff > window => {
                     return Err(Error::Coordinator(format!(
                         "the session with the coordinator at {} broke ({why}) and the coordinator could not be reached again within {} s ({attempt} attempts; last: {e}); giving up (--reconnect-secs sets how long to wait)",
@@ -267,7 +280,16 @@ async fn session(opts: JoinOptions) -> Result<()> {
         address,
         device,
     };
-    let link = registrar.register().await?;
+    let link = match registrar.register().await {
+        Err(Error::JobOver {
+            finished: true,
+            message,
+        }) => {
+            info!("nothing to do: {message}");
+            return Ok(());
+        }
+        other => other?,
+    };
     info!(worker = %link.worker_id, job = %link.job.name, %address, "registered");
     check_device(opts.device.as_deref(), &link.job)?;
 
@@ -344,6 +366,15 @@ async fn drive(
             Ok(next) => link = next,
             Err(e) => {
                 let _ = commands.send((epoch, Command::Exit)).await;
+                // The job finished while this worker was away: its part is done.
+                if let Error::JobOver {
+                    finished: true,
+                    message,
+                } = &e
+                {
+                    info!("the job finished while the session was broken: {message}");
+                    return Ok(());
+                }
                 return Err(e);
             }
         }
@@ -546,6 +577,8 @@ mod tests {
         registrations: mpsc::Sender<v1::RegisterRequest>,
         sessions: mpsc::Sender<FakeSession>,
         count: std::sync::atomic::AtomicU64,
+        /// What Register answers instead of a registration, if set.
+        refusal: Option<tonic::Status>,
     }
 
     #[tonic::async_trait]
@@ -556,6 +589,9 @@ mod tests {
         ) -> Result<tonic::Response<v1::RegisterResponse>, tonic::Status> {
             let n = 1 + self.count.fetch_add(1, Ordering::Relaxed);
             let _ = self.registrations.send(request.into_inner()).await;
+            if let Some(refusal) = &self.refusal {
+                return Err(refusal.clone());
+            }
             Ok(tonic::Response::new(v1::RegisterResponse {
                 worker_id: format!("w{n}"),
                 lease_ms: 60_000,
@@ -591,6 +627,10 @@ mod tests {
     }
 
     async fn fake_coordinator(job: v1::JobSpec) -> Fake {
+        fake_coordinator_refusing(job, None).await
+    }
+
+    async fn fake_coordinator_refusing(job: v1::JobSpec, refusal: Option<tonic::Status>) -> Fake {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (reg_tx, registrations) = mpsc::channel(8);
@@ -600,6 +640,7 @@ mod tests {
             registrations: reg_tx,
             sessions: sess_tx,
             count: Default::default(),
+            refusal,
         };
         let server = tokio::spawn(async move {
             tonic::transport::Server::builder()
@@ -732,6 +773,36 @@ mod tests {
             drop(inbound);
             fake.server.abort();
         });
+    }
+
+    /// A worker that comes after the job finished has nothing to do and says so, exiting
+    /// successfully (a supervisor must not restart it); after a failed job it exits with the
+    /// coordinator's reason.
+    #[test]
+    fn a_worker_that_comes_after_the_end_exits_by_how_the_job_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = fixtures::job(dir.path());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        for (state, ok) in [("finished", true), ("failed", false)] {
+            let mut refusal =
+                tonic::Status::failed_precondition(format!("the job is over ({state} at step 3)"));
+            refusal
+                .metadata_mut()
+                .insert(stagecoach_proto::JOB_OVER_METADATA, state.parse().unwrap());
+            let result = rt.block_on(async {
+                let fake = fake_coordinator_refusing(spec.clone(), Some(refusal)).await;
+                let opts = join_options(&fake.url, 1);
+                let result = tokio::task::spawn_blocking(move || join(opts))
+                    .await
+                    .unwrap();
+                fake.server.abort();
+                result
+            });
+            assert_eq!(result.is_ok(), ok, "{state}: {result:?}");
+            if let Err(e) = result {
+                assert!(e.to_string().contains("failed at step 3"), "{e}");
+            }
+        }
     }
 
     /// A job that trains on a GPU, joined without `--device`: the worker registered as a CPU
