@@ -399,29 +399,85 @@ mod tests {
     #[test]
     fn roles_allow_what_they_say() {
         let a = auth(
-            &[("ana", Role::Operator, "op-secret"), ("vic", Role::Viewer, "view-secret"), ("w", Role::Worker, "join-secret")],
+            &[
+                ("ana", Role::Operator, "op-secret"),
+                ("vic", Role::Viewer, "view-secret"),
+                ("w", Role::Worker, "join-secret"),
+            ],
             true,
         );
         let bearer = |t: &str| format!("Bearer {t}");
-        assert!(a.decide(Some(&bearer("op-secret")), &[], Need::Operate).is_ok());
-        assert!(a.decide(Some(&bearer("op-secret")), &[], Need::View).is_ok());
-        assert_eq!(a.decide(Some(&bearer("op-secret")), &[], Need::Work).unwrap_err().code(), Code::PermissionDenied);
-        assert_eq!(a.decide(Some(&bearer("view-secret")), &[], Need::Operate).unwrap_err().code(), Code::PermissionDenied);
-        assert_eq!(a.decide(Some(&bearer("join-secret")), &[], Need::View).unwrap_err().code(), Code::PermissionDenied);
-        assert!(a.decide(Some(&bearer("join-secret")), &[], Need::Work).is_ok());
-        assert_eq!(a.decide(Some(&bearer("guess")), &[], Need::View).unwrap_err().code(), Code::Unauthenticated);
-        assert_eq!(a.decide(Some("Basic x"), &[], Need::View).unwrap_err().code(), Code::Unauthenticated);
-        assert_eq!(a.decide(None, &[], Need::View).unwrap_err().code(), Code::Unauthenticated);
+        assert!(a
+            .decide(Some(&bearer("op-secret")), &[], Need::Operate)
+            .is_ok());
+        assert!(a
+            .decide(Some(&bearer("op-secret")), &[], Need::View)
+            .is_ok());
+        assert_eq!(
+            a.decide(Some(&bearer("op-secret")), &[], Need::Work)
+                .unwrap_err()
+                .code(),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            a.decide(Some(&bearer("view-secret")), &[], Need::Operate)
+                .unwrap_err()
+                .code(),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            a.decide(Some(&bearer("join-secret")), &[], Need::View)
+                .unwrap_err()
+                .code(),
+            Code::PermissionDenied
+        );
+        assert!(a
+            .decide(Some(&bearer("join-secret")), &[], Need::Work)
+            .is_ok());
+        assert_eq!(
+            a.decide(Some(&bearer("guess")), &[], Need::View)
+                .unwrap_err()
+                .code(),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            a.decide(Some("Basic x"), &[], Need::View)
+                .unwrap_err()
+                .code(),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            a.decide(None, &[], Need::View).unwrap_err().code(),
+            Code::Unauthenticated
+        );
         // Certificates: the Common Name says the role.
         let id = |s: &str| vec![s.to_owned()];
         let c = a.decide(None, &id("operator:ana"), Need::Operate).unwrap();
         assert_eq!(c.describe(), "operator ana (certificate)");
-        assert_eq!(a.decide(None, &id("worker:node-1"), Need::Operate).unwrap_err().code(), Code::PermissionDenied);
-        assert_eq!(a.decide(None, &id("mallory"), Need::View).unwrap_err().code(), Code::PermissionDenied);
-        assert_eq!(a.decide(None, &id("root:x"), Need::View).unwrap_err().code(), Code::PermissionDenied);
+        assert_eq!(
+            a.decide(None, &id("worker:node-1"), Need::Operate)
+                .unwrap_err()
+                .code(),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            a.decide(None, &id("mallory"), Need::View)
+                .unwrap_err()
+                .code(),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            a.decide(None, &id("root:x"), Need::View)
+                .unwrap_err()
+                .code(),
+            Code::PermissionDenied
+        );
         // Open: anyone, anything.
         let open = Auth::open();
-        assert_eq!(open.decide(None, &[], Need::Operate).unwrap().describe(), "anonymous");
+        assert_eq!(
+            open.decide(None, &[], Need::Operate).unwrap().describe(),
+            "anonymous"
+        );
     }
 
     #[test]
@@ -438,21 +494,39 @@ mod tests {
         .unwrap();
         let a = Auth::load(Some(&path), true).unwrap();
         let ids = vec!["node-7.cluster".to_owned()];
-        assert_eq!(a.decide(None, &ids, Need::Work).unwrap().name, "node-7.cluster");
+        assert_eq!(
+            a.decide(None, &ids, Need::Work).unwrap().name,
+            "node-7.cluster"
+        );
         // With rules, the CN convention no longer applies.
         let ids = vec!["operator:ana".to_owned()];
-        assert_eq!(a.decide(None, &ids, Need::Operate).unwrap_err().code(), Code::PermissionDenied);
+        assert_eq!(
+            a.decide(None, &ids, Need::Operate).unwrap_err().code(),
+            Code::PermissionDenied
+        );
         assert!(a.decide(Some("Bearer abc"), &[], Need::View).is_ok());
         for (text, says) in [
-            ("[[token]]\nname = \"x\"\nrole = \"viewer\"\nsha256 = \"nothex\"\n", "64 hex digits"),
-            ("[[token]]\nname = \"x\"\nrole = \"admin\"\nsha256 = \"00\"\n", "unknown variant"),
+            (
+                "[[token]]\nname = \"x\"\nrole = \"viewer\"\nsha256 = \"nothex\"\n",
+                "64 hex digits",
+            ),
+            (
+                "[[token]]\nname = \"x\"\nrole = \"admin\"\nsha256 = \"00\"\n",
+                "unknown variant",
+            ),
             ("[[tokens]]\n", "unknown field"),
-            ("[[certificate]]\nidentity = \"\"\nrole = \"worker\"\n", "identity is empty"),
+            (
+                "[[certificate]]\nidentity = \"\"\nrole = \"worker\"\n",
+                "identity is empty",
+            ),
         ] {
             std::fs::write(&path, text).unwrap();
             let err = Auth::load(Some(&path), false).unwrap_err().to_string();
             assert!(err.contains(says), "{err}");
         }
-        assert!(Auth::load(Some(&dir.path().join("nope")), false).unwrap_err().to_string().contains("cannot read"));
+        assert!(Auth::load(Some(&dir.path().join("nope")), false)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot read"));
     }
 }

@@ -47,9 +47,10 @@ fn write(dir: &Path, name: &str, contents: &str, secret: bool) -> Result<PathBuf
         options.mode(if secret { 0o600 } else { 0o644 });
     }
     let mut f = options.open(&path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => {
-            destination(&path, "already exists; certs init never replaces a file (choose an empty folder)")
-        }
+        std::io::ErrorKind::AlreadyExists => destination(
+            &path,
+            "already exists; certs init never replaces a file (choose an empty folder)",
+        ),
         _ => destination(&path, e.to_string()),
     })?;
     f.write_all(contents.as_bytes())
@@ -98,7 +99,11 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<String, Error> {
     write(dir, "ca.key", &ca_key.serialize_pem(), true)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
-    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     names.extend(hosts.iter().cloned());
     leaf(dir, "coordinator", "coordinator", names, true, &issuer)?;
     for role in ["worker", "operator", "viewer"] {
@@ -145,9 +150,14 @@ fn leaf(
     issuer: &Issuer<'_, KeyPair>,
 ) -> Result<(), Error> {
     let mut params = CertificateParams::new(names).map_err(rcgen_error(file))?;
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     params.use_authority_key_identifier_extension = true;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     params.extended_key_usages = vec![if server {
         ExtendedKeyUsagePurpose::ServerAuth
     } else {
@@ -170,7 +180,10 @@ pub fn token(name: &str, role: crate::auth::Role, out: &Path) -> Result<String, 
         ));
     }
     let token = new_token();
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let file = out
         .file_name()
         .and_then(|f| f.to_str())

@@ -48,9 +48,16 @@ pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
             match acceptor {
                 None => connection(stream, endpoint, Vec::new()).await,
                 Some(acceptor) => {
-                    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    let tls = match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
                         Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => return debug!(error = %e, "HTTP endpoint: TLS handshake failed"),
+                        Ok(Err(e)) => {
+                            return debug!(error = %e, "HTTP endpoint: TLS handshake failed")
+                        }
                         Err(_) => return debug!("HTTP endpoint: TLS handshake timed out"),
                     };
                     let identities = tls
@@ -91,9 +98,17 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
         .expect("a valid response")
 }
 
-fn respond<B>(endpoint: &Endpoint, identities: &[String], req: &Request<B>) -> Response<Full<Bytes>> {
+fn respond<B>(
+    endpoint: &Endpoint,
+    identities: &[String],
+    req: &Request<B>,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".into());
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        );
     }
     match req.uri().path() {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),

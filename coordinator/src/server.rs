@@ -123,9 +123,15 @@ impl Coordinator {
 
     /// The caller, if it may change the job; a refusal is audited.
     fn permitted<T>(&self, request: &Request<T>, action: &'static str) -> Result<Caller, Status> {
-        self.auth.check(request, Need::Operate).inspect_err(|status| {
-            audit(action, "refused", &format!("{} ({})", peer(request), status.message()));
-        })
+        self.auth
+            .check(request, Need::Operate)
+            .inspect_err(|status| {
+                audit(
+                    action,
+                    "refused",
+                    &format!("{} ({})", peer(request), status.message()),
+                );
+            })
     }
 
     /// A read a viewer may do: checks the caller.

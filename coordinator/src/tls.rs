@@ -59,7 +59,10 @@ impl ServerTls {
             )));
         }
         let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-            TlsError(format!("--tls-key {}: no PEM private key in it ({e})", key.display()))
+            TlsError(format!(
+                "--tls-key {}: no PEM private key in it ({e})",
+                key.display()
+            ))
         })?;
         let client_ca = match client_ca {
             None => None,
@@ -97,7 +100,8 @@ impl ServerTls {
 
     /// For tonic's server.
     pub fn grpc(&self) -> ServerTlsConfig {
-        let mut c = ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        let mut c =
+            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
         if let Some((pem, _)) = &self.client_ca {
             c = c
                 .client_ca_root(Certificate::from_pem(pem))
@@ -121,8 +125,10 @@ impl ServerTls {
                         .add(r.clone())
                         .map_err(|e| TlsError(format!("--client-ca: {e}")))?;
                 }
-                let verifier =
-                    rustls::server::WebPkiClientVerifier::builder_with_provider(store.into(), provider);
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    store.into(),
+                    provider,
+                );
                 let verifier = if self.client_optional {
                     verifier.allow_unauthenticated()
                 } else {

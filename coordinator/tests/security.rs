@@ -84,10 +84,13 @@ async fn start(dir: &Path, tokens: bool) -> String {
         .with_auth(Arc::new(auth)),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
-    tokio::spawn(async move {
-        serve(listener, coordinator, Some(&tls), std::future::pending()).await
-    });
+    let url = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().unwrap().port()
+    );
+    tokio::spawn(
+        async move { serve(listener, coordinator, Some(&tls), std::future::pending()).await },
+    );
     url
 }
 
@@ -157,14 +160,25 @@ async fn mutual_tls_admits_each_role_to_what_it_may_do() {
 
     // A client that trusts another CA does not get through the handshake.
     let wrong = client(&other.path().join("ca.pem"), d, Some("operator"), None);
-    assert!(channel(&url, &wrong).await.is_err(), "a client of another CA connected");
+    assert!(
+        channel(&url, &wrong).await.is_err(),
+        "a client of another CA connected"
+    );
     // Under mutual TLS, a client without a certificate is refused by the handshake.
     let anonymous = client(&ca, d, None, None);
     let refused = match channel(&url, &anonymous).await {
         Err(_) => Code::Unavailable,
-        Ok(c) => code(ControlClient::new(c).get_status(v1::GetStatusRequest {}).await),
+        Ok(c) => code(
+            ControlClient::new(c)
+                .get_status(v1::GetStatusRequest {})
+                .await,
+        ),
     };
-    assert_ne!(refused, Code::Ok, "a client without a certificate was served");
+    assert_ne!(
+        refused,
+        Code::Ok,
+        "a client without a certificate was served"
+    );
     // A certificate of another CA, trusting ours, is refused too.
     let forged = ClientAuth::from_files(
         Some(&ca),
@@ -177,20 +191,36 @@ async fn mutual_tls_admits_each_role_to_what_it_may_do() {
         Err(_) => Code::Unavailable,
         Ok(c) => code(ControlClient::new(c).pause(pause()).await),
     };
-    assert_ne!(forged_result, Code::Ok, "a certificate of another CA paused the job");
+    assert_ne!(
+        forged_result,
+        Code::Ok,
+        "a certificate of another CA paused the job"
+    );
 
     let viewer = client(&ca, d, Some("viewer"), None);
     let operator = client(&ca, d, Some("operator"), None);
     let worker = client(&ca, d, Some("worker"), None);
     let mut as_viewer = control(&url, &viewer).await;
-    assert_eq!(code(as_viewer.get_status(v1::GetStatusRequest {}).await), Code::Ok);
-    assert_eq!(code(as_viewer.list_events(v1::ListEventsRequest {}).await), Code::Ok);
+    assert_eq!(
+        code(as_viewer.get_status(v1::GetStatusRequest {}).await),
+        Code::Ok
+    );
+    assert_eq!(
+        code(as_viewer.list_events(v1::ListEventsRequest {}).await),
+        Code::Ok
+    );
     assert_eq!(code(as_viewer.pause(pause()).await), Code::PermissionDenied);
     let mut as_worker = control(&url, &worker).await;
-    assert_eq!(code(as_worker.get_status(v1::GetStatusRequest {}).await), Code::PermissionDenied);
+    assert_eq!(
+        code(as_worker.get_status(v1::GetStatusRequest {}).await),
+        Code::PermissionDenied
+    );
     assert_eq!(code(as_worker.pause(pause()).await), Code::PermissionDenied);
     let mut operator_workers = workers(&url, &operator).await;
-    assert_eq!(code(operator_workers.register(register()).await), Code::PermissionDenied);
+    assert_eq!(
+        code(operator_workers.register(register()).await),
+        Code::PermissionDenied
+    );
     // The worker certificate registers, and learns the job.
     let reg = workers(&url, &worker)
         .await
@@ -214,13 +244,18 @@ async fn mutual_tls_admits_each_role_to_what_it_may_do() {
         .expect("an audit entry");
     assert_eq!(audit.requested_by, "operator operator (certificate)");
     assert!(audit.detail.starts_with("pause"), "{}", audit.detail);
-    assert!(!events.iter().any(|e| e.requested_by.contains("someone else")));
+    assert!(!events
+        .iter()
+        .any(|e| e.requested_by.contains("someone else")));
     let status = as_viewer
         .get_status(v1::GetStatusRequest {})
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(status.workers_alive, 1, "only the worker certificate registered");
+    assert_eq!(
+        status.workers_alive, 1,
+        "only the worker certificate registered"
+    );
 }
 
 #[tokio::test]
@@ -233,7 +268,10 @@ async fn tokens_are_bound_to_their_roles_and_unauthenticated_workers_learn_nothi
     let token = |role: &str| client(&ca, d, None, Some(role));
 
     let mut viewer = control(&url, &token("viewer")).await;
-    assert_eq!(code(viewer.get_status(v1::GetStatusRequest {}).await), Code::Ok);
+    assert_eq!(
+        code(viewer.get_status(v1::GetStatusRequest {}).await),
+        Code::Ok
+    );
     assert_eq!(code(viewer.pause(pause()).await), Code::PermissionDenied);
     let mut worker_as_control = control(&url, &token("worker")).await;
     assert_eq!(
@@ -243,7 +281,13 @@ async fn tokens_are_bound_to_their_roles_and_unauthenticated_workers_learn_nothi
     let mut operator = control(&url, &token("operator")).await;
     assert_eq!(code(operator.pause(pause()).await), Code::Ok);
     assert_eq!(
-        code(operator.resume(v1::ResumeRequest { requested_by: String::new() }).await),
+        code(
+            operator
+                .resume(v1::ResumeRequest {
+                    requested_by: String::new()
+                })
+                .await
+        ),
         Code::Ok
     );
     // A token nobody issued.
@@ -261,13 +305,20 @@ async fn tokens_are_bound_to_their_roles_and_unauthenticated_workers_learn_nothi
     let mut w = workers(&url, &nobody).await;
     let refused = w.register(register()).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
-    assert!(!refused.message().contains("micro"), "{}", refused.message());
+    assert!(
+        !refused.message().contains("micro"),
+        "{}",
+        refused.message()
+    );
     let hello = v1::WorkerMessage {
         worker_id: "w1-0000000000000000".into(),
         kind: Some(v1::worker_message::Kind::Hello(v1::Hello {})),
     };
     let session = w.session(tokio_stream::iter(vec![hello.clone()])).await;
-    assert_eq!(session.map(|_| ()).unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(
+        session.map(|_| ()).unwrap_err().code(),
+        Code::Unauthenticated
+    );
 
     // A worker id belongs to who registered it: another worker identity cannot hold its
     // session (here the worker certificate against an id the worker token registered).

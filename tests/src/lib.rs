@@ -140,7 +140,11 @@ pub fn coordinator_with_args(
     };
     let addr = line("listening on ");
     let metrics = line("metrics on ");
-    let scheme = if metrics.starts_with("https://") { "https" } else { "http" };
+    let scheme = if metrics.starts_with("https://") {
+        "https"
+    } else {
+        "http"
+    };
     (p, format!("{scheme}://{addr}"), metrics)
 }
 

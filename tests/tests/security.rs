@@ -71,7 +71,10 @@ fn wait_status(
         if done(&s) {
             return s;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}; last status: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last status: {s}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -86,7 +89,11 @@ fn a_mutual_tls_job_trains_and_each_role_is_held_to_what_it_may_do() {
         .arg(&certs)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let data = demo_corpus(d);
     let job = micro_job(d, "job.toml", "secure", &data, 30, 2);
     let f = |name: &str| certs.join(name).into_os_string();
@@ -130,18 +137,37 @@ fn a_mutual_tls_job_trains_and_each_role_is_held_to_what_it_may_do() {
         certs.join("worker.key").display().to_string(),
     );
     let ca_s = certs.join("ca.pem").display().to_string();
-    let tls = ["--ca", ca_s.as_str(), "--cert", w.as_str(), "--key", k.as_str()];
+    let tls = [
+        "--ca",
+        ca_s.as_str(),
+        "--cert",
+        w.as_str(),
+        "--key",
+        k.as_str(),
+    ];
     let _w0 = join_worker(&url, d, "worker-0", &tls);
     let token = certs.join("worker.token").display().to_string();
-    let _w1 = join_worker(&url, d, "worker-1", &["--ca", &ca_s, "--token-file", &token]);
+    let _w1 = join_worker(
+        &url,
+        d,
+        "worker-1",
+        &["--ca", &ca_s, "--token-file", &token],
+    );
 
     // Pause as soon as the world trains, so the job is still running while the client works.
-    wait_status(&url, &certs, Duration::from_secs(120), "the first step", |s| {
-        s["step"].as_u64().unwrap_or(0) >= 1
-    });
+    wait_status(
+        &url,
+        &certs,
+        Duration::from_secs(120),
+        "the first step",
+        |s| s["step"].as_u64().unwrap_or(0) >= 1,
+    );
     let (ok, text) = cli_as(&url, &certs, "viewer", &["pause"]);
     assert!(!ok, "a viewer paused the job: {text}");
-    assert!(text.contains("operator"), "the refusal should say who may: {text}");
+    assert!(
+        text.contains("operator"),
+        "the refusal should say who may: {text}"
+    );
     let (ok, text) = cli_as(&url, &certs, "operator", &["pause"]);
     assert!(ok, "{text}");
 
@@ -160,9 +186,8 @@ fn a_mutual_tls_job_trains_and_each_role_is_held_to_what_it_may_do() {
         "the grpcio client failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}", String::from_utf8_lossy(&out.stdout))
-    });
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     let expect = serde_json::json!({
         "cert_viewer_status": "OK",
         "cert_viewer_job": "secure",
@@ -203,14 +228,27 @@ fn a_mutual_tls_job_trains_and_each_role_is_held_to_what_it_may_do() {
             .filter(|l| l.contains(who) && l.contains(what))
             .count()
     };
-    assert_eq!(by("operator operator (certificate)", "pause"), 2, "{audit:#?}");
-    assert_eq!(by("operator operator (certificate)", "resume"), 1, "{audit:#?}");
+    assert_eq!(
+        by("operator operator (certificate)", "pause"),
+        2,
+        "{audit:#?}"
+    );
+    assert_eq!(
+        by("operator operator (certificate)", "resume"),
+        1,
+        "{audit:#?}"
+    );
     assert_eq!(by("operator operator (token)", "pause"), 1, "{audit:#?}");
     assert_eq!(by("operator operator (token)", "resume"), 1, "{audit:#?}");
-    assert!(!log_text.contains("grpcio says it is root"), "a claimed identity was recorded");
+    assert!(
+        !log_text.contains("grpcio says it is root"),
+        "a claimed identity was recorded"
+    );
     // Refusals are audited too.
     assert!(
-        audit.iter().any(|l| l.contains("viewer viewer") && l.contains("refused")),
+        audit
+            .iter()
+            .any(|l| l.contains("viewer viewer") && l.contains("refused")),
         "{audit:#?}"
     );
 }

@@ -234,7 +234,10 @@ fn workers_that_cannot_open_the_data_pause_the_job_with_the_folder_named() {
     let failure = &s["last_failure"];
     assert_eq!(failure["kind"], "data", "{s}");
     let reason = failure["reason"].as_str().unwrap();
-    assert!(reason.contains("could not start") && reason.contains(&missing), "{reason}");
+    assert!(
+        reason.contains("could not start") && reason.contains(&missing),
+        "{reason}"
+    );
     for (i, w) in ws.iter_mut().enumerate() {
         let code = w.wait(Duration::from_secs(30));
         assert!(!code.success());
@@ -242,8 +245,16 @@ fn workers_that_cannot_open_the_data_pause_the_job_with_the_folder_named() {
         assert!(log.contains(&missing), "{log}");
     }
     let _third = join_worker(&url, d, "third", &[]);
-    let s = wait_for(&url, Duration::from_secs(60), "the pause", |s| s["state"] == "paused");
-    assert!(s["detail"].as_str().unwrap().contains("3 failures at step 0"), "{s}");
+    let s = wait_for(&url, Duration::from_secs(60), "the pause", |s| {
+        s["state"] == "paused"
+    });
+    assert!(
+        s["detail"]
+            .as_str()
+            .unwrap()
+            .contains("3 failures at step 0"),
+        "{s}"
+    );
     assert!(
         s["last_failure"]["recovery"]
             .as_str()

@@ -44,14 +44,29 @@ struct Args {
     state: String,
     /// The coordinator's TLS certificate (PEM; its chain may follow), for the gRPC services and
     /// the HTTP endpoint. With --tls-key.
-    #[arg(long, value_name = "FILE", env = "STAGECOACH_TLS_CERT", requires = "tls_key")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "STAGECOACH_TLS_CERT",
+        requires = "tls_key"
+    )]
     tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM).
-    #[arg(long, value_name = "FILE", env = "STAGECOACH_TLS_KEY", requires = "tls_cert")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "STAGECOACH_TLS_KEY",
+        requires = "tls_cert"
+    )]
     tls_key: Option<PathBuf>,
     /// Require client certificates signed by this CA (mutual TLS); a certificate's Common Name
     /// ROLE:NAME (or a rule in --auth) gives its role. Needs --tls-cert.
-    #[arg(long, value_name = "FILE", env = "STAGECOACH_CLIENT_CA", requires = "tls_cert")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "STAGECOACH_CLIENT_CA",
+        requires = "tls_cert"
+    )]
     client_ca: Option<PathBuf>,
     /// The auth file: bearer tokens (by their SHA-256) with roles, and certificate rules (see
     /// `stagecoach certs init`).

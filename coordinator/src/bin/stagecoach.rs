@@ -32,7 +32,12 @@ struct Cli {
     key: Option<PathBuf>,
     /// A file holding a bearer token (without one, the STAGECOACH_TOKEN environment variable
     /// is used if set). Tokens are never given on the command line.
-    #[arg(long, global = true, value_name = "FILE", env = "STAGECOACH_TOKEN_FILE")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "STAGECOACH_TOKEN_FILE"
+    )]
     token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -168,7 +173,9 @@ fn parse_role(s: &str) -> Result<stagecoach_coordinator::auth::Role, String> {
         "viewer" => Ok(Role::Viewer),
         "operator" => Ok(Role::Operator),
         "worker" => Ok(Role::Worker),
-        other => Err(format!("{other:?}: the roles are viewer, operator and worker")),
+        other => Err(format!(
+            "{other:?}: the roles are viewer, operator and worker"
+        )),
     }
 }
 
