@@ -43,13 +43,17 @@ impl ClientAuth {
     ) -> Result<ClientAuth, ConnectError> {
         if cert.is_some() != key.is_some() {
             return Err(ConnectError(
-                "give both --cert and --key (a client certificate and its private key), or neither".into(),
+                "give both --cert and --key (a client certificate and its private key), or neither"
+                    .into(),
             ));
         }
         for (what, path) in [("--ca", ca), ("--cert", cert), ("--key", key)] {
             if let Some(p) = path {
                 if !p.is_file() {
-                    return Err(ConnectError(format!("{what} {}: no such file", p.display())));
+                    return Err(ConnectError(format!(
+                        "{what} {}: no such file",
+                        p.display()
+                    )));
                 }
             }
         }
@@ -118,16 +122,40 @@ impl ClientAuth {
                     "{url} is TLS: give --ca, the certificate of the CA that signed the coordinator's"
                 )));
             };
-            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "--ca")?));
+            let mut tls =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "--ca")?));
             if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
-                tls = tls.identity(Identity::from_pem(read(cert, "--cert")?, read(key, "--key")?));
+                tls = tls.identity(Identity::from_pem(
+                    read(cert, "--cert")?,
+                    read(key, "--key")?,
+                ));
             }
             endpoint = endpoint
                 .tls_config(tls)
-                .map_err(|e| ConnectError(format!("TLS for {url}: {e}")))?;
+                .map_err(|e| {
+                    ConnectError(format!(
+                        "TLS for {url}: {} (check that --cert and --key are a pair of PEM files, the certificate an X.509 v3 one)",
+                        chain(&e)
+                    ))
+                })?;
         }
         Ok(endpoint)
     }
+}
+
+/// An error with its causes: "transport error: ..." says more than "transport error".
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, ConnectError> {
@@ -139,7 +167,10 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, ConnectError> {
 pub struct Bearer(Option<MetadataValue<Ascii>>);
 
 impl Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(v) = &self.0 {
             request.metadata_mut().insert("authorization", v.clone());
         }

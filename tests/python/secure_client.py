@@ -10,32 +10,17 @@ Usage: secure_client.py --proto-dir DIR --target HOST:PORT --certs DIR --metrics
 """
 
 import argparse
-import importlib
 import json
+import os
 import ssl
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 
 import grpc
-from grpc_tools import protoc
 
-
-def stubs(proto_dir, out):
-    code = protoc.main(
-        [
-            "grpc_tools.protoc",
-            f"-I{proto_dir}",
-            f"--python_out={out}",
-            f"--grpc_python_out={out}",
-            "stagecoach.proto",
-        ]
-    )
-    if code != 0:
-        sys.exit(f"protoc failed on {proto_dir}/stagecoach.proto ({code})")
-    sys.path.insert(0, out)
-    return importlib.import_module("stagecoach_pb2"), importlib.import_module("stagecoach_pb2_grpc")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
+import stubs  # noqa: E402  (python/stubs.py)
 
 
 def read(path):
@@ -72,8 +57,7 @@ def main():
     ap.add_argument("--metrics", required=True)
     args = ap.parse_args()
 
-    out = tempfile.mkdtemp(prefix="stagecoach-stubs-")
-    pb, pb_grpc = stubs(args.proto_dir, out)
+    pb, pb_grpc = stubs.generate(args.proto_dir)
     d = args.certs
     ca = read(f"{d}/ca.pem")
     token = {r: read(f"{d}/{r}.token").decode().strip() for r in ("viewer", "operator", "worker")}
