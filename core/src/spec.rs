@@ -549,11 +549,6 @@ impl JobFile {
         Ok(job)
     }
 
-    /// Tokens per optimizer step (the same in every stage).
-    pub fn tokens_per_step(&self) -> u64 {
-        self.data.global_batch_tokens
-    }
-
     /// Where each stage ends, in steps from the start of the job (tokens rounded up to whole
     /// steps). Meaningful on a validated spec; a stage without a usable `until` gives 0.
     pub fn stage_until_steps(&self) -> Vec<u64> {
@@ -836,7 +831,7 @@ mod tests {
         assert_eq!(job.optimizer, OptimizerSection::default());
         assert_eq!(job.workers.min, 1);
         assert_eq!(job.train.log_every, 10);
-        assert_eq!(job.tokens_per_step(), 64);
+        assert_eq!(job.data.global_batch_tokens, 64);
         // 330 tokens at 64 per step: 5.16 steps, rounded up.
         assert_eq!(job.stage_until_steps(), vec![5, 6, 8]);
         assert_eq!(job.total_steps(), 8);
