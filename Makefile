@@ -10,7 +10,7 @@ export STAGECOACH_PYTHON := $(VENV)/bin/python
 BIN     := target/debug
 DEMO    := runs/demo
 
-.PHONY: setup build demo demo-single test lint fmt bench-cpu clean-demo
+.PHONY: setup build demo demo-secure demo-single test lint fmt bench-cpu clean-demo
 
 # Debian packages the tests start for real (package:binary).
 SERVICES := etcd-server:etcd prometheus:prometheus prometheus:promtool
@@ -28,6 +28,13 @@ demo: build
 	@mkdir -p $(DEMO)
 	@[ -d $(DEMO)/data/long ] || { rm -rf $(DEMO)/data; $(BIN)/stagecoach-worker demo-corpus --output $(DEMO)/data; }
 	@scripts/demo.sh $(BIN) $(DEMO)
+
+## The demo job over mutual TLS with tokens: `stagecoach certs init` writes a CA, certificates
+## and tokens into $(DEMO)/certs; one worker joins with its certificate, the other with a token.
+demo-secure: build
+	@mkdir -p $(DEMO)
+	@[ -d $(DEMO)/data/long ] || { rm -rf $(DEMO)/data; $(BIN)/stagecoach-worker demo-corpus --output $(DEMO)/data; }
+	@scripts/demo.sh $(BIN) $(DEMO) --secure
 
 ## One worker alone, no coordinator.
 demo-single: build
@@ -79,9 +86,15 @@ bench-checkpoint: setup
 	$(CARGO) build --release -p stagecoach-worker --bin bench_checkpoint
 	target/release/bench_checkpoint --output bench/results/checkpoint-cpu.md $(if $(MACHINE),--machine "$(MACHINE)")
 
+## RPC latency and step time with TLS (token, mutual) against plain text, the same binaries.
+## `make bench-tls MACHINE="8-core workstation"` names the machine in the results.
+.PHONY: bench-tls
+bench-tls: build
+	$(VENV)/bin/python bench/tls.py --bin-dir $(BIN) $(if $(MACHINE),--machine "$(MACHINE)")
+
 ## Every CPU benchmark; each prints ratios against a reference run in the same invocation.
 .PHONY: bench
-bench: bench-cpu bench-allreduce bench-checkpoint
+bench: bench-cpu bench-allreduce bench-checkpoint bench-tls
 
 ## The binary bench/gpu/run.sh carries to the GPU machine (see bench/gpu/README.md).
 .PHONY: gpu-binary
