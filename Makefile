@@ -12,8 +12,11 @@ DEMO    := runs/demo
 
 .PHONY: setup build demo demo-secure demo-single test lint fmt bench-cpu clean-demo
 
-# Debian packages the tests start for real (package:binary).
-SERVICES := etcd-server:etcd prometheus:prometheus prometheus:promtool
+# Debian packages the tests start for real (package:binary): etcd, Prometheus, a one-host
+# Slurm cluster, headless Chromium.
+SERVICES := etcd-server:etcd prometheus:prometheus prometheus:promtool \
+            slurmctld:/usr/sbin/slurmctld slurmd:/usr/sbin/slurmd slurm-client:/usr/bin/sbatch \
+            munge:/usr/sbin/munged chromium:/usr/bin/chromium
 
 setup:
 	@scripts/setup.sh $(SERVICES)
