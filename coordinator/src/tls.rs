@@ -110,7 +110,10 @@ impl ServerTls {
         c
     }
 
-    /// For the HTTP endpoint.
+    /// For the HTTP endpoint. A client certificate is asked for but never required at the
+    /// handshake, even under mutual TLS: every path but `/healthz` authorizes its caller (a
+    /// certificate or a token) itself, and `/healthz` must answer probes that present none
+    /// (a kubelet's).
     pub fn rustls(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -129,12 +132,8 @@ impl ServerTls {
                     store.into(),
                     provider,
                 );
-                let verifier = if self.client_optional {
-                    verifier.allow_unauthenticated()
-                } else {
-                    verifier
-                };
                 let verifier = verifier
+                    .allow_unauthenticated()
                     .build()
                     .map_err(|e| TlsError(format!("--client-ca: {e}")))?;
                 builder.with_client_cert_verifier(verifier)

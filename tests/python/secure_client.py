@@ -123,6 +123,8 @@ def main():
 
     # The metrics endpoint over HTTPS, checked against the cluster CA.
     context = ssl.create_default_context(cafile=f"{d}/ca.pem")
+    health = args.metrics.rsplit("/", 1)[0] + "/healthz"
+    result["healthz_nothing"], _ = http_status(health, context)
     result["metrics_no_token"], _ = http_status(args.metrics, context)
     result["metrics_worker_token"], _ = http_status(args.metrics, context, token["worker"])
     code, body = http_status(args.metrics, context, token["viewer"])

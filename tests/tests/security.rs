@@ -203,6 +203,7 @@ fn a_mutual_tls_job_trains_and_each_role_is_held_to_what_it_may_do() {
         "none_status": "UNAUTHENTICATED",
         "none_register": "UNAUTHENTICATED",
         "untrusted_ca_status": "UNAVAILABLE",
+        "healthz_nothing": 200,
         "metrics_no_token": 401,
         "metrics_worker_token": 403,
         "metrics_viewer_token": 200,
