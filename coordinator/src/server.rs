@@ -426,11 +426,23 @@ pub async fn serve(
             state.auth.clone(),
         ))
     });
+    // grpc.health.v1 for probes and load balancers, open to every caller (it tells only whether
+    // a service is served): the server as a whole (""), Control, and Workers where a job runs.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ControlServer<Coordinator>>().await;
+    if workers.is_some() {
+        health.set_serving::<WorkersServer<WorkersService>>().await;
+    } else {
+        health
+            .set_not_serving::<WorkersServer<WorkersService>>()
+            .await;
+    }
     let mut server = Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls.grpc())?;
     }
     server
+        .add_service(health_service)
         .add_service(ControlServer::from_arc(state))
         .add_optional_service(workers)
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -300,8 +300,25 @@ async fn tokens_are_bound_to_their_roles_and_unauthenticated_workers_learn_nothi
         Code::Unauthenticated
     );
 
-    // No token and no certificate (tokens make certificates optional): nothing is learnt.
+    // No token and no certificate (tokens make certificates optional): nothing is learnt,
+    // but for whether the services are served (grpc.health.v1, for probes).
     let nobody = client(&ca, d, None, None);
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(channel(&url, &nobody).await.unwrap());
+    for service in ["", "stagecoach.v1.Control", "stagecoach.v1.Workers"] {
+        let reply = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            reply.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
     let mut w = workers(&url, &nobody).await;
     let refused = w.register(register()).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
