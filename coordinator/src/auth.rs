@@ -236,6 +236,42 @@ impl Auth {
         identities: &[String],
         need: Need,
     ) -> Result<Caller, Status> {
+        let caller = self.identify(authorization, identities, need)?;
+        let Some(role) = caller.role else {
+            return Ok(caller);
+        };
+        if !role.allows(need) {
+            return Err(Status::permission_denied(format!(
+                "{} may not do this: it needs the {} role",
+                caller.describe(),
+                need.role()
+            )));
+        }
+        Ok(caller)
+    }
+
+    /// The caller of `request`, whatever its role (a standby tells any authenticated caller
+    /// where the leader is).
+    pub fn authenticated<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let bearer = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.to_str().unwrap_or_default().to_owned());
+        let identities = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| cert_identities(c.as_ref())))
+            .unwrap_or_default();
+        self.identify(bearer.as_deref(), &identities, Need::View)
+    }
+
+    /// Who presents `authorization` and a certificate with `identities`; `need` only words the
+    /// refusal of an unauthenticated caller.
+    fn identify(
+        &self,
+        authorization: Option<&str>,
+        identities: &[String],
+        need: Need,
+    ) -> Result<Caller, Status> {
         if self.is_open() {
             return Ok(Caller {
                 name: "anonymous".into(),
@@ -273,14 +309,6 @@ impl Auth {
                 }
             },
         };
-        let role = caller.role.expect("an authenticated caller has a role");
-        if !role.allows(need) {
-            return Err(Status::permission_denied(format!(
-                "{} may not do this: it needs the {} role",
-                caller.describe(),
-                need.role()
-            )));
-        }
         Ok(caller)
     }
 

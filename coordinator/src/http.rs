@@ -1,7 +1,9 @@
-//! The coordinator's HTTP endpoint: `GET /metrics` (Prometheus text; a viewer's), `GET
-//! /healthz` (anyone: 200 while the coordinator serves), over TLS when the coordinator has a
-//! certificate, with the same authentication as the control API (a bearer token or a client
-//! certificate). Connections are tasks of a `JoinSet` the server owns.
+//! The coordinator's HTTP endpoint: `GET /` (or `/status`: the status page, see [`crate::page`];
+//! a viewer's), `GET /loss.svg`, `/validation.svg`, `/tokens.svg` (its charts; a viewer's),
+//! `GET /metrics` (Prometheus text; a viewer's), `GET /healthz` (anyone: 200 while the
+//! coordinator serves), over TLS when the coordinator has a certificate, with the same
+//! authentication as the control API (a bearer token or a client certificate). Connections
+//! are tasks of a `JoinSet` the server owns.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use tokio_rustls::rustls;
 use tracing::{debug, warn};
 
 use crate::auth::{cert_identities, Auth, Need};
+use crate::page::{self, PageSource};
 
 /// What the endpoint serves and how it checks callers.
 pub struct Endpoint {
@@ -23,11 +26,18 @@ pub struct Endpoint {
     pub auth: Arc<Auth>,
     /// TLS for the connections (none: plain HTTP).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The job the status page shows (none: a coordinator without a job).
+    pub page: Option<PageSource>,
 }
+
+/// Status pages rendered at once; more callers wait (each asks the driver three questions,
+/// and the driver's queue is for the workers first).
+const PAGES_AT_ONCE: usize = 4;
 
 /// Serves `endpoint` on `listener` until the future is dropped.
 pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
     let acceptor = endpoint.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let pages = Arc::new(tokio::sync::Semaphore::new(PAGES_AT_ONCE));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -44,9 +54,10 @@ pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
         };
         let endpoint = endpoint.clone();
         let acceptor = acceptor.clone();
+        let pages = pages.clone();
         connections.spawn(async move {
             match acceptor {
-                None => connection(stream, endpoint, Vec::new()).await,
+                None => connection(stream, endpoint, pages, Vec::new()).await,
                 Some(acceptor) => {
                     let tls = match tokio::time::timeout(
                         Duration::from_secs(10),
@@ -66,20 +77,25 @@ pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
                         .peer_certificates()
                         .and_then(|c| c.first().map(|c| cert_identities(c.as_ref())))
                         .unwrap_or_default();
-                    connection(tls, endpoint, identities).await
+                    connection(tls, endpoint, pages, identities).await
                 }
             }
         });
     }
 }
 
-async fn connection<IO>(io: IO, endpoint: Arc<Endpoint>, identities: Vec<String>)
-where
+async fn connection<IO>(
+    io: IO,
+    endpoint: Arc<Endpoint>,
+    pages: Arc<tokio::sync::Semaphore>,
+    identities: Vec<String>,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let identities = Arc::new(identities);
     let service = hyper::service::service_fn(move |req| {
-        let response = respond(&endpoint, &identities, &req);
-        async move { Ok::<_, Infallible>(response) }
+        let (endpoint, pages, identities) = (endpoint.clone(), pages.clone(), identities.clone());
+        async move { Ok::<_, Infallible>(respond(&endpoint, &pages, &identities, &req).await) }
     });
     let io = hyper_util::rt::TokioIo::new(io);
     if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -98,8 +114,22 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
         .expect("a valid response")
 }
 
-fn respond<B>(
+/// A page or chart, never cached (it is out of date by the next step).
+fn fresh(content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .header(hyper::header::CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}
+
+const HTML: &str = "text/html; charset=utf-8";
+const SVG: &str = "image/svg+xml";
+
+async fn respond<B>(
     endpoint: &Endpoint,
+    pages: &tokio::sync::Semaphore,
     identities: &[String],
     req: &Request<B>,
 ) -> Response<Full<Bytes>> {
@@ -110,26 +140,69 @@ fn respond<B>(
             "only GET\n".into(),
         );
     }
-    match req.uri().path() {
-        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/metrics" => {
-            let authorization = req
-                .headers()
-                .get(hyper::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok());
-            if let Err(status) = endpoint.auth.decide(authorization, identities, Need::View) {
-                let code = match status.code() {
-                    tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-                    _ => StatusCode::FORBIDDEN,
-                };
-                return reply(code, "text/plain", format!("{}\n", status.message()));
-            }
-            stagecoach_core::metrics::respond(&endpoint.registry, req)
-        }
-        _ => reply(
+    let path = req.uri().path();
+    if path == "/healthz" {
+        return reply(StatusCode::OK, "text/plain", "ok\n".into());
+    }
+    let page = matches!(path, "/" | "/status");
+    let chart = matches!(path, "/loss.svg" | "/validation.svg" | "/tokens.svg");
+    if !(page || chart || path == "/metrics") {
+        return reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: metrics are at GET /metrics, health at GET /healthz\n".into(),
+            "not found: the status page is at GET /, metrics at GET /metrics, health at GET /healthz\n"
+                .into(),
+        );
+    }
+    let authorization = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(status) = endpoint.auth.decide(authorization, identities, Need::View) {
+        let code = match status.code() {
+            tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::FORBIDDEN,
+        };
+        let mut response = if page {
+            reply(
+                code,
+                HTML,
+                page::render_refused(code.as_u16(), status.message()),
+            )
+        } else {
+            reply(code, "text/plain", format!("{}\n", status.message()))
+        };
+        if code == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer realm=\"stagecoach\""),
+            );
+        }
+        return response;
+    }
+    if path == "/metrics" {
+        return stagecoach_core::metrics::respond(&endpoint.registry, req);
+    }
+    let Some(source) = &endpoint.page else {
+        return match page {
+            true => reply(StatusCode::NOT_FOUND, HTML, page::render_no_job()),
+            false => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "this coordinator runs no job\n".into(),
+            ),
+        };
+    };
+    // Waits its turn; the semaphore is never closed.
+    let _turn = pages.acquire().await;
+    let report = page::gather(source).await;
+    match path {
+        "/loss.svg" => fresh(SVG, page::svg::loss_chart(&report)),
+        "/validation.svg" => fresh(SVG, page::svg::validation_chart(&report)),
+        "/tokens.svg" => fresh(SVG, page::svg::tokens_chart(&report)),
+        _ => fresh(
+            HTML,
+            page::render(&report, stagecoach_core::clock::now_ms()),
         ),
     }
 }

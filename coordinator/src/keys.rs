@@ -10,6 +10,7 @@
 //! | `jobs/{job}/checkpoints/{step:012}` | `v1::CheckpointRecord`: the checkpoint index and lineage |
 //! | `jobs/{job}/events/{n:06}` | `v1::SpikeEvent`: spike detections, rollbacks, pauses |
 //! | `jobs/{job}/curriculum` | `v1::CurriculumRecord`: mixture edits, stage transitions (step, tokens, who, why), evaluations, paused |
+//! | `elections/{job}/{lease:x}` | a coordinator replica's URL (`--ha`), written by etcd's election API under the replica's lease; the oldest leads |
 
 /// The ledger entry of `step`; zero-padded so that a range read returns steps in order.
 pub fn ledger_step(job: &str, step: u64) -> String {
@@ -69,4 +70,10 @@ pub fn event(job: &str, n: u64) -> String {
 /// The prefix of every spike event of `job`.
 pub fn events(job: &str) -> String {
     format!("jobs/{job}/events/")
+}
+
+/// The name of the election of `job`'s coordinator replicas (`--ha`); etcd's election API
+/// keeps one key per candidate under it.
+pub fn election(job: &str) -> String {
+    format!("elections/{job}")
 }

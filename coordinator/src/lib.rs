@@ -15,7 +15,8 @@
 //! - [`error`]: the crate's [`Error`], and its mapping onto gRPC status codes.
 //! - [`auth`]: who may call what (client certificates, bearer tokens, roles); [`tls`]: the
 //!   coordinator's certificate and client CA; [`certs`]: `stagecoach certs init` and tokens;
-//!   [`http`]: the HTTP endpoint (`/metrics`, `/healthz`) with the same TLS and auth.
+//!   [`http`]: the HTTP endpoint (`/metrics`, `/healthz`, the status page) with the same TLS
+//!   and auth; [`page`]: the status page and the charts `stagecoach plot` writes.
 //! - [`store`]: durable state behind the [`store::StateStore`] trait (etcd, or an embedded
 //!   crash-safe log in a directory), opened from a URL, with the conformance suite both pass.
 //!
@@ -28,10 +29,12 @@ pub mod cli;
 pub mod datacheck;
 pub mod driver;
 pub mod error;
+pub mod ha;
 pub mod http;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;
+pub mod page;
 pub mod server;
 pub mod status;
 pub mod store;

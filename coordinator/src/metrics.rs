@@ -105,6 +105,40 @@ pub fn control_request(action: &str, outcome: &str) {
     CONTROL_REQUESTS.with_label_values(&[action, outcome]).inc();
 }
 
+/// High availability, process-wide like [`CONTROL_REQUESTS`] (a standby has no job metrics
+/// yet): whether this replica leads, the leader changes it saw, the writes fenced off.
+static LEADER: std::sync::LazyLock<IntGauge> = std::sync::LazyLock::new(|| {
+    IntGauge::with_opts(Opts::new(
+        "stagecoach_leader",
+        "1 while this coordinator replica leads the job (--ha), 0 while it stands by",
+    ))
+    .expect("a valid metric definition")
+});
+static LEADER_CHANGES: std::sync::LazyLock<IntCounter> = std::sync::LazyLock::new(|| {
+    IntCounter::with_opts(Opts::new(
+        "stagecoach_leader_changes_total",
+        "Changes of the job's leading coordinator this replica saw (--ha), its own takeover included",
+    ))
+    .expect("a valid metric definition")
+});
+static FENCED_WRITES: std::sync::LazyLock<IntCounter> = std::sync::LazyLock::new(|| {
+    IntCounter::with_opts(Opts::new(
+        "stagecoach_fenced_writes_total",
+        "Writes of this replica the state store refused because another replica leads",
+    ))
+    .expect("a valid metric definition")
+});
+
+/// Whether this replica leads (see [`LEADER`]).
+pub fn leadership(held: bool) {
+    LEADER.set(i64::from(held));
+}
+
+/// The job's leader changed (see [`LEADER_CHANGES`]).
+pub fn leader_changed() {
+    LEADER_CHANGES.inc();
+}
+
 /// The coordinator's metrics. The driver updates them: [`Metrics::observe`] after every event,
 /// the others as what they count happens.
 pub struct Metrics {
@@ -432,6 +466,9 @@ impl Metrics {
         m.store_available.set(1);
         // Each registry holds the process's counter of control requests (tests build several).
         let _ = m.registry.register(Box::new(CONTROL_REQUESTS.clone()));
+        let _ = m.registry.register(Box::new(LEADER.clone()));
+        let _ = m.registry.register(Box::new(LEADER_CHANGES.clone()));
+        let _ = m.registry.register(Box::new(FENCED_WRITES.clone()));
         for kind in stagecoach_core::recovery::KINDS {
             m.failures
                 .with_label_values(&[stagecoach_core::recovery::kind_label(kind)]);
@@ -626,6 +663,11 @@ impl Metrics {
     /// A write to the state store failed (of kind `write`: commit, curriculum, ...).
     pub fn store_error(&self, write: &str) {
         self.store_errors.with_label_values(&[write]).inc();
+    }
+
+    /// A write was fenced off: another replica leads.
+    pub fn fenced_write(&self) {
+        FENCED_WRITES.inc();
     }
 
     /// Writes waiting for the state store.

@@ -25,10 +25,23 @@ use stagecoach_proto::v1::workers_server::WorkersServer;
 pub struct Coordinator {
     job: String,
     started: Instant,
-    /// The running job's driver, when this coordinator runs one.
-    driver: Option<DriverHandle>,
+    /// The running job's driver, once this coordinator runs one (at start, or when a replica
+    /// wins the election).
+    driver: std::sync::OnceLock<DriverHandle>,
     /// Who may call what (every handler checks its caller first).
     auth: Arc<Auth>,
+    /// With several replicas (`--ha`): this one's URL and the election as it sees it. A replica
+    /// without a driver stands by and answers every call with the leader's URL.
+    replicas: Option<Replicas>,
+    /// True once a driver runs here.
+    leading: watch::Sender<bool>,
+}
+
+/// A replica's view of its peers (`--ha`).
+#[derive(Debug, Clone)]
+pub struct Replicas {
+    pub advertise: String,
+    pub candidates: watch::Receiver<crate::ha::Candidates>,
 }
 
 /// How the services reach a running [`Driver`](crate::driver::Driver).
@@ -46,9 +59,63 @@ impl Coordinator {
         Self {
             job: job.into(),
             started: Instant::now(),
-            driver: None,
+            driver: std::sync::OnceLock::new(),
             auth: Arc::new(Auth::open()),
+            replicas: None,
+            leading: watch::channel(false).0,
         }
+    }
+
+    /// A replica of `job` that stands by until [`Coordinator::lead`].
+    pub fn standby(job: impl Into<String>, replicas: Replicas) -> Self {
+        Self {
+            replicas: Some(replicas),
+            ..Self::new(job)
+        }
+    }
+
+    /// Starts serving `driver`'s job (a standby that won the election). Only once.
+    pub fn lead(&self, driver: DriverHandle) {
+        if self.driver.set(driver).is_ok() {
+            self.leading.send_replace(true);
+        }
+    }
+
+    /// Resolves once a driver runs here (at once if one does).
+    pub async fn until_leading(&self) {
+        let mut leading = self.leading.subscribe();
+        let _ = leading.wait_for(|l| *l).await;
+    }
+
+    /// The driver, when this coordinator runs one.
+    pub(crate) fn driver(&self) -> Option<&DriverHandle> {
+        self.driver.get()
+    }
+
+    /// Whether this replica stands by (several replicas, and another leads or none yet).
+    pub fn standing_by(&self) -> bool {
+        self.replicas.is_some() && self.driver.get().is_none()
+    }
+
+    /// Lets a call through, or, on a standby, answers it with where the leader is. Only an
+    /// authenticated caller (any role) learns the leader's URL.
+    pub fn gate<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(replicas) = self.replicas.as_ref().filter(|_| self.driver.get().is_none()) else {
+            return Ok(());
+        };
+        self.auth.authenticated(request)?;
+        let leader = replicas.candidates.borrow().leader.clone();
+        let leader = leader.filter(|l| *l != replicas.advertise);
+        let mut status = Status::unavailable(match &leader {
+            Some(l) => format!("this coordinator stands by; the leader is {l}"),
+            None => "this coordinator stands by and no replica leads yet (an election is under way); try again".to_owned(),
+        });
+        if let Some(l) = leader.and_then(|l| l.parse().ok()) {
+            status
+                .metadata_mut()
+                .insert(stagecoach_proto::LEADER_METADATA, l);
+        }
+        Err(status)
     }
 
     /// Checks callers with `auth` (an open coordinator by default).
@@ -63,10 +130,9 @@ impl Coordinator {
 
     /// A coordinator whose status and worker services are backed by a running driver.
     pub fn with_driver(job: impl Into<String>, driver: DriverHandle) -> Self {
-        Self {
-            driver: Some(driver),
-            ..Self::new(job)
-        }
+        let c = Self::new(job);
+        c.lead(driver);
+        c
     }
 
     pub fn job(&self) -> &str {
@@ -76,14 +142,14 @@ impl Coordinator {
     /// The job's state: the driver's when it runs one, else waiting (no job).
     pub fn state(&self) -> JobState {
         self.driver
-            .as_ref()
+            .get()
             .and_then(|d| JobState::try_from(d.snapshot.borrow().state).ok())
             .unwrap_or(JobState::Waiting)
     }
 
     /// The driver's latest snapshot, when this coordinator runs a job.
     pub fn driver_snapshot(&self) -> Option<crate::status::Snapshot> {
-        self.driver.as_ref().map(|d| d.snapshot.borrow().clone())
+        self.driver.get().map(|d| d.snapshot.borrow().clone())
     }
 
     /// Whole seconds since the coordinator was created.
@@ -93,7 +159,7 @@ impl Coordinator {
 
     /// Passes a control request to the driver and returns its answer.
     async fn control(&self, request: ControlRequest) -> Result<ControlReply, Status> {
-        let Some(d) = &self.driver else {
+        let Some(d) = self.driver.get() else {
             return Err(Status::failed_precondition(
                 "this coordinator runs no job (start it with --job FILE)",
             ));
@@ -167,7 +233,18 @@ impl Control for Coordinator {
             uptime_seconds: self.uptime_seconds(),
             ..Default::default()
         };
-        if let Some(d) = &self.driver {
+        if let Some(r) = &self.replicas {
+            status.leader = r.advertise.clone();
+            status.standbys = r
+                .candidates
+                .borrow()
+                .standbys
+                .iter()
+                .filter(|s| **s != r.advertise)
+                .cloned()
+                .collect();
+        }
+        if let Some(d) = self.driver.get() {
             let s = d.snapshot.borrow().clone();
             status.state = s.state;
             status.generation = s.generation;
@@ -406,6 +483,14 @@ fn requester(given: String) -> String {
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Serves the coordinator's gRPC services on `listener` (over TLS with `tls`) until `shutdown`
 /// resolves, then stops accepting connections and returns once the open ones have finished.
 ///
@@ -419,34 +504,45 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     info!(%addr, job = %state.job(), tls = tls.is_some(), "coordinator serving");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let workers = state.driver.as_ref().map(|d| {
-        WorkersServer::new(WorkersService::new(
-            d.events.clone(),
-            d.leases.clone(),
-            state.auth.clone(),
-        ))
+    let serves_workers = state.driver().is_some() || state.replicas.is_some();
+    let workers = serves_workers.then(|| {
+        let gate = state.clone();
+        tonic::service::interceptor::InterceptedService::new(
+            WorkersServer::new(WorkersService::new(state.clone())),
+            move |r: Request<()>| gate.gate(&r).map(|()| r),
+        )
     });
     // grpc.health.v1 for probes and load balancers, open to every caller (it tells only whether
-    // a service is served): the server as a whole (""), Control, and Workers where a job runs.
+    // a service is served): the server as a whole (""), Control, and Workers once a job runs
+    // here (a standby replica's Workers are not served until it leads).
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ControlServer<Coordinator>>().await;
-    if workers.is_some() {
-        health.set_serving::<WorkersServer<WorkersService>>().await;
-    } else {
-        health
-            .set_not_serving::<WorkersServer<WorkersService>>()
-            .await;
-    }
+    health
+        .set_not_serving::<WorkersServer<WorkersService>>()
+        .await;
+    let health_task = serves_workers.then(|| {
+        let state = state.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            state.until_leading().await;
+            health.set_serving::<WorkersServer<WorkersService>>().await;
+        }))
+    });
     let mut server = Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls.grpc())?;
     }
+    let gate = state.clone();
+    let control = tonic::service::interceptor::InterceptedService::new(
+        ControlServer::from_arc(state),
+        move |r: Request<()>| gate.gate(&r).map(|()| r),
+    );
     server
         .add_service(health_service)
-        .add_service(ControlServer::from_arc(state))
+        .add_service(control)
         .add_optional_service(workers)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
+    drop(health_task);
     info!("coordinator stopped");
     Ok(())
 }

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use crate::auth::{Auth, Need};
+use crate::server::Coordinator;
 use crate::driver::{Event, LeaseBook};
 use crate::error::clip;
 use crate::Error;
@@ -25,25 +26,33 @@ use crate::Error;
 /// Messages queued for one worker before the coordinator considers it too slow.
 const OUTBOX: usize = 256;
 
-/// The service: a handle on the driver's event queue.
+/// The service: a handle on the coordinator, whose driver's event queue it talks to.
 #[derive(Clone)]
 pub struct WorkersService {
-    events: mpsc::Sender<Event>,
-    leases: Arc<LeaseBook>,
-    /// Only a worker registers and holds a session; an id belongs to who registered it.
-    auth: Arc<Auth>,
+    coordinator: Arc<Coordinator>,
     /// Numbers sessions, so that the end of an old session never detaches a newer one.
     sessions: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl WorkersService {
-    pub fn new(events: mpsc::Sender<Event>, leases: Arc<LeaseBook>, auth: Arc<Auth>) -> Self {
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
         WorkersService {
-            events,
-            leases,
-            auth,
+            coordinator,
             sessions: Default::default(),
         }
+    }
+
+    /// Only a worker registers and holds a session; an id belongs to who registered it.
+    fn auth(&self) -> &Auth {
+        self.coordinator.auth()
+    }
+
+    /// The driver's queue and lease book (a standby has none: it answered at the gate).
+    fn driver(&self) -> Result<(mpsc::Sender<Event>, Arc<LeaseBook>), Status> {
+        self.coordinator
+            .driver()
+            .map(|d| (d.events.clone(), d.leases.clone()))
+            .ok_or_else(|| Status::unavailable("this coordinator runs no job"))
     }
 }
 
@@ -101,13 +110,14 @@ impl Workers for WorkersService {
         request: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
         // An unauthenticated caller learns nothing: not the job, not whether its request is sound.
-        let caller = self.auth.check(&request, Need::Work)?;
+        let caller = self.auth().check(&request, Need::Work)?;
+        let (events, _) = self.driver()?;
         let request = request.into_inner();
         if request.backend() == v1::CollectiveBackend::Unspecified {
             return Err(Status::invalid_argument("backend must be TCP or NCCL"));
         }
         let identity = caller.describe();
-        let response = ask(&self.events, |reply| Event::Register {
+        let response = ask(&events, |reply| Event::Register {
             request,
             identity,
             reply,
@@ -125,7 +135,8 @@ impl Workers for WorkersService {
         &self,
         request: Request<Streaming<v1::WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let caller = self.auth.check(&request, Need::Work)?;
+        let caller = self.auth().check(&request, Need::Work)?;
+        let (events, leases) = self.driver()?;
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -147,7 +158,7 @@ impl Workers for WorkersService {
             .sessions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let identity = caller.describe();
-        ask(&self.events, |reply| Event::Attach {
+        ask(&events, |reply| Event::Attach {
             worker_id: id,
             identity,
             session,
@@ -155,9 +166,8 @@ impl Workers for WorkersService {
             reply,
         })
         .await?;
-        self.leases.renew(&worker_id);
-        let events = self.events.clone();
-        let leases = self.leases.clone();
+        leases.renew(&worker_id);
+        let session_events = events.clone();
         let stream_id = worker_id.clone();
         let reader = tokio::spawn(async move {
             let inbound_done = async {
@@ -207,7 +217,7 @@ impl Workers for WorkersService {
         Ok(Response::new(Box::pin(SessionStream {
             messages: out_rx,
             reader,
-            events: self.events.clone(),
+            events: session_events,
             worker_id: stream_id,
             session,
         })))

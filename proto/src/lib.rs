@@ -10,6 +10,11 @@ pub mod connect;
 /// left to do" from a refusal without reading the message.
 pub const JOB_OVER_METADATA: &str = "stagecoach-job-over";
 
+/// Metadata on the `Unavailable` a standby coordinator (one of several replicas, `--ha`)
+/// answers every call with: the URL of the replica that leads, when it knows it. Clients
+/// (workers, the CLI) call that one instead.
+pub const LEADER_METADATA: &str = "stagecoach-leader";
+
 #[allow(clippy::all, missing_docs, rust_2018_idioms)]
 pub mod v1 {
     tonic::include_proto!("stagecoach.v1");

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use stagecoach_coordinator::auth::Auth;
-use stagecoach_coordinator::driver::{Driver, Policy, Resume, Settings};
+use stagecoach_coordinator::driver::{Driver, Policy, Resume, RunEnd, Settings};
 use stagecoach_coordinator::ledger::StoreLedger;
 use stagecoach_coordinator::metrics::Metrics;
 use stagecoach_coordinator::server::DriverHandle;
@@ -76,6 +76,20 @@ struct Args {
     /// port may drive the job).
     #[arg(long)]
     insecure: bool,
+    /// Run as one of several replicas of the job's coordinator (needs --state etcd://...): the
+    /// replicas elect a leader in etcd, which runs the job; the others stand by, answer every
+    /// call with the leader's URL, and take over when it goes.
+    #[arg(long, requires = "job")]
+    ha: bool,
+    /// With --ha: the URL clients reach this replica at (what the others tell them); default
+    /// http(s)://LISTEN when --listen names a host.
+    #[arg(long, value_name = "URL", env = "STAGECOACH_ADVERTISE", requires = "ha")]
+    advertise: Option<String>,
+    /// With --ha: the election lease in seconds. A leader that cannot renew it for this long
+    /// steps down; a dead leader is replaced after at most this long.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5, requires = "ha",
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    election_ttl: u64,
 }
 
 impl Args {
@@ -127,6 +141,9 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = shutdown_signal().context("installing signal handlers")?;
     let (tls, auth) = args.security()?;
     let auth = Arc::new(auth);
+    if args.ha {
+        return replica(&args, tls, auth, shutdown).await;
+    }
     // The job and its state first: a coordinator that refuses its job never says it listens.
     let prepared = match &args.job {
         Some(path) => Some(prepare(path, &args.state).await?),
@@ -160,16 +177,17 @@ async fn main() -> anyhow::Result<()> {
         Some(t) => Some(t.rustls()?),
         None => None,
     };
-    let endpoint = |registry| {
+    let endpoint = |registry, page| {
         Arc::new(stagecoach_coordinator::http::Endpoint {
             registry,
             auth: auth.clone(),
             tls: http_tls.clone(),
+            page,
         })
     };
     let Some((job, driver, metrics)) = prepared else {
         let registry = Metrics::new().registry().clone();
-        let http = stagecoach_coordinator::http::serve(metrics_listener, endpoint(registry));
+        let http = stagecoach_coordinator::http::serve(metrics_listener, endpoint(registry, None));
         let coordinator = Arc::new(Coordinator::new("none").with_auth(auth.clone()));
         tokio::select! {
             served = serve(listener, coordinator, tls.as_ref(), shutdown) => served?,
@@ -180,16 +198,18 @@ async fn main() -> anyhow::Result<()> {
     let (events, rx) = tokio::sync::mpsc::channel(1024);
     let snapshot = driver.snapshot();
     let mut finished = snapshot.clone();
+    let handle = DriverHandle {
+        events,
+        snapshot,
+        leases: driver.leases(),
+    };
+    let page = stagecoach_coordinator::page::PageSource {
+        job: job.job.name.clone(),
+        driver: handle.clone(),
+        view: driver.view(),
+    };
     let coordinator = Arc::new(
-        Coordinator::with_driver(
-            job.job.name.clone(),
-            DriverHandle {
-                events,
-                snapshot,
-                leases: driver.leases(),
-            },
-        )
-        .with_auth(auth.clone()),
+        Coordinator::with_driver(job.job.name.clone(), handle).with_auth(auth.clone()),
     );
     let span = tracing::info_span!("job", job = %job.job.name);
     let mut driver_task = tokio::spawn(tracing::Instrument::instrument(driver.run(rx), span));
@@ -203,8 +223,10 @@ async fn main() -> anyhow::Result<()> {
             .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let metrics_server =
-        stagecoach_coordinator::http::serve(metrics_listener, endpoint(metrics.registry().clone()));
+    let metrics_server = stagecoach_coordinator::http::serve(
+        metrics_listener,
+        endpoint(metrics.registry().clone(), Some(page)),
+    );
     let outcome = finished_outcome(&coordinator);
     let mut crashed = None;
     {
@@ -243,6 +265,17 @@ async fn prepare(
 ) -> anyhow::Result<(JobFile, Driver, Arc<Metrics>)> {
     let job = JobFile::load(path)?;
     let store = stagecoach_coordinator::store::open(state).await?;
+    let metrics = Arc::new(Metrics::new());
+    let driver = driver_on(&job, store, metrics.clone()).await?;
+    Ok((job, driver, metrics))
+}
+
+/// The driver of `job` over `store`, where its ledger ends.
+async fn driver_on(
+    job: &JobFile,
+    store: Arc<dyn stagecoach_coordinator::store::StateStore>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Driver> {
     let ledger = StoreLedger::new(store, job.job.name.clone());
     // An interrupted rewind is finished before anything reads the ledger.
     ledger.recover().await?;
@@ -271,9 +304,190 @@ async fn prepare(
         index: ledger_index,
         events: ledger_events,
     };
+    Ok(driver.with_policy(policy).with_metrics(metrics))
+}
+
+/// `--ha`: one replica of the job's coordinator. Joins the election and serves at once as a
+/// standby (every call answered with the leader's URL); once elected, builds the driver from
+/// the store, fenced on its election key, and runs the job. Steps down (exits with status 3)
+/// when its election lease lapses or a write is fenced off; resigns on a signal, so that a
+/// standby takes over without waiting for the lease.
+async fn replica(
+    args: &Args,
+    tls: Option<ServerTls>,
+    auth: Arc<Auth>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use stagecoach_coordinator::ha::Election;
+    use stagecoach_coordinator::server::Replicas;
+    use stagecoach_coordinator::store::{self, etcd::EtcdStore};
+
+    let path = args.job.as_deref().context("--ha needs --job")?;
+    let job = JobFile::load(path)?;
+    let (endpoints, prefix) = store::etcd_url(&args.state)
+        .context("--ha needs the state in etcd (--state etcd://host:port[,host:port...][/prefix]): the replicas elect their leader there")??;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let advertise = match &args.advertise {
+        Some(url) => url.clone(),
+        None if args.listen.ip().is_unspecified() => anyhow::bail!(
+            "--listen {} names no host the other replicas and the workers can reach: give --advertise URL",
+            args.listen
+        ),
+        None => format!("{scheme}://{}", args.listen),
+    };
+    let store = EtcdStore::connect(&endpoints, &prefix).await?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let metrics_listener = TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot serve metrics on {}", args.metrics_listen))?;
+    // With port 0 the URL takes the port chosen.
+    let advertise = if args.advertise.is_none() {
+        format!("{scheme}://{}", listener.local_addr()?)
+    } else {
+        advertise
+    };
+    let ttl = Duration::from_secs(args.election_ttl);
+    let election = Election::join(&endpoints, &prefix, &job.job.name, &advertise, ttl).await?;
+    stagecoach_coordinator::metrics::leadership(false);
+    let lines = format!(
+        "listening on {}\nmetrics on {scheme}://{}/metrics\n",
+        listener.local_addr()?,
+        metrics_listener.local_addr()?
+    );
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(lines.as_bytes())?;
+    stdout.flush()?;
+    drop(stdout);
+
     let metrics = Arc::new(Metrics::new());
-    let driver = driver.with_policy(policy).with_metrics(metrics.clone());
-    Ok((job, driver, metrics))
+    let endpoint = Arc::new(stagecoach_coordinator::http::Endpoint {
+        registry: metrics.registry().clone(),
+        auth: auth.clone(),
+        tls: match &tls {
+            Some(t) => Some(t.rustls()?),
+            None => None,
+        },
+        page: None,
+    });
+    let coordinator = Arc::new(
+        Coordinator::standby(
+            job.job.name.clone(),
+            Replicas {
+                advertise: advertise.clone(),
+                candidates: election.candidates(),
+            },
+        )
+        .with_auth(auth.clone()),
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let server = {
+        let coordinator = coordinator.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            serve(listener, coordinator, tls.as_ref(), async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+        })
+    };
+    let _http = AbortOnDrop(tokio::spawn(stagecoach_coordinator::http::serve(
+        metrics_listener,
+        endpoint,
+    )));
+    tracing::info!(%advertise, "standing by");
+    let mut lost = election.lost();
+    tokio::pin!(shutdown);
+
+    // Standing by: until elected, a signal, or the lease lost.
+    let leadership = tokio::select! {
+        won = election.campaign() => won?,
+        () = &mut shutdown => {
+            let _ = stop.send(true);
+            election.resign().await;
+            let _ = server.await;
+            return Ok(());
+        }
+        reason = lost.wait_for(Option::is_some) => {
+            let reason = reason.map(|r| r.clone().unwrap_or_default()).unwrap_or_default();
+            step_down(&format!("while standing by: {reason}"));
+        }
+    };
+    stagecoach_coordinator::metrics::leadership(true);
+    let fenced: Arc<dyn store::StateStore> = Arc::new(store.fenced(leadership.fence));
+    let driver = match driver_on(&job, fenced, metrics.clone()).await {
+        Ok(d) => d,
+        Err(e) if is_fenced(&e) => step_down(&format!("{e:#}")),
+        Err(e) => return Err(e),
+    };
+    let (events, rx) = tokio::sync::mpsc::channel(1024);
+    let mut finished = driver.snapshot();
+    coordinator.lead(DriverHandle {
+        events,
+        snapshot: driver.snapshot(),
+        leases: driver.leases(),
+    });
+    tracing::info!(%advertise, "leading the job");
+    let span = tracing::info_span!("job", job = %job.job.name);
+    let mut driver_task = tokio::spawn(tracing::Instrument::instrument(driver.run(rx), span));
+    let over = async move {
+        let _ = finished
+            .wait_for(|s| {
+                s.state == JobState::Finished as i32 || s.state == JobState::Failed as i32
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let outcome = finished_outcome(&coordinator);
+    tokio::select! {
+        ended = &mut driver_task => match ended {
+            Ok(RunEnd::Deposed(reason)) => step_down(&reason),
+            Ok(RunEnd::Closed) => anyhow::bail!("the job's driver stopped unexpectedly"),
+            Err(e) => anyhow::bail!("the job's driver crashed ({e}); the state store holds every committed step: another replica takes over"),
+        },
+        reason = lost.wait_for(Option::is_some) => {
+            let reason = reason.map(|r| r.clone().unwrap_or_default()).unwrap_or_default();
+            step_down(&reason);
+        }
+        () = &mut shutdown => {}
+        () = over => {}
+    }
+    driver_task.abort();
+    let _ = stop.send(true);
+    election.resign().await;
+    let _ = server.await;
+    outcome()
+}
+
+/// Whether a failure to build the driver is a fenced write (another replica leads already).
+fn is_fenced(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<stagecoach_coordinator::store::StoreError>(),
+            Some(stagecoach_coordinator::store::StoreError::Fenced(_))
+        ) || matches!(
+            c.downcast_ref::<stagecoach_coordinator::Error>(),
+            Some(stagecoach_coordinator::Error::Store(stagecoach_coordinator::store::StoreError::Fenced(_)))
+        )
+    })
+}
+
+/// Leaves at once, telling why: another replica leads (or will), and this one must not talk to
+/// workers or write any more. Status 3, so that a supervisor restarts it as a standby.
+fn step_down(reason: &str) -> ! {
+    stagecoach_coordinator::metrics::leadership(false);
+    tracing::error!(%reason, "stepping down: this coordinator no longer leads the job");
+    eprintln!("stagecoach-coordinator: stepping down: {reason}");
+    std::process::exit(3)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Exit status: success unless the job failed.

@@ -21,6 +21,7 @@
 //! | `failures.rs` | a generation that failed: the failure budget, backoff, pause or fail |
 //! | `persist.rs` | every write to the state store, queued in order through outages |
 //! | `sync.rs` | bringing ranks to one state: a step the ledger lost, a state sync, a restore |
+//! | `history.rs` | what the status page sees beyond the snapshot: the loss history, the workers |
 //!
 //! Life of a job: workers register and open sessions; when `min` are present a world forms
 //! (generation + 1, ranks in registration order, up to `max`) and each member gets `World`;
@@ -36,6 +37,7 @@ mod control;
 mod eval;
 mod events;
 mod failures;
+pub mod history;
 mod membership;
 mod persist;
 mod recovery;
@@ -72,6 +74,16 @@ use membership::Member;
 use persist::{Pending, Write};
 use recovery::PendingSkip;
 use world::World;
+
+/// Why [`Driver::run`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The event channel closed (the coordinator is shutting down).
+    Closed,
+    /// Another coordinator leads now: this one's writes are fenced off. It has sent and written
+    /// nothing since it noticed; the process must step down.
+    Deposed(String),
+}
 
 /// The driver's state. Create with [`Driver::new`], run with [`Driver::run`].
 pub struct Driver {
@@ -140,6 +152,8 @@ pub struct Driver {
     state: v1::JobState,
     detail: String,
     snapshot: watch::Sender<Snapshot>,
+    /// The loss history and the workers, for the status page.
+    view: watch::Sender<history::View>,
     metrics: Option<Arc<Metrics>>,
     /// The digest of the committed state (the ranks' state after the last committed step);
     /// `None` at step 0 and when the ledger does not know it.
@@ -155,6 +169,9 @@ pub struct Driver {
     not_before: Option<Instant>,
     /// Writes the state store has not taken yet (an outage), in order.
     pending: Pending,
+    /// Why this driver stopped leading (a fenced write was refused): once set, nothing more is
+    /// sent or written, and [`Driver::run`] returns.
+    deposed: Option<String>,
     /// Leases, renewed by the session tasks as each message arrives.
     leases: Arc<LeaseBook>,
     /// How long recent steps took from dispatch to commit, for the step timeout.
@@ -240,6 +257,7 @@ impl Driver {
             state: v1::JobState::Waiting,
             detail: "waiting for workers".into(),
             snapshot,
+            view: watch::Sender::new(history::View::default()),
             metrics: None,
             digest,
             recovery: RecoveryConfig::default(),
@@ -248,6 +266,7 @@ impl Driver {
             held: false,
             not_before: None,
             pending: Pending::default(),
+            deposed: None,
             leases: Arc::new(LeaseBook::default()),
             step_times: VecDeque::new(),
             form_log: (None, 0, 0),
@@ -259,6 +278,11 @@ impl Driver {
     /// What status queries see, as the driver publishes it.
     pub fn snapshot(&self) -> watch::Receiver<Snapshot> {
         self.snapshot.subscribe()
+    }
+
+    /// What the status page sees beyond the snapshot (see [`history`]).
+    pub fn view(&self) -> watch::Receiver<history::View> {
+        self.view.subscribe()
     }
 
     /// The lease book the session tasks renew leases in (see [`LeaseBook`]).
@@ -298,7 +322,7 @@ impl Driver {
 
     /// Runs until `events` closes. Besides events, a clock ticking every heartbeat drives
     /// leases, the step timeout, the backoff after a failure and the retries of store writes.
-    pub async fn run(mut self, mut events: mpsc::Receiver<Event>) {
+    pub async fn run(mut self, mut events: mpsc::Receiver<Event>) -> RunEnd {
         let mut tick = tokio::time::interval(self.settings.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_tick = Instant::now();
@@ -321,9 +345,13 @@ impl Driver {
                     self.maybe_form_world();
                 }
             }
+            if let Some(reason) = self.deposed.take() {
+                return RunEnd::Deposed(reason);
+            }
             self.reap_undeliverable().await;
             self.publish();
         }
+        RunEnd::Closed
     }
 
     pub(super) async fn handle(&mut self, ev: Event) {
@@ -480,6 +508,7 @@ impl Driver {
         if let Some(m) = &self.metrics {
             m.observe(&snapshot);
         }
+        self.publish_workers();
         self.snapshot.send_if_modified(|s| {
             let changed = *s != snapshot;
             *s = snapshot;

@@ -109,6 +109,9 @@ impl Driver {
     /// Queues `w` and writes what is queued; false when the job failed (a store error retrying
     /// cannot cure, or an outage past its budget). True while an outage keeps it queued.
     pub(super) async fn persist(&mut self, w: Write) -> bool {
+        if self.deposed.is_some() {
+            return false;
+        }
         self.pending.push(w);
         if self.pending.since.is_some() {
             // An outage is under way: the retry timer writes the queue.
@@ -144,6 +147,19 @@ impl Driver {
         true
     }
 
+    /// Stops leading at once: no message goes to a worker any more (their sessions' outboxes
+    /// are dropped, so the sessions end and the workers look for the new leader), nothing more
+    /// is written, and the event loop returns [`RunEnd::Deposed`](super::RunEnd).
+    fn depose(&mut self, reason: String) {
+        tracing::error!(%reason, "deposed: another coordinator leads this job now; stepping down");
+        for m in self.members.values_mut() {
+            m.outbox = None;
+        }
+        self.world = None;
+        self.pending.queue.clear();
+        self.deposed = Some(reason);
+    }
+
     /// Tries the queue again if it is time; dispatches once it is empty.
     pub(super) async fn retry_writes(&mut self) {
         if !self.pending.due(Instant::now()) {
@@ -173,6 +189,13 @@ impl Driver {
         if let Some(m) = &self.metrics {
             m.store_error(w.what());
             m.store_pending(self.pending.len());
+        }
+        if let StoreError::Fenced(reason) = &e {
+            if let Some(m) = &self.metrics {
+                m.fenced_write();
+            }
+            self.depose(format!("the {} was refused: {reason}", w.what()));
+            return false;
         }
         let curable = e.retryable() || matches!(e, StoreError::Io { .. });
         let now = Instant::now();

@@ -245,6 +245,7 @@ impl Driver {
         self.committed = Some(committed);
         self.step = plan.step + 1;
         self.loss = Some(loss);
+        self.record_loss(plan.step, loss, skipped);
         self.digest = (state_digest != 0).then_some(state_digest);
         self.failures.reset();
         self.rate.record(std::time::Instant::now(), 1);

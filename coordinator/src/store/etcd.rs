@@ -5,6 +5,13 @@
 //! (`<prefix>/`, from `etcd://hosts/<prefix>`), which is added and stripped here, so that
 //! several jobs can share one cluster. Each request is bounded by [`REQUEST_TIMEOUT`]; one that
 //! cannot reach a quorum in time fails with the retryable [`StoreError::Unavailable`].
+//!
+//! A store may be **fenced** ([`EtcdStore::fenced`]): each of its writes is then one etcd
+//! transaction that also asks that a given key (a leader's election key) still exists with the
+//! create revision it had when leadership was won. A coordinator whose leadership lapsed (its
+//! election lease expired while it was paused or cut off) thus cannot write anything, however
+//! late its write arrives: etcd refuses it, atomically, and the store answers
+//! [`StoreError::Fenced`].
 
 use std::future::Future;
 use std::time::Duration;
@@ -28,10 +35,21 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
 /// The etcd-backed [`StateStore`].
+#[derive(Clone)]
 pub struct EtcdStore {
     kv: KvClient,
     watch: WatchClient,
     names: Names,
+    /// Every write is conditioned on this (see the module documentation).
+    fence: Option<Fence>,
+}
+
+/// The condition of a fenced store's writes: `key` (a full etcd key, outside the store's
+/// prefix) exists with this create revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: Vec<u8>,
+    pub create_revision: i64,
 }
 
 /// Key prefixing and error mapping, shared with watch tasks.
@@ -69,12 +87,60 @@ impl EtcdStore {
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
             watch: client.watch_client(),
             names,
+            fence: None,
         };
         // The client connects lazily; a linearizable read proves a quorum answers.
         let mut kv = store.kv.clone();
         let probe = format!("{}\0", store.names.prefix);
         store.names.call(kv.get(probe, None)).await?;
         Ok(store)
+    }
+}
+
+impl EtcdStore {
+    /// This store with every write conditioned on `fence`.
+    pub fn fenced(&self, fence: Fence) -> EtcdStore {
+        EtcdStore {
+            fence: Some(fence),
+            ..self.clone()
+        }
+    }
+
+    /// Runs `ops` (with `compares`) as one transaction, inside the fence's when there is one:
+    /// whether the compares held, and the answers of the ops.
+    async fn write(
+        &self,
+        compares: Vec<EtcdCompare>,
+        ops: Vec<TxnOp>,
+    ) -> Result<(bool, etcd_client::TxnResponse), StoreError> {
+        let mut kv = self.kv.clone();
+        let inner = Txn::new().when(compares).and_then(ops);
+        let Some(fence) = &self.fence else {
+            let resp = self.names.call(kv.txn(inner)).await?;
+            return Ok((resp.succeeded(), resp));
+        };
+        let guard = EtcdCompare::create_revision(
+            fence.key.clone(),
+            CompareOp::Equal,
+            fence.create_revision,
+        );
+        let outer = Txn::new()
+            .when(vec![guard])
+            .and_then(vec![TxnOp::txn(inner)]);
+        let resp = self.names.call(kv.txn(outer)).await?;
+        if !resp.succeeded() {
+            return Err(StoreError::Fenced(format!(
+                "the election key {} (created at revision {}) is gone: another coordinator leads now",
+                String::from_utf8_lossy(&fence.key),
+                fence.create_revision
+            )));
+        }
+        match resp.op_responses().into_iter().next() {
+            Some(etcd_client::TxnOpResponse::Txn(inner)) => Ok((inner.succeeded(), inner)),
+            other => Err(StoreError::Backend(format!(
+                "a fenced transaction answered {other:?} instead of its inner transaction"
+            ))),
+        }
     }
 }
 
@@ -101,10 +167,8 @@ impl StateStore for EtcdStore {
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
         check_key(key)?;
-        let mut kv = self.kv.clone();
-        let resp = self
-            .names
-            .call(kv.put(self.names.full(key), value, None))
+        let (_, resp) = self
+            .write(vec![], vec![TxnOp::put(self.names.full(key), value, None)])
             .await?;
         resp.header()
             .map(|h| revision(h.revision()))
@@ -113,12 +177,13 @@ impl StateStore for EtcdStore {
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         check_key(key)?;
-        let mut kv = self.kv.clone();
-        let resp = self
-            .names
-            .call(kv.delete(self.names.full(key), None))
+        let (_, resp) = self
+            .write(vec![], vec![TxnOp::delete(self.names.full(key), None)])
             .await?;
-        Ok(resp.deleted() > 0)
+        Ok(resp.op_responses().into_iter().any(|r| match r {
+            etcd_client::TxnOpResponse::Delete(d) => d.deleted() > 0,
+            _ => false,
+        }))
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<bool, StoreError> {
@@ -143,9 +208,7 @@ impl StateStore for EtcdStore {
                 Op::Delete { key } => TxnOp::delete(full(&key), None),
             })
             .collect();
-        let mut kv = self.kv.clone();
-        let txn = Txn::new().when(when).and_then(then);
-        Ok(self.names.call(kv.txn(txn)).await?.succeeded())
+        Ok(self.write(when, then).await?.0)
     }
 
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {

@@ -131,6 +131,11 @@ pub enum StoreError {
     #[error("state store data in {} is corrupt: {reason}", .path.display())]
     Corrupt { path: PathBuf, reason: String },
 
+    /// The write was refused because this coordinator no longer leads (a fenced store whose
+    /// election key is gone): nothing was written, and nothing this process writes will be.
+    #[error("fenced: {0}")]
+    Fenced(String),
+
     /// etcd answered with an error that is none of the above.
     #[error("etcd error: {0}")]
     Backend(String),
@@ -171,22 +176,30 @@ pub trait StateStore: Send + Sync + 'static {
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError>;
 }
 
+/// The endpoints (`http://host:port`) and key prefix of an `etcd://host:port[,...][/prefix]`
+/// URL; `None` when the URL is not an etcd one.
+pub fn etcd_url(url: &str) -> Option<Result<(Vec<String>, String), StoreError>> {
+    let rest = url.strip_prefix("etcd://")?;
+    let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if hosts.split(',').any(|h| h.trim().is_empty()) {
+        return Some(Err(StoreError::InvalidUrl {
+            url: url.to_owned(),
+            reason: "an etcd endpoint is empty".to_owned(),
+        }));
+    }
+    let endpoints = hosts
+        .split(',')
+        .map(|h| format!("http://{}", h.trim()))
+        .collect();
+    Some(Ok((endpoints, prefix.trim_matches('/').to_owned())))
+}
+
 /// Opens the store a URL names: `file:///path/to/dir` or a bare path for the embedded store
 /// (the directory is created if missing), `etcd://host:port[,host:port...][/prefix]` for etcd.
 pub async fn open(url: &str) -> Result<Arc<dyn StateStore>, StoreError> {
-    if let Some(rest) = url.strip_prefix("etcd://") {
-        let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if hosts.split(',').any(|h| h.trim().is_empty()) {
-            return Err(StoreError::InvalidUrl {
-                url: url.to_owned(),
-                reason: "an etcd endpoint is empty".to_owned(),
-            });
-        }
-        let endpoints: Vec<String> = hosts
-            .split(',')
-            .map(|h| format!("http://{}", h.trim()))
-            .collect();
-        let store = etcd::EtcdStore::connect(&endpoints, prefix.trim_matches('/')).await?;
+    if let Some(parsed) = etcd_url(url) {
+        let (endpoints, prefix) = parsed?;
+        let store = etcd::EtcdStore::connect(&endpoints, &prefix).await?;
         return Ok(Arc::new(store));
     }
     let path = match url.split_once("://") {

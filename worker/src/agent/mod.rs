@@ -22,6 +22,7 @@
 //! tagged with the session of the command they answer, so a new session never carries a reply
 //! meant for the coordinator that went away.
 
+pub mod node;
 mod trainer;
 
 use std::net::{SocketAddr, TcpListener};
@@ -470,10 +471,10 @@ async fn run_session(
                         }
                         _ => {
                             let _ = commands.send((epoch, Command::Exit)).await;
-                            return End::Done(Err(Error::Coordinator(format!(
-                                "the job failed: {}",
-                                s.detail
-                            ))));
+                            return End::Done(Err(Error::JobOver {
+                                finished: false,
+                                message: format!("the job failed: {}", s.detail),
+                            }));
                         }
                     },
                     None => continue,

@@ -1,0 +1,251 @@
+//! Several coordinator replicas for one job (`--ha`, on etcd): one leads, the others stand by.
+//!
+//! Every replica holds an etcd lease (`--election-ttl` seconds, renewed at a third of it) and
+//! campaigns in the job's election (etcd's election API: a key under the election name per
+//! candidate, bound to its lease, whose value is the replica's URL; the oldest key leads). The
+//! leader runs the driver over a store **fenced** on its election key
+//! ([`EtcdStore::fenced`]): once its lease lapses (the process was paused, cut off from etcd,
+//! or killed) the key is deleted, a standby's campaign returns, and any write the old leader
+//! still makes is refused by etcd. A leader that cannot renew its lease within the TTL, or
+//! whose write is fenced, steps down: it stops talking to workers and exits, to be restarted
+//! as a standby.
+//!
+//! Standbys answer every RPC with `Unavailable` and the leader's URL in the
+//! [`LEADER_METADATA`](stagecoach_proto::LEADER_METADATA) metadata; workers and the CLI follow
+//! it. [`Candidates`] is what every replica knows of the others, read from the election's keys.
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, GetOptions, SortOrder, SortTarget};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::store::etcd::{Fence, REQUEST_TIMEOUT};
+use crate::store::StoreError;
+
+/// The replicas of the job as the election shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Candidates {
+    /// The URL of the replica that leads (the oldest candidate), if any.
+    pub leader: Option<String>,
+    /// The others, oldest first.
+    pub standbys: Vec<String>,
+}
+
+/// This replica's part in the election: its lease (kept alive by a task) and its URL.
+pub struct Election {
+    client: Client,
+    name: String,
+    advertise: String,
+    lease: i64,
+    ttl: Duration,
+    /// `Some(reason)` once the lease could not be renewed in time: leadership is lost.
+    lost: watch::Receiver<Option<String>>,
+    candidates: watch::Receiver<Candidates>,
+    _keepalive: AbortOnDrop,
+    _watcher: AbortOnDrop,
+}
+
+/// What winning the election gives: the fence every write of the leader carries.
+#[derive(Debug, Clone)]
+pub struct Leadership {
+    pub fence: Fence,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn unavailable(endpoints: &[String], what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable {
+        endpoints: endpoints.join(","),
+        reason: format!("{what}: {e}"),
+    }
+}
+
+/// The election's name for `job` under the store's key `prefix` (see `keys.rs`).
+pub fn election_name(prefix: &str, job: &str) -> String {
+    let key = crate::keys::election(job);
+    if prefix.is_empty() {
+        key
+    } else {
+        format!("{prefix}/{key}")
+    }
+}
+
+impl Election {
+    /// Joins the election of `job` at `endpoints` as `advertise` (the URL clients reach this
+    /// replica at), with a lease of `ttl`. Returns before leadership: [`Election::campaign`]
+    /// waits for it.
+    pub async fn join(
+        endpoints: &[String],
+        prefix: &str,
+        job: &str,
+        advertise: &str,
+        ttl: Duration,
+    ) -> Result<Election, StoreError> {
+        let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
+        let options = ConnectOptions::new()
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), REQUEST_TIMEOUT);
+        let mut client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|e| unavailable(endpoints, "connecting for the election", e))?;
+        let lease = client
+            .lease_grant(secs, None)
+            .await
+            .map_err(|e| unavailable(endpoints, "granting the election lease", e))?
+            .id();
+        let (keeper, stream) = client
+            .lease_keep_alive(lease)
+            .await
+            .map_err(|e| unavailable(endpoints, "keeping the election lease alive", e))?;
+        let (lost_tx, lost) = watch::channel(None);
+        let keepalive = tokio::spawn(keep_alive(keeper, stream, ttl, lost_tx));
+        let name = election_name(prefix, job);
+        let (cand_tx, candidates) = watch::channel(Candidates::default());
+        let watcher = tokio::spawn(watch_candidates(client.clone(), name.clone(), cand_tx));
+        info!(%name, lease = format!("{lease:x}"), ttl_s = secs, %advertise, "joined the election");
+        Ok(Election {
+            client,
+            name,
+            advertise: advertise.to_owned(),
+            lease,
+            ttl,
+            lost,
+            candidates,
+            _keepalive: AbortOnDrop(keepalive),
+            _watcher: AbortOnDrop(watcher),
+        })
+    }
+
+    /// The replicas as last read from the election (refreshed every second).
+    pub fn candidates(&self) -> watch::Receiver<Candidates> {
+        self.candidates.clone()
+    }
+
+    /// Resolves with the reason once this replica's lease could not be renewed in time.
+    pub fn lost(&self) -> watch::Receiver<Option<String>> {
+        self.lost.clone()
+    }
+
+    /// Waits until this replica leads. Fails if its lease is lost first.
+    pub async fn campaign(&self) -> Result<Leadership, StoreError> {
+        let mut election = self.client.election_client();
+        let mut lost = self.lost.clone();
+        let won = tokio::select! {
+            won = election.campaign(self.name.clone(), self.advertise.clone(), self.lease) => won,
+            reason = lost.wait_for(Option::is_some) => {
+                let reason = reason.map(|r| r.clone().unwrap_or_default()).unwrap_or_default();
+                return Err(StoreError::Fenced(format!("the election lease was lost while campaigning: {reason}")));
+            }
+        };
+        let won = won.map_err(|e| StoreError::Unavailable {
+            endpoints: self.name.clone(),
+            reason: format!("campaigning: {e}"),
+        })?;
+        let key = won.leader().ok_or_else(|| {
+            StoreError::Backend("etcd's campaign answer names no leader key".into())
+        })?;
+        info!(key = %String::from_utf8_lossy(key.key()), revision = key.rev(), "elected: this coordinator leads the job");
+        Ok(Leadership {
+            fence: Fence {
+                key: key.key().to_vec(),
+                create_revision: key.rev(),
+            },
+        })
+    }
+
+    /// The lease's time to live.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Gives the lease up (its keys go at once): a replica that stops cleanly hands over
+    /// without the others waiting for the TTL.
+    pub async fn resign(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.lease_revoke(self.lease))
+            .await;
+    }
+}
+
+/// Renews the lease every third of `ttl`; reports it lost when no renewal succeeded for `ttl`
+/// or etcd says the lease is gone.
+async fn keep_alive(
+    mut keeper: etcd_client::LeaseKeeper,
+    mut stream: etcd_client::LeaseKeepAliveStream,
+    ttl: Duration,
+    lost: watch::Sender<Option<String>>,
+) {
+    let every = (ttl / 3).max(Duration::from_millis(100));
+    let mut renewed = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let attempt = async {
+            keeper.keep_alive().await?;
+            stream.message().await
+        };
+        match tokio::time::timeout(every, attempt).await {
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => renewed = tokio::time::Instant::now(),
+            Ok(Ok(Some(_))) => {
+                let _ = lost.send(Some("etcd says the election lease has expired".into()));
+                return;
+            }
+            Ok(Ok(None)) => warn!("the election lease's keep-alive stream ended"),
+            Ok(Err(e)) => warn!(error = %e, "cannot renew the election lease"),
+            Err(_) => warn!("no answer to renewing the election lease"),
+        }
+        if renewed.elapsed() >= ttl {
+            let _ = lost.send(Some(format!(
+                "the election lease could not be renewed for {:.1} s (its TTL)",
+                renewed.elapsed().as_secs_f64()
+            )));
+            return;
+        }
+    }
+}
+
+/// Reads the election's candidates every second.
+async fn watch_candidates(mut client: Client, name: String, out: watch::Sender<Candidates>) {
+    let prefix = format!("{name}/");
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_leader: Option<String> = None;
+    loop {
+        tick.tick().await;
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        let read = tokio::time::timeout(REQUEST_TIMEOUT, client.get(prefix.clone(), Some(options)));
+        let Ok(Ok(resp)) = read.await else {
+            continue;
+        };
+        let mut urls = resp
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+        let now = Candidates {
+            leader: urls.next(),
+            standbys: urls.collect(),
+        };
+        if now.leader != last_leader {
+            if last_leader.is_some() || now.leader.is_some() {
+                info!(leader = now.leader.as_deref().unwrap_or("none"), "the job's leader is now");
+                crate::metrics::leader_changed();
+            }
+            last_leader = now.leader.clone();
+        }
+        out.send_if_modified(|c| {
+            let changed = *c != now;
+            *c = now;
+            changed
+        });
+    }
+}
