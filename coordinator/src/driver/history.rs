@@ -343,7 +343,9 @@ mod tests {
         let total: u64 = points.iter().map(|p| p.steps()).sum();
         assert_eq!(total, 1_000_000);
         // The spike is still the top of its bucket; the recent steps are single.
-        let spike = points.iter().find(|p| p.first <= 400_000 && 400_000 <= p.last);
+        let spike = points
+            .iter()
+            .find(|p| p.first <= 400_000 && 400_000 <= p.last);
         assert_eq!(spike.unwrap().max, 50.0);
         assert!(points[points.len() - FINE..].iter().all(|p| p.steps() == 1));
         println!(
@@ -367,7 +369,10 @@ mod tests {
         assert_eq!(a[0].points.len(), 1);
         let last: Vec<&LossPoint> = h.points().rev().take(2).collect();
         assert_eq!(last[0].first, 32);
-        assert_eq!((last[1].first, last[1].nonfinite, last[1].skipped), (31, 1, 1));
+        assert_eq!(
+            (last[1].first, last[1].nonfinite, last[1].skipped),
+            (31, 1, 1)
+        );
         assert_eq!(last[1].mean(), None);
         // Back into the coarse tail: the buckets from the step on go too.
         h.record(10, 1.0, false);
@@ -388,7 +393,13 @@ mod tests {
         }
         let points: Vec<&LossPoint> = h.points().collect();
         assert!(points.len() <= 100);
-        assert!(points.iter().all(|p| p.steps() == h.bucket_width()));
+        // Every bucket but the last (still filling) is one width: 1000 steps in buckets of 16.
+        let (last, full) = points.split_last().unwrap();
+        assert_eq!(h.bucket_width(), 16);
+        assert!(full.iter().all(|p| p.steps() == h.bucket_width()));
+        assert!(last.steps() <= h.bucket_width());
+        assert_eq!(points.iter().map(|p| p.steps()).sum::<u64>(), 1000);
+        assert_eq!(last.last, 999);
         assert_eq!(points.iter().map(|p| p.skipped).sum::<u32>(), 1);
         assert_eq!(points[0].min, 1.0);
     }

@@ -49,16 +49,29 @@ impl Scale {
 }
 
 /// Round tick values covering `lo..=hi`, about `n` of them, and the spacing between them.
+///
+/// The spacing is the round number (1, 2, 2.5 or 5 times a power of ten) whose ticks inside
+/// the range come nearest to `n` in count; between two as near, the wider one.
 fn ticks(lo: f64, hi: f64, n: usize) -> (Vec<f64>, f64) {
     let span = (hi - lo).abs().max(f64::MIN_POSITIVE);
     let raw = span / n.max(1) as f64;
     let magnitude = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
-        .iter()
-        .map(|m| m * magnitude)
-        .find(|s| *s >= raw)
-        .unwrap_or(10.0 * magnitude);
-    let first = (lo / step).ceil() * step;
+    let count = |step: f64| {
+        let first = (lo / step - 1e-9).ceil();
+        let last = (hi / step + 1e-9).floor();
+        (last - first + 1.0).max(0.0)
+    };
+    let mut step = magnitude;
+    for scale in [0.1, 1.0, 10.0] {
+        for m in [1.0, 2.0, 2.5, 5.0] {
+            let s = m * magnitude * scale;
+            let (d, best) = ((count(s) - n as f64).abs(), (count(step) - n as f64).abs());
+            if d < best || (d == best && s > step) {
+                step = s;
+            }
+        }
+    }
+    let first = (lo / step - 1e-9).ceil() * step;
     let mut out = vec![];
     let mut v = first;
     while v <= hi + step * 1e-9 {
@@ -113,7 +126,9 @@ fn fit(text: &str, px: f64) -> Option<String> {
     } else {
         Some(format!(
             "{}…",
-            text.chars().take(chars.saturating_sub(1)).collect::<String>()
+            text.chars()
+                .take(chars.saturating_sub(1))
+                .collect::<String>()
         ))
     }
 }
@@ -238,7 +253,11 @@ fn stage_bands(out: &mut String, a: &Area, spans: &[Span]) {
                 r##"<text x="{:.1}" y="{:.1}" font-size="12" fill="{}">{}</text>"##,
                 x0 + 4.0,
                 a.top + 15.0,
-                if s.phase == Phase::Planned { "#777" } else { "#333" },
+                if s.phase == Phase::Planned {
+                    "#777"
+                } else {
+                    "#333"
+                },
                 escape(&text)
             );
         }
@@ -261,7 +280,11 @@ fn stage_bands(out: &mut String, a: &Area, spans: &[Span]) {
             a.bottom,
             if planned { "#999" } else { "#444" },
             if planned { "1" } else { "1.5" },
-            if planned { r##" stroke-dasharray="4 3""## } else { "" },
+            if planned {
+                r##" stroke-dasharray="4 3""##
+            } else {
+                ""
+            },
             escape(&from.name),
             escape(&to.name),
             to.start,
@@ -350,7 +373,8 @@ pub fn loss_chart(r: &Report) -> String {
             "{} steps drawn{}; last loss {} at step {}{}",
             fmt_count(committed),
             match since {
-                Some(s) if s > 0 => format!(" (from step {s}, where this coordinator took the job over)"),
+                Some(s) if s > 0 =>
+                    format!(" (from step {s}, where this coordinator took the job over)"),
                 _ => String::new(),
             },
             p.mean().map_or("not finite".into(), |m| format!("{m:.4}")),
@@ -488,7 +512,11 @@ pub fn loss_chart(r: &Report) -> String {
                 x - 4.0,
                 y - 4.0,
                 p.first,
-                if p.last > p.first { format!("–{}", p.last) } else { String::new() },
+                if p.last > p.first {
+                    format!("–{}", p.last)
+                } else {
+                    String::new()
+                },
                 p.skipped,
                 p.nonfinite
             );
@@ -540,7 +568,9 @@ pub fn loss_chart(r: &Report) -> String {
         );
     }
     let line = |stroke: &str, dash: &str| {
-        format!(r##"<line x1="0" y1="0" x2="12" y2="0" stroke="{stroke}" stroke-width="2"{dash}/>"##)
+        format!(
+            r##"<line x1="0" y1="0" x2="12" y2="0" stroke="{stroke}" stroke-width="2"{dash}/>"##
+        )
     };
     let mut items = vec![
         (line(LOSS, ""), "loss".to_owned()),
@@ -549,7 +579,9 @@ pub fn loss_chart(r: &Report) -> String {
             "abandoned by a rollback".to_owned(),
         ),
         (
-            format!(r##"<line x1="0" y1="0" x2="11" y2="0" stroke="{ROLLBACK}" stroke-width="2" marker-end="url(#arrow)"/>"##),
+            format!(
+                r##"<line x1="0" y1="0" x2="11" y2="0" stroke="{ROLLBACK}" stroke-width="2" marker-end="url(#arrow)"/>"##
+            ),
             "rollback".to_owned(),
         ),
         (
@@ -561,7 +593,9 @@ pub fn loss_chart(r: &Report) -> String {
             "checkpoint".to_owned(),
         ),
         (
-            format!(r##"<path d="M2 -4 l8 8 m0 -8 l-8 8" stroke="{DROPPED}" stroke-width="2.5"/>"##),
+            format!(
+                r##"<path d="M2 -4 l8 8 m0 -8 l-8 8" stroke="{DROPPED}" stroke-width="2.5"/>"##
+            ),
             "update dropped".to_owned(),
         ),
     ];
@@ -604,7 +638,13 @@ pub fn validation_chart(r: &Report) -> String {
         y: Scale::new((lo - pad).max(0.0), hi + pad, h - 86.0, 58.0),
     };
     let mut out = String::new();
-    open(&mut out, "validation-chart", w, h, "Validation loss per source");
+    open(
+        &mut out,
+        "validation-chart",
+        w,
+        h,
+        "Validation loss per source",
+    );
     let subtitle = if evals.is_empty() {
         "no evaluation yet: every stage's end is evaluated on the held-out data (and `stagecoach eval` on demand)".to_owned()
     } else {
@@ -722,7 +762,14 @@ pub fn tokens_chart(r: &Report) -> String {
         .map(|t| t.iter().sum::<u64>() as f64)
         .chain(planned.iter().copied())
         .fold(1.0, f64::max);
-    let label_w = 12.0 + 7.5 * sources.iter().map(|s| s.chars().count()).max().unwrap_or(4).min(24) as f64;
+    let label_w = 12.0
+        + 7.5
+            * sources
+                .iter()
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(4)
+                .min(24) as f64;
     let left = label_w.max(80.0);
     let right = w - 190.0;
     let x = Scale::new(0.0, max, left, right);
@@ -809,7 +856,10 @@ pub fn tokens_chart(r: &Report) -> String {
         .enumerate()
         .map(|(i, s)| {
             (
-                format!(r##"<rect x="0" y="-6" width="12" height="12" fill="{}"/>"##, colour(i)),
+                format!(
+                    r##"<rect x="0" y="-6" width="12" height="12" fill="{}"/>"##,
+                    colour(i)
+                ),
                 s.name.clone(),
             )
         })
@@ -932,7 +982,10 @@ mod tests {
     #[test]
     fn long_names_are_cut_to_fit() {
         assert_eq!(fit("stable-1", 100.0).as_deref(), Some("stable-1"));
-        assert_eq!(fit("a-very-long-stage-name", 56.0).as_deref(), Some("a-very-…"));
+        assert_eq!(
+            fit("a-very-long-stage-name", 56.0).as_deref(),
+            Some("a-very-…")
+        );
         assert_eq!(fit("x", 10.0), None);
     }
 }
