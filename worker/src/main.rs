@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use stagecoach_core::spec::JobFile;
+use stagecoach_worker::agent::node;
 use stagecoach_worker::corpus::{self, Domain};
 use stagecoach_worker::fault::{Faults, Poison};
 use stagecoach_worker::model::Precision;
@@ -17,6 +18,21 @@ use stagecoach_worker::{hf, model, train};
 
 /// The `join --help` heading of the options that break things on purpose.
 const FAULTS: &str = "Fault injection (for tests)";
+/// The `join --help` heading of the node agent's options.
+const NODE: &str = "Node agent (one worker per device: --devices)";
+
+/// The options a node agent gives each child a value of its own for, instead of passing them
+/// through as given.
+const AGENT_OWNED: &[&str] = &[
+    "--devices",
+    "--log-dir",
+    "--max-restarts",
+    "--restart-window-secs",
+    "--grace-secs",
+    "--listen",
+    "--metrics-listen",
+    "--metrics-out",
+];
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +64,43 @@ impl FastPathArgs {
             fused_adamw: self.fused_adamw,
         }
     }
+}
+
+/// The node agent's options (`join --devices`).
+#[derive(Args)]
+struct NodeArgs {
+    /// Run as this node's agent: start one worker per device (this binary, with these
+    /// options and its own --device, ports and log) and supervise them. `all`: every CUDA
+    /// device of the node; or a list: cpu,cpu or cuda:0,cuda:1.
+    #[arg(long, value_name = "LIST", conflicts_with = "device", help_heading = NODE)]
+    devices: Option<node::DeviceList>,
+    /// Worker N logs to DIR/worker-N.log (appended to across restarts); without it, every
+    /// worker's lines go to this process's stderr, prefixed with their local rank.
+    #[arg(long, value_name = "DIR", requires = "devices", help_heading = NODE)]
+    log_dir: Option<PathBuf>,
+    /// Restarts of one worker allowed within --restart-window-secs; one more stops every
+    /// worker and the agent fails.
+    #[arg(long, value_name = "N", default_value_t = 5, requires = "devices", help_heading = NODE)]
+    max_restarts: u32,
+    /// The window --max-restarts counts restarts in.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 600,
+        requires = "devices",
+        help_heading = NODE
+    )]
+    restart_window_secs: u64,
+    /// On SIGTERM or SIGINT, how long the workers have to exit after SIGTERM before
+    /// SIGKILL.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 10,
+        requires = "devices",
+        help_heading = NODE
+    )]
+    grace_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -111,26 +164,33 @@ enum Command {
     },
     /// Join a job: register with the coordinator and train what it sends until the job ends.
     Join {
-        /// The coordinator's URL.
+        /// The coordinator's URL, or its replicas' URLs separated by commas (`--ha`): the
+        /// worker registers with the one that leads and follows a new leader.
         #[arg(
             long,
             env = "STAGECOACH_COORDINATOR",
             default_value = "http://127.0.0.1:7070"
         )]
         coordinator: String,
-        /// Where to accept the collective's ring neighbour (port 0: any free port).
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: std::net::SocketAddr,
+        /// Where to accept the collective's ring neighbour (port 0: any free port); the
+        /// address the worker registers, so other nodes' workers must reach it there [default:
+        /// 127.0.0.1:0]. With --devices: the host of every worker (without one, or 0.0.0.0:
+        /// this node's address towards the coordinator) and the first worker's port (the next
+        /// ones count up from it; 0: each takes a free port).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
         /// cpu (workers all-reduce over a TCP ring) or cuda / cuda:N (NCCL, its unique id
         /// relayed by the coordinator); overrides the job's [train] device. Without it the
         /// worker registers as a CPU worker (the backend is chosen at registration, before the
         /// job is known), and a job whose device is a GPU asks for this option.
         #[arg(long)]
         device: Option<String>,
-        /// Write one JSON record per trained step (with its samples) to this file.
+        /// Write one JSON record per trained step (with its samples) to this file. With
+        /// --devices: worker N writes FILE's stem + "-N" (a restart: + "-N.restartK").
         #[arg(long)]
         metrics_out: Option<PathBuf>,
         /// Where to serve Prometheus metrics (GET /metrics); port 0 picks a free port (logged).
+        /// With --devices: worker N serves on the port + N (0: each a free one).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
         metrics_listen: std::net::SocketAddr,
         /// When the session with the coordinator breaks, keep the model and keep trying to
@@ -164,6 +224,8 @@ enum Command {
         stop_heartbeats_at_step: Option<u64>,
         #[command(flatten)]
         fast: FastPathArgs,
+        #[command(flatten)]
+        node: Box<NodeArgs>,
     },
     /// Tokenize jsonl files, text files or folders of them into datatrove token shards.
     Tokenize {
@@ -259,13 +321,19 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let mut out = std::io::stdout().lock();
-    match run(cli, &mut out).and_then(|()| Ok(out.flush()?)) {
-        Ok(()) => ExitCode::SUCCESS,
+    match run(cli, &mut out).and_then(|code| Ok(out.flush().map(|()| code)?)) {
+        Ok(code) => code,
         // `stagecoach-worker inspect ... | head -1`: the reader is gone; nothing left to say.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "Error: {e:?}");
-            ExitCode::FAILURE
+            // A node agent does not start a worker again whose job failed.
+            match e.downcast_ref::<stagecoach_worker::Error>() {
+                Some(stagecoach_worker::Error::JobOver {
+                    finished: false, ..
+                }) => ExitCode::from(stagecoach_worker::agent::node::JOB_FAILED_EXIT as u8),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -279,8 +347,8 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Runs a command, printing what it reports to `out`.
-fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
+/// Runs a command, printing what it reports to `out`; returns the exit status.
+fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Train {
             config,
@@ -369,16 +437,43 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
             kill_at_step,
             stop_heartbeats_at_step,
             fast,
+            node: node_args,
         } => {
+            // Checked here also for an agent, so that a bad file stops it before any worker.
             let auth = stagecoach_proto::connect::ClientAuth::from_files(
                 ca.as_deref(),
                 cert.as_deref(),
                 key.as_deref(),
                 token_file.as_deref(),
             )?;
+            let NodeArgs {
+                devices,
+                log_dir,
+                max_restarts,
+                restart_window_secs,
+                grace_secs,
+            } = *node_args;
+            if let Some(devices) = devices {
+                return run_node(node::NodeOptions {
+                    devices,
+                    coordinator,
+                    listen,
+                    metrics_listen,
+                    metrics_out,
+                    log_dir,
+                    restarts: node::RestartPolicy::new(
+                        max_restarts,
+                        std::time::Duration::from_secs(restart_window_secs),
+                    ),
+                    grace: std::time::Duration::from_secs(grace_secs),
+                    pass_through: join_arguments()?,
+                    exe: std::env::current_exe()
+                        .context("cannot find this binary to start the workers")?,
+                });
+            }
             stagecoach_worker::agent::join(stagecoach_worker::agent::JoinOptions {
                 coordinator,
-                listen,
+                listen: listen.unwrap_or_else(|| ([127, 0, 0, 1], 0).into()),
                 device,
                 metrics_out,
                 metrics_listen,
@@ -587,5 +682,34 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
             )?;
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a node agent; its outcome is the exit status.
+fn run_node(opts: node::NodeOptions) -> anyhow::Result<ExitCode> {
+    let outcome = node::run(opts)?;
+    match &outcome {
+        node::Outcome::Finished => {}
+        node::Outcome::Stopped { detail, .. } => {
+            writeln!(std::io::stderr(), "{detail}")?;
+        }
+        node::Outcome::Failed { reason } => {
+            writeln!(
+                std::io::stderr(),
+                "Error: {reason}; every worker of this node was stopped"
+            )?;
+        }
+    }
+    Ok(ExitCode::from(outcome.exit_code()))
+}
+
+/// The `join` options this process was given, without those each worker of a node agent gets
+/// a value of its own for.
+fn join_arguments() -> anyhow::Result<Vec<std::ffi::OsString>> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    anyhow::ensure!(
+        args.first().is_some_and(|a| a == "join"),
+        "--devices is an option of `stagecoach-worker join`"
+    );
+    Ok(node::pass_through(&args[1..], AGENT_OWNED))
 }
