@@ -20,6 +20,7 @@ SERVICES := etcd-server:etcd prometheus:prometheus prometheus:promtool \
 
 setup:
 	@scripts/setup.sh $(SERVICES)
+	@scripts/setup-deploy.sh
 
 build: setup
 	$(CARGO) build --workspace --bins
@@ -98,6 +99,28 @@ bench-tls: build
 ## Every CPU benchmark; each prints ratios against a reference run in the same invocation.
 .PHONY: bench
 bench: bench-cpu bench-allreduce bench-checkpoint bench-tls
+
+## The container images from deploy/image/Dockerfile, with podman or docker: `stagecoach` (the
+## workers, on a CUDA base) and `stagecoach-control` (the coordinator and the CLI), tagged
+## $(IMAGE_TAG); their sizes are printed at the end. `make image IMAGE_REPO=registry.example/ml/`
+## prefixes the names.
+IMAGE_TAG  ?= 0.1.0
+IMAGE_REPO ?=
+.PHONY: image
+image:
+	@engine=$$(command -v podman || command -v docker) || { \
+	  echo "make image: neither podman nor docker is installed here: install one (apt-get install podman, or Docker Engine) and run make image again (deploy/README.md)" >&2; exit 1; }; \
+	$$engine info >/dev/null 2>&1 || { \
+	  echo "make image: $$engine is installed but cannot build here ($$engine info fails: no daemon or container runtime reachable); start it (or use a machine that has one) and run make image again" >&2; exit 1; }; \
+	for pair in worker:stagecoach control:stagecoach-control; do \
+	  target=$${pair%%:*}; name=$(IMAGE_REPO)$${pair#*:}:$(IMAGE_TAG); \
+	  echo "make image: $$engine build --target $$target -t $$name (context: the files git tracks or would)"; \
+	  git ls-files -z --cached --others --exclude-standard | tar --null -T - -c | \
+	    $$engine build -f deploy/image/Dockerfile --target $$target -t $$name - || exit 1; \
+	done; \
+	for name in stagecoach stagecoach-control; do \
+	  echo "make image: $(IMAGE_REPO)$$name:$(IMAGE_TAG) is $$($$engine image inspect --format '{{.Size}}' $(IMAGE_REPO)$$name:$(IMAGE_TAG)) bytes"; \
+	done
 
 ## The binary bench/gpu/run.sh carries to the GPU machine (see bench/gpu/README.md).
 .PHONY: gpu-binary
