@@ -36,6 +36,12 @@ url="$scheme://$(sed -n 's/^listening on //p' "$run/coordinator.out")"
 echo "coordinator at $url (log: $run/coordinator.log)"
 echo "  watch it with: $bin/stagecoach --coordinator $url$cli_tls status"
 echo "  Prometheus metrics: $(sed -n 's/^metrics on //p' "$run/coordinator.out") (each worker's: see $run/worker-*.log)"
+page="$(sed -n 's/^metrics on //p' "$run/coordinator.out")"; page="${page%/metrics}/"
+if [ "$secure" = "--secure" ]; then
+  echo "  status page: $page (a viewer's credentials, e.g. curl --cacert $c/ca.pem --cert $c/viewer.pem --key $c/viewer.key $page; docs/status-page.md)"
+else
+  echo "  status page: $page (open it in a browser while the job runs; docs/status-page.md)"
+fi
 workers=()
 for i in 0 1; do
   if [ "$i" = 0 ]; then tls=(${worker0_tls[@]+"${worker0_tls[@]}"}); else tls=(${worker1_tls[@]+"${worker1_tls[@]}"}); fi

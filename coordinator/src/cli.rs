@@ -9,6 +9,7 @@
 
 mod checkpoints;
 pub mod export;
+pub mod plot;
 mod render;
 mod validate;
 

@@ -108,6 +108,9 @@ enum Command {
         /// Where to write the model folder (created; it must be empty if it exists).
         dir: PathBuf,
     },
+    /// Write the status page's charts of a run (loss, validation, tokens, stages) as SVG files
+    /// (and PNG with --png), from its state store. Needs no coordinator.
+    Plot(cli::plot::PlotArgs),
     /// Make the certificates and tokens of a cluster (needs no coordinator).
     Certs {
         #[command(subcommand)]
@@ -241,6 +244,7 @@ async fn main() -> ExitCode {
         Command::Rollback { checkpoint } => cli::rollback(url, checkpoint.as_deref()).await,
         Command::Events { json } => cli::events(url, json).await,
         Command::Export { checkpoint, dir } => cli::export(&checkpoint, &dir),
+        Command::Plot(args) => cli::plot::plot(&args).await,
         Command::Certs { action } => match action {
             CertsAction::Init { dir, hosts } => stagecoach_coordinator::certs::init(&dir, &hosts),
             CertsAction::Token { name, role, out } => {

@@ -361,10 +361,7 @@ footer { color: #57606a; font-size: 13px; padding: 0 22px 20px; }
 /// The page for `r`, as of `now_ms`.
 pub fn render(r: &Report, now_ms: u64) -> String {
     let mut o = String::with_capacity(64 * 1024);
-    let state = r
-        .status
-        .as_ref()
-        .map_or("unknown", |s| state_name(s.state));
+    let state = r.status.as_ref().map_or("unknown", |s| state_name(s.state));
     let _ = write!(
         o,
         r##"<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_SECONDS}"><meta name="viewport" content="width=device-width, initial-scale=1"><title>{} · {} · step {} of {} · stagecoach</title><style>{STYLE}</style></head><body>"##,
@@ -651,10 +648,13 @@ fn workers_section(o: &mut String, r: &Report) {
                 r##"<tr class="worker{}" data-rank="{}"><td>{}</td><td><code>{}</code></td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>"##,
                 if w.connected { "" } else { " bad" },
                 w.rank.map_or("-".into(), |r| r.to_string()),
-                w.rank
-                    .map_or("spare".into(), |r| format!("rank {r}")),
+                w.rank.map_or("spare".into(), |r| format!("rank {r}")),
                 escape(&w.id),
-                if w.connected { "connected" } else { "no session" },
+                if w.connected {
+                    "connected"
+                } else {
+                    "no session"
+                },
                 escape(&w.address),
                 escape(&w.owner)
             );
@@ -769,7 +769,7 @@ pub fn render_no_job() -> String {
 /// The page a caller without the viewer's credentials gets (it says nothing about the job).
 pub fn render_refused(status: u16, message: &str) -> String {
     format!(
-        r##"<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>stagecoach · {status}</title><style>{STYLE}</style></head><body><header class="state-failed"><h1 id="refused">{status}: {}</h1><p class="detail">The status page needs a viewer's (or an operator's) credentials: a client certificate whose Common Name is <code>viewer:NAME</code>, or a bearer token. A browser sends no token: see “The status page” in docs/security.md.</p></header></body></html>"##,
+        r##"<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>stagecoach · {status}</title><style>{STYLE}</style></head><body><header class="state-failed"><h1 id="refused">{status}: {}</h1><p class="detail">The status page needs a viewer's (or an operator's) credentials: a client certificate whose Common Name is <code>viewer:NAME</code>, or a bearer token. A browser sends no token: see docs/status-page.md.</p></header></body></html>"##,
         escape(message)
     )
 }
@@ -857,7 +857,14 @@ mod tests {
     #[test]
     fn everything_from_the_job_or_a_client_is_escaped() {
         let page = render(&report(), 0);
-        for raw in ["<script>", "<img", "<svg onload", "<b>boom", "w1-<x>", "j<b>"] {
+        for raw in [
+            "<script>",
+            "<img",
+            "<svg onload",
+            "<b>boom",
+            "w1-<x>",
+            "j<b>",
+        ] {
             assert!(!page.contains(raw), "{raw} reached the page unescaped");
         }
         assert!(page.contains("j&lt;b&gt;&amp;&quot;"));
