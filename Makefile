@@ -64,6 +64,12 @@ test: setup
 	$(CARGO) test --workspace
 	bench/gpu/run.sh --dry-run --bin $(BIN)/stagecoach-worker
 
+## The alert rules alone: promtool's checks and unit tests (also run by `make test`, in
+## tests/tests/alerts.rs, with the live alert and dashboard tests).
+.PHONY: rules
+rules: setup
+	cd deploy/prometheus && promtool check config prometheus.yml && promtool test rules tests/*.yml
+
 lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
