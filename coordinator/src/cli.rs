@@ -64,9 +64,113 @@ pub fn set_client_auth(auth: ClientAuth) {
     let _ = CLIENT_AUTH.set(auth);
 }
 
+/// How long the CLI waits for replicas to elect a leader when every one it reached stands by.
+const ELECTION_WAIT: Duration = Duration::from_secs(10);
+
 /// Connects to the coordinator at `url` (`http://` is assumed when it has no scheme; it becomes
-/// `https://` with TLS material).
+/// `https://` with TLS material). `url` may list several replicas separated by commas: the
+/// client connects to the one that leads, following a standby's word on who that is, and waits
+/// up to [`ELECTION_WAIT`] while an election is under way.
 pub async fn connect(url: &str) -> Result<Client, Error> {
+    let urls: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err(Error::InvalidAddress {
+            url: url.to_owned(),
+            reason: "no URL: give one, or several separated by commas".into(),
+        });
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let mut last = None;
+        for url in &urls {
+            match leader_at(url).await {
+                Ok(client) => return Ok(client),
+                Err(e) => last = Some(e),
+            }
+        }
+        let e = last.expect("at least one URL was tried");
+        let electing =
+            matches!(&e, Error::Unreachable { reason, .. } if reason.contains("stands by"));
+        if !electing || started.elapsed() >= ELECTION_WAIT {
+            return Err(match e {
+                Error::Unreachable { reason, .. } if urls.len() > 1 => Error::Unreachable {
+                    url: urls.join(","),
+                    reason: format!(
+                        "no replica could be reached as the leader (the last: {reason})"
+                    ),
+                },
+                e => e,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// How long the probe that finds the leader waits for one replica's answer: a stopped
+/// replica accepts the connection but never answers.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A client of the coordinator at `url`, or of the leader it names when it stands by.
+async fn leader_at(url: &str) -> Result<Client, Error> {
+    let client = connect_one(url).await?;
+    match probe(client).await? {
+        Ok(client) => Ok(client),
+        Err(Some(leader)) => match probe(connect_one(&leader).await?).await? {
+            Ok(client) => Ok(client),
+            Err(_) => Err(Error::Unreachable {
+                url: leader,
+                reason: "named the leader by a standby, but it stands by too".into(),
+            }),
+        },
+        Err(None) => Err(Error::Unreachable {
+            url: url.to_owned(),
+            reason: "it stands by and no replica leads yet (an election is under way)".into(),
+        }),
+    }
+}
+
+/// Asks `client`'s coordinator for its status: `Ok(client)` when it answers as the one that
+/// serves the job (or refuses the caller, which the real call will report), `Err(leader)`
+/// when it stands by, naming the leader if it knows it; an error when it does not answer.
+async fn probe(mut client: Client) -> Result<Result<Client, Option<String>>, Error> {
+    let mut request = tonic::Request::new(GetStatusRequest {});
+    request.set_timeout(PROBE_TIMEOUT);
+    match client.inner.get_status(request).await {
+        Ok(_) => Ok(Ok(client)),
+        Err(status)
+            if status.code() == Code::Unavailable
+                && status
+                    .metadata()
+                    .contains_key(stagecoach_proto::LEADER_METADATA) =>
+        {
+            Ok(Err(status
+                .metadata()
+                .get(stagecoach_proto::LEADER_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)))
+        }
+        Err(status)
+            if matches!(
+                status.code(),
+                Code::Unauthenticated | Code::PermissionDenied
+            ) =>
+        {
+            Ok(Ok(client))
+        }
+        Err(status) => Err(Error::Unreachable {
+            reason: describe(&status),
+            url: client.url,
+        }),
+    }
+}
+
+/// Connects to the coordinator at `url`.
+async fn connect_one(url: &str) -> Result<Client, Error> {
     let auth = CLIENT_AUTH.get().cloned().unwrap_or_default();
     let url = auth.url(url);
     tonic::transport::Endpoint::from_shared(url.clone()).map_err(|e| Error::InvalidAddress {

@@ -77,6 +77,9 @@ pub fn election_name(prefix: &str, job: &str) -> String {
     }
 }
 
+/// How long a replica keeps campaigning again after errors in a row before it gives up.
+const CAMPAIGN_RETRIES: Duration = Duration::from_secs(30);
+
 impl Election {
     /// Joins the election of `job` at `endpoints` as `advertise` (the URL clients reach this
     /// replica at), with a lease of `ttl`. Returns before leadership: [`Election::campaign`]
@@ -89,24 +92,39 @@ impl Election {
         ttl: Duration,
     ) -> Result<Election, StoreError> {
         let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
+        // No per-request timeout on this client: a campaign waits as long as another leads.
+        // Every other call is bounded here.
         let options = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
-            .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), REQUEST_TIMEOUT);
-        let mut client = Client::connect(endpoints, Some(options))
+        let timed_out = |what: &str| StoreError::Unavailable {
+            endpoints: endpoints.join(","),
+            reason: format!("{what}: no answer within {} s", REQUEST_TIMEOUT.as_secs()),
+        };
+        let mut client =
+            tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(endpoints, Some(options)))
+                .await
+                .map_err(|_| timed_out("connecting for the election"))?
+                .map_err(|e| unavailable(endpoints, "connecting for the election", e))?;
+        let lease = tokio::time::timeout(REQUEST_TIMEOUT, client.lease_grant(secs, None))
             .await
-            .map_err(|e| unavailable(endpoints, "connecting for the election", e))?;
-        let lease = client
-            .lease_grant(secs, None)
-            .await
+            .map_err(|_| timed_out("granting the election lease"))?
             .map_err(|e| unavailable(endpoints, "granting the election lease", e))?
             .id();
-        let (keeper, stream) = client
-            .lease_keep_alive(lease)
-            .await
-            .map_err(|e| unavailable(endpoints, "keeping the election lease alive", e))?;
+        let (keeper, stream) =
+            tokio::time::timeout(REQUEST_TIMEOUT, client.lease_keep_alive(lease))
+                .await
+                .map_err(|_| timed_out("keeping the election lease alive"))?
+                .map_err(|e| unavailable(endpoints, "keeping the election lease alive", e))?;
         let (lost_tx, lost) = watch::channel(None);
-        let keepalive = tokio::spawn(keep_alive(keeper, stream, ttl, lost_tx));
+        let keepalive = tokio::spawn(keep_alive(
+            client.clone(),
+            lease,
+            keeper,
+            stream,
+            ttl,
+            lost_tx,
+        ));
         let name = election_name(prefix, job);
         let (cand_tx, candidates) = watch::channel(Candidates::default());
         let watcher = tokio::spawn(watch_candidates(client.clone(), name.clone(), cand_tx));
@@ -134,21 +152,39 @@ impl Election {
         self.lost.clone()
     }
 
-    /// Waits until this replica leads. Fails if its lease is lost first.
+    /// Waits until this replica leads. Fails if its lease is lost first; a campaign cut short
+    /// by etcd (a member gone, a connection broken) is taken up again with the same lease,
+    /// which etcd counts as the same candidate.
     pub async fn campaign(&self) -> Result<Leadership, StoreError> {
         let mut election = self.client.election_client();
         let mut lost = self.lost.clone();
-        let won = tokio::select! {
-            won = election.campaign(self.name.clone(), self.advertise.clone(), self.lease) => won,
-            reason = lost.wait_for(Option::is_some) => {
-                let reason = reason.map(|r| r.clone().unwrap_or_default()).unwrap_or_default();
-                return Err(StoreError::Fenced(format!("the election lease was lost while campaigning: {reason}")));
+        let mut failing_since: Option<tokio::time::Instant> = None;
+        let won = loop {
+            let attempt = tokio::select! {
+                won = election.campaign(self.name.clone(), self.advertise.clone(), self.lease) => won,
+                reason = lost.wait_for(Option::is_some) => {
+                    let reason = reason.map(|r| r.clone().unwrap_or_default()).unwrap_or_default();
+                    return Err(StoreError::Fenced(format!("the election lease was lost while campaigning: {reason}")));
+                }
+            };
+            match attempt {
+                Ok(won) => break won,
+                Err(e) => {
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() > CAMPAIGN_RETRIES {
+                        return Err(StoreError::Unavailable {
+                            endpoints: self.name.clone(),
+                            reason: format!(
+                                "campaigning failed for {} s; the last error: {e}",
+                                CAMPAIGN_RETRIES.as_secs()
+                            ),
+                        });
+                    }
+                    warn!(error = %e, "campaigning was cut short; campaigning again");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
             }
         };
-        let won = won.map_err(|e| StoreError::Unavailable {
-            endpoints: self.name.clone(),
-            reason: format!("campaigning: {e}"),
-        })?;
         let key = won.leader().ok_or_else(|| {
             StoreError::Backend("etcd's campaign answer names no leader key".into())
         })?;
@@ -174,11 +210,19 @@ impl Election {
     }
 }
 
-/// Renews the lease every third of `ttl`; reports it lost when no renewal succeeded for `ttl`
-/// or etcd says the lease is gone.
+/// Renews the lease every third of `ttl`; reports it lost when etcd says the lease is gone, or
+/// when no renewal succeeded for [`LOST_AFTER_TTLS`] × `ttl`. A keep-alive stream that breaks
+/// (the etcd member it went to died) is opened again, through the client's other endpoints.
+///
+/// Not renewing for one TTL does not mean the lease expired: while etcd elects a new raft
+/// leader (a member died) nothing is renewed and nothing expires, and the new raft leader
+/// gives every lease its whole TTL again. Safety never rests on this judgement: every write of
+/// a leader is fenced on its election key, which goes with the lease.
 async fn keep_alive(
-    mut keeper: etcd_client::LeaseKeeper,
-    mut stream: etcd_client::LeaseKeepAliveStream,
+    mut client: Client,
+    lease: i64,
+    keeper: etcd_client::LeaseKeeper,
+    stream: etcd_client::LeaseKeepAliveStream,
     ttl: Duration,
     lost: watch::Sender<Option<String>>,
 ) {
@@ -186,30 +230,80 @@ async fn keep_alive(
     let mut renewed = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut channel = Some((keeper, stream));
     loop {
         tick.tick().await;
-        let attempt = async {
-            keeper.keep_alive().await?;
-            stream.message().await
-        };
-        match tokio::time::timeout(every, attempt).await {
-            Ok(Ok(Some(resp))) if resp.ttl() > 0 => renewed = tokio::time::Instant::now(),
-            Ok(Ok(Some(_))) => {
-                let _ = lost.send(Some("etcd says the election lease has expired".into()));
-                return;
+        // Until renewed or the next tick is due: a client spreads requests over etcd's members,
+        // so an attempt that went to a dead one is followed by one that goes elsewhere.
+        let deadline = tokio::time::Instant::now() + every;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
             }
-            Ok(Ok(None)) => warn!("the election lease's keep-alive stream ended"),
-            Ok(Err(e)) => warn!(error = %e, "cannot renew the election lease"),
-            Err(_) => warn!("no answer to renewing the election lease"),
+            if channel.is_none() {
+                match tokio::time::timeout(left, client.lease_keep_alive(lease)).await {
+                    Ok(Ok(c)) => channel = Some(c),
+                    Ok(Err(e)) if lease_gone(&e) => {
+                        let _ =
+                            lost.send(Some(format!("etcd says the election lease is gone: {e}")));
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "cannot reopen the election lease's keep-alive")
+                    }
+                    Err(_) => warn!("no answer to reopening the election lease's keep-alive"),
+                }
+            }
+            if let Some((keeper, stream)) = channel.as_mut() {
+                let attempt = async {
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                };
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match tokio::time::timeout(left.max(Duration::from_millis(50)), attempt).await {
+                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                        renewed = tokio::time::Instant::now();
+                        break;
+                    }
+                    Ok(Ok(Some(_))) => {
+                        let _ = lost.send(Some("etcd says the election lease has expired".into()));
+                        return;
+                    }
+                    Ok(Ok(None)) => {
+                        warn!("the election lease's keep-alive stream ended; opening it again");
+                        channel = None;
+                    }
+                    Ok(Err(e)) if lease_gone(&e) => {
+                        let _ =
+                            lost.send(Some(format!("etcd says the election lease is gone: {e}")));
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "cannot renew the election lease; opening its keep-alive again");
+                        channel = None;
+                    }
+                    Err(_) => warn!("no answer to renewing the election lease"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if renewed.elapsed() >= ttl {
+        if renewed.elapsed() >= ttl * LOST_AFTER_TTLS {
             let _ = lost.send(Some(format!(
-                "the election lease could not be renewed for {:.1} s (its TTL)",
+                "the election lease could not be renewed for {:.1} s ({LOST_AFTER_TTLS} times its TTL)",
                 renewed.elapsed().as_secs_f64()
             )));
             return;
         }
     }
+}
+
+/// How many TTLs without a renewal make a replica give its lease up for lost.
+const LOST_AFTER_TTLS: u32 = 3;
+
+/// Whether etcd answered that the lease does not exist (it expired, or was revoked).
+fn lease_gone(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::NotFound)
 }
 
 /// Reads the election's candidates every second.
@@ -237,7 +331,10 @@ async fn watch_candidates(mut client: Client, name: String, out: watch::Sender<C
         };
         if now.leader != last_leader {
             if last_leader.is_some() || now.leader.is_some() {
-                info!(leader = now.leader.as_deref().unwrap_or("none"), "the job's leader is now");
+                info!(
+                    leader = now.leader.as_deref().unwrap_or("none"),
+                    "the job's leader is now"
+                );
                 crate::metrics::leader_changed();
             }
             last_leader = now.leader.clone();

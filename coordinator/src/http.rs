@@ -1,9 +1,10 @@
 //! The coordinator's HTTP endpoint: `GET /` (or `/status`: the status page, see [`crate::page`];
 //! a viewer's), `GET /loss.svg`, `/validation.svg`, `/tokens.svg` (its charts; a viewer's),
 //! `GET /metrics` (Prometheus text; a viewer's), `GET /healthz` (anyone: 200 while the
-//! coordinator serves), over TLS when the coordinator has a certificate, with the same
-//! authentication as the control API (a bearer token or a client certificate). Connections
-//! are tasks of a `JoinSet` the server owns.
+//! coordinator serves), `GET /readyz` (anyone: 200 on the replica that leads, 503 on a
+//! standby), over TLS when the coordinator has a certificate, with the same authentication as
+//! the control API (a bearer token or a client certificate). Connections are tasks of a
+//! `JoinSet` the server owns.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -28,6 +29,9 @@ pub struct Endpoint {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The job the status page shows (none: a coordinator without a job).
     pub page: Option<PageSource>,
+    /// Whether this replica leads (`--ha`), for `GET /readyz`; none: a lone coordinator, always
+    /// ready.
+    pub leading: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Status pages rendered at once; more callers wait (each asks the driver three questions,
@@ -143,6 +147,18 @@ async fn respond<B>(
     let path = req.uri().path();
     if path == "/healthz" {
         return reply(StatusCode::OK, "text/plain", "ok\n".into());
+    }
+    // Open to all like /healthz: a load balancer or a Kubernetes Service sends traffic to the
+    // leading replica only.
+    if path == "/readyz" {
+        return match endpoint.leading.as_ref().map(|l| *l.borrow()) {
+            None | Some(true) => reply(StatusCode::OK, "text/plain", "ok: leading\n".into()),
+            Some(false) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "standing by: another replica leads the job, or an election is under way\n".into(),
+            ),
+        };
     }
     let page = matches!(path, "/" | "/status");
     let chart = matches!(path, "/loss.svg" | "/validation.svg" | "/tokens.svg");

@@ -81,6 +81,11 @@ impl Coordinator {
         }
     }
 
+    /// Whether a driver runs here, as it changes (for `/readyz`).
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.leading.subscribe()
+    }
+
     /// Resolves once a driver runs here (at once if one does).
     pub async fn until_leading(&self) {
         let mut leading = self.leading.subscribe();
@@ -100,7 +105,11 @@ impl Coordinator {
     /// Lets a call through, or, on a standby, answers it with where the leader is. Only an
     /// authenticated caller (any role) learns the leader's URL.
     pub fn gate<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let Some(replicas) = self.replicas.as_ref().filter(|_| self.driver.get().is_none()) else {
+        let Some(replicas) = self
+            .replicas
+            .as_ref()
+            .filter(|_| self.driver.get().is_none())
+        else {
             return Ok(());
         };
         self.auth.authenticated(request)?;
@@ -110,11 +119,12 @@ impl Coordinator {
             Some(l) => format!("this coordinator stands by; the leader is {l}"),
             None => "this coordinator stands by and no replica leads yet (an election is under way); try again".to_owned(),
         });
-        if let Some(l) = leader.and_then(|l| l.parse().ok()) {
-            status
-                .metadata_mut()
-                .insert(stagecoach_proto::LEADER_METADATA, l);
-        }
+        let value = leader
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_else(|| tonic::metadata::MetadataValue::from_static(""));
+        status
+            .metadata_mut()
+            .insert(stagecoach_proto::LEADER_METADATA, value);
         Err(status)
     }
 

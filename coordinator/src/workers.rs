@@ -18,9 +18,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use crate::auth::{Auth, Need};
-use crate::server::Coordinator;
 use crate::driver::{Event, LeaseBook};
 use crate::error::clip;
+use crate::server::Coordinator;
 use crate::Error;
 
 /// Messages queued for one worker before the coordinator considers it too slow.

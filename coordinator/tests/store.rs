@@ -348,3 +348,51 @@ async fn a_rewind_cut_short_is_finished_by_the_next_coordinator() -> anyhow::Res
     assert_eq!(ledger.steps().await?.len(), 40);
     Ok(())
 }
+
+/// Leadership fences writes: once another replica won the election, every write of the one
+/// that led before (a put, a delete, a transaction) is refused as `Fenced`, and
+/// nothing of it lands; the new leader's writes go through.
+#[tokio::test]
+async fn a_deposed_leaders_writes_are_refused() -> anyhow::Result<()> {
+    use stagecoach_coordinator::ha::Election;
+    use stagecoach_coordinator::store::etcd::EtcdStore;
+
+    let etcd = LocalEtcd::start().await?;
+    let (endpoints, prefix) = store::etcd_url(&format!("{}/fence", etcd.url)).unwrap()?;
+    let ttl = Duration::from_secs(2);
+    let a = Election::join(&endpoints, &prefix, "job", "http://a:1", ttl).await?;
+    let b = Election::join(&endpoints, &prefix, "job", "http://b:1", ttl).await?;
+    let store = EtcdStore::connect(&endpoints, &prefix).await?;
+    let first = store.fenced(a.campaign().await?.fence);
+    first.put("k", b"a".to_vec()).await?;
+
+    // B campaigns while A leads: it wins only once A is gone (its lease revoked here, as
+    // when A's lease expires during a pause).
+    let b_wins = tokio::spawn(async move { b.campaign().await.map(|l| (b, l)) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!b_wins.is_finished(), "two leaders at once");
+    a.resign().await;
+    let (_b, won) = tokio::time::timeout(Duration::from_secs(10), b_wins).await???;
+    let second = store.fenced(won.fence);
+
+    let refused = first.put("k", b"stale".to_vec()).await;
+    assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+    let refused = first.delete("k").await;
+    assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+    let refused = first
+        .txn(
+            vec![],
+            vec![Op::Put {
+                key: "other".into(),
+                value: b"stale".to_vec(),
+            }],
+        )
+        .await;
+    assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+    assert_eq!(store.get("k").await?.map(|v| v.value), Some(b"a".to_vec()));
+    assert_eq!(store.get("other").await?, None);
+
+    second.put("k", b"b".to_vec()).await?;
+    assert_eq!(store.get("k").await?.map(|v| v.value), Some(b"b".to_vec()));
+    Ok(())
+}

@@ -11,8 +11,9 @@ pub mod connect;
 pub const JOB_OVER_METADATA: &str = "stagecoach-job-over";
 
 /// Metadata on the `Unavailable` a standby coordinator (one of several replicas, `--ha`)
-/// answers every call with: the URL of the replica that leads, when it knows it. Clients
-/// (workers, the CLI) call that one instead.
+/// answers every call with: the URL of the replica that leads, or empty while none does (an
+/// election is under way). Its presence is what says "a standby"; clients (workers, the CLI)
+/// call the leader instead, or another replica.
 pub const LEADER_METADATA: &str = "stagecoach-leader";
 
 #[allow(clippy::all, missing_docs, rust_2018_idioms)]

@@ -83,7 +83,12 @@ struct Args {
     ha: bool,
     /// With --ha: the URL clients reach this replica at (what the others tell them); default
     /// http(s)://LISTEN when --listen names a host.
-    #[arg(long, value_name = "URL", env = "STAGECOACH_ADVERTISE", requires = "ha")]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "STAGECOACH_ADVERTISE",
+        requires = "ha"
+    )]
     advertise: Option<String>,
     /// With --ha: the election lease in seconds. A leader that cannot renew it for this long
     /// steps down; a dead leader is replaced after at most this long.
@@ -183,6 +188,7 @@ async fn main() -> anyhow::Result<()> {
             auth: auth.clone(),
             tls: http_tls.clone(),
             page,
+            leading: None,
         })
     };
     let Some((job, driver, metrics)) = prepared else {
@@ -208,9 +214,8 @@ async fn main() -> anyhow::Result<()> {
         driver: handle.clone(),
         view: driver.view(),
     };
-    let coordinator = Arc::new(
-        Coordinator::with_driver(job.job.name.clone(), handle).with_auth(auth.clone()),
-    );
+    let coordinator =
+        Arc::new(Coordinator::with_driver(job.job.name.clone(), handle).with_auth(auth.clone()));
     let span = tracing::info_span!("job", job = %job.job.name);
     let mut driver_task = tokio::spawn(tracing::Instrument::instrument(driver.run(rx), span));
     // Serve until a signal, or until the job is over (after a moment for workers to hear it),
@@ -362,15 +367,6 @@ async fn replica(
     drop(stdout);
 
     let metrics = Arc::new(Metrics::new());
-    let endpoint = Arc::new(stagecoach_coordinator::http::Endpoint {
-        registry: metrics.registry().clone(),
-        auth: auth.clone(),
-        tls: match &tls {
-            Some(t) => Some(t.rustls()?),
-            None => None,
-        },
-        page: None,
-    });
     let coordinator = Arc::new(
         Coordinator::standby(
             job.job.name.clone(),
@@ -381,6 +377,16 @@ async fn replica(
         )
         .with_auth(auth.clone()),
     );
+    let endpoint = Arc::new(stagecoach_coordinator::http::Endpoint {
+        registry: metrics.registry().clone(),
+        auth: auth.clone(),
+        tls: match &tls {
+            Some(t) => Some(t.rustls()?),
+            None => None,
+        },
+        page: None,
+        leading: Some(coordinator.leading()),
+    });
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let server = {
         let coordinator = coordinator.clone();
@@ -402,7 +408,13 @@ async fn replica(
 
     // Standing by: until elected, a signal, or the lease lost.
     let leadership = tokio::select! {
-        won = election.campaign() => won?,
+        won = election.campaign() => match won {
+            Ok(leadership) => leadership,
+            Err(store::StoreError::Fenced(reason)) => {
+                step_down(&format!("while standing by: {reason}"))
+            }
+            Err(e) => return Err(e.into()),
+        },
         () = &mut shutdown => {
             let _ = stop.send(true);
             election.resign().await;
@@ -416,10 +428,25 @@ async fn replica(
     };
     stagecoach_coordinator::metrics::leadership(true);
     let fenced: Arc<dyn store::StateStore> = Arc::new(store.fenced(leadership.fence));
-    let driver = match driver_on(&job, fenced, metrics.clone()).await {
-        Ok(d) => d,
-        Err(e) if is_fenced(&e) => step_down(&format!("{e:#}")),
-        Err(e) => return Err(e),
+    // Reading the job back from the store: an outage (an etcd member gone, a leader election
+    // in etcd) is waited out for a while, as the driver waits out one while it runs.
+    let elected = std::time::Instant::now();
+    let driver = loop {
+        match driver_on(&job, fenced.clone(), metrics.clone()).await {
+            Ok(d) => break d,
+            Err(e) if is_fenced(&e) => step_down(&format!("{e:#}")),
+            Err(e)
+                if store_error(&e).is_some_and(|s| s.retryable())
+                    && elected.elapsed() < READ_BACK_PATIENCE =>
+            {
+                if let Some(reason) = lost.borrow().clone() {
+                    step_down(&reason);
+                }
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the job back from the state store yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
     };
     let (events, rx) = tokio::sync::mpsc::channel(1024);
     let mut finished = driver.snapshot();
@@ -460,17 +487,26 @@ async fn replica(
     outcome()
 }
 
+/// How long an elected replica keeps trying to read its job back through a store outage.
+const READ_BACK_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The state store's error behind `e`, if that is what it is.
+fn store_error(e: &anyhow::Error) -> Option<&stagecoach_coordinator::store::StoreError> {
+    e.chain().find_map(|c| {
+        c.downcast_ref::<stagecoach_coordinator::store::StoreError>()
+            .or(match c.downcast_ref::<stagecoach_coordinator::Error>() {
+                Some(stagecoach_coordinator::Error::Store(s)) => Some(s),
+                _ => None,
+            })
+    })
+}
+
 /// Whether a failure to build the driver is a fenced write (another replica leads already).
 fn is_fenced(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<stagecoach_coordinator::store::StoreError>(),
-            Some(stagecoach_coordinator::store::StoreError::Fenced(_))
-        ) || matches!(
-            c.downcast_ref::<stagecoach_coordinator::Error>(),
-            Some(stagecoach_coordinator::Error::Store(stagecoach_coordinator::store::StoreError::Fenced(_)))
-        )
-    })
+    matches!(
+        store_error(e),
+        Some(stagecoach_coordinator::store::StoreError::Fenced(_))
+    )
 }
 
 /// Leaves at once, telling why: another replica leads (or will), and this one must not talk to

@@ -39,6 +39,10 @@ struct StatusReport<'a> {
     last_failure: Option<FailureReport<'a>>,
     /// Writes waiting for the state store (above 0 during an outage).
     pending_writes: u32,
+    /// The leading replica's URL (`null` without `--ha`).
+    leader: Option<&'a str>,
+    /// The replicas standing by (empty without `--ha`).
+    standbys: &'a [String],
 }
 
 #[derive(Debug, Serialize)]
@@ -101,6 +105,8 @@ pub fn render_status(status: &GetStatusResponse, json: bool) -> String {
             unix_ms: f.unix_ms,
         }),
         pending_writes: status.pending_writes,
+        leader: (!status.leader.is_empty()).then_some(status.leader.as_str()),
+        standbys: &status.standbys,
     };
     if json {
         return to_json(&report);
@@ -111,6 +117,16 @@ pub fn render_status(status: &GetStatusResponse, json: bool) -> String {
         ("version", report.version.to_owned()),
         ("uptime", format_uptime(report.uptime_seconds)),
     ];
+    if let Some(leader) = report.leader {
+        lines.push(("leader", leader.to_owned()));
+        lines.push((
+            "standbys",
+            match report.standbys {
+                [] => "none".to_owned(),
+                s => s.join(", "),
+            },
+        ));
+    }
     if report.stages > 0 {
         lines.push((
             "stage",
@@ -735,10 +751,23 @@ mod tests {
                 "world_size": 0, "detail": "", "stage": "", "stage_index": 0, "stages": 0,
                 "tokens": 0, "total_tokens": 0, "seq_len": 0, "rope_theta": 0.0, "lr": 0.0,
                 "steps_per_second": 0.0, "next_transition": null, "last_failure": null,
-                "pending_writes": 0
+                "pending_writes": 0, "leader": null, "standbys": []
             })
         );
         assert_eq!(state_name(42), "unknown (42)");
+        // Replicas (`--ha`): the leader and the standbys get their lines.
+        let replicated = GetStatusResponse {
+            leader: "http://a:7070".into(),
+            standbys: vec!["http://b:7070".into(), "http://c:7070".into()],
+            ..status.clone()
+        };
+        let text = render_status(&replicated, false);
+        assert!(text.contains("\nleader:   http://a:7070\n"), "{text}");
+        assert!(text.ends_with("standbys: http://b:7070, http://c:7070"), "{text}");
+        let json: serde_json::Value =
+            serde_json::from_str(&render_status(&replicated, true)).unwrap();
+        assert_eq!(json["leader"], "http://a:7070");
+        assert_eq!(json["standbys"], serde_json::json!(["http://b:7070", "http://c:7070"]));
         // A failure and a store outage each get their line.
         let failing = GetStatusResponse {
             state: JobState::Paused.into(),

@@ -317,6 +317,15 @@ impl Driver {
             .find(|r| r.step <= self.step)
             .map(|r| r.path.clone())
             .unwrap_or_default();
+        // Every step committed and the end-of-job checkpoint written: the job finished before
+        // this driver (a coordinator restarted, a standby elected after the leader finished).
+        if self.job.total_steps > 0
+            && self.step >= self.job.total_steps
+            && self.index.iter().any(|r| r.step == self.step)
+        {
+            self.state = v1::JobState::Finished;
+            self.detail = format!("finished at step {}", self.step);
+        }
         self
     }
 

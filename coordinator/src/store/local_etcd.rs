@@ -1,7 +1,8 @@
-//! [`LocalEtcd`]: a real single-member etcd (Debian's `etcd-server`, `/usr/bin/etcd`) on
-//! loopback ports in a scratch directory, for the tests and the fault campaign that need the
-//! store a cluster would use. It can be stopped and started again on the same ports and data
-//! (an outage), and is killed when dropped.
+//! [`LocalEtcd`]: a real etcd (Debian's `etcd-server`, `/usr/bin/etcd`) on loopback ports in a
+//! scratch directory, for the tests and the fault campaign that need the store a cluster would
+//! use: one member ([`LocalEtcd::start`]) or a cluster of several ([`LocalEtcd::cluster`]).
+//! Each member can be stopped and started again on the same ports and data (an outage), and is
+//! killed when dropped.
 
 use std::fs::{self, File};
 use std::net::{TcpListener, TcpStream};
@@ -22,27 +23,69 @@ pub struct LocalEtcd {
     client_port: u16,
     peer_port: u16,
     dir: tempfile::TempDir,
+    /// The member's name, and the cluster's members as `--initial-cluster` lists them.
+    name: String,
+    initial_cluster: String,
 }
 
 impl LocalEtcd {
     /// Starts etcd on two free loopback ports and waits until it answers (at most 20 s).
     pub async fn start() -> Result<LocalEtcd, StoreError> {
+        let mut members = Self::members(1)?;
+        let mut etcd = members.pop().expect("one member");
+        etcd.resume().await?;
+        Ok(etcd)
+    }
+
+    /// Starts a cluster of `n` members on loopback ports and waits until each answers (at most
+    /// 20 s). Each member's `url` names that member alone; [`cluster_url`] names them all.
+    pub async fn cluster(n: usize) -> Result<Vec<LocalEtcd>, StoreError> {
+        let mut members = Self::members(n)?;
+        // No member answers before a quorum runs: start every one, then wait for each.
+        for m in &mut members {
+            m.spawn()?;
+        }
+        for m in &mut members {
+            m.ready().await?;
+        }
+        Ok(members)
+    }
+
+    fn members(n: usize) -> Result<Vec<LocalEtcd>, StoreError> {
         if !Path::new(ETCD).exists() {
             return Err(StoreError::Backend(format!(
                 "{ETCD} is missing: this needs a real etcd (Debian's etcd-server); run `make setup`"
             )));
         }
-        let dir = tempfile::TempDir::new().map_err(StoreError::io("a scratch directory"))?;
-        let [client_port, peer_port] = free_ports()?;
-        let mut etcd = LocalEtcd {
-            child: None,
-            url: format!("etcd://127.0.0.1:{client_port}"),
-            client_port,
-            peer_port,
-            dir,
+        let ports: Vec<[u16; 2]> = (0..n).map(|_| free_ports()).collect::<Result<_, _>>()?;
+        let name = |i: usize| {
+            if n == 1 {
+                "default".to_owned()
+            } else {
+                format!("m{i}")
+            }
         };
-        etcd.resume().await?;
-        Ok(etcd)
+        let initial_cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, [_, peer])| format!("{}=http://127.0.0.1:{peer}", name(i)))
+            .collect::<Vec<_>>()
+            .join(",");
+        ports
+            .iter()
+            .enumerate()
+            .map(|(i, &[client_port, peer_port])| {
+                Ok(LocalEtcd {
+                    child: None,
+                    url: format!("etcd://127.0.0.1:{client_port}"),
+                    client_port,
+                    peer_port,
+                    dir: tempfile::TempDir::new().map_err(StoreError::io("a scratch directory"))?,
+                    name: name(i),
+                    initial_cluster: initial_cluster.clone(),
+                })
+            })
+            .collect()
     }
 
     /// The log etcd writes.
@@ -61,6 +104,12 @@ impl LocalEtcd {
     /// Starts etcd again (or the first time) on the same ports and data, and waits until it
     /// answers.
     pub async fn resume(&mut self) -> Result<(), StoreError> {
+        self.spawn()?;
+        self.ready().await
+    }
+
+    /// Starts the process (killing the one running).
+    fn spawn(&mut self) -> Result<(), StoreError> {
         self.kill();
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
@@ -70,7 +119,7 @@ impl LocalEtcd {
             .open(self.log())
             .map_err(StoreError::io(self.log()))?;
         let child = Command::new(ETCD)
-            .args(["--name", "default", "--data-dir"])
+            .args(["--name", &self.name, "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args([
                 "--listen-client-urls",
@@ -84,12 +133,17 @@ impl LocalEtcd {
                 "--initial-advertise-peer-urls",
                 &peer,
             ])
-            .args(["--initial-cluster", &format!("default={peer}")])
+            .args(["--initial-cluster", &self.initial_cluster])
             .stdout(log.try_clone().map_err(StoreError::io(self.log()))?)
             .stderr(log)
             .spawn()
             .map_err(StoreError::io(ETCD))?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the member answers (at most 20 s).
+    async fn ready(&mut self) -> Result<(), StoreError> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self
@@ -128,6 +182,15 @@ impl Drop for LocalEtcd {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `etcd://` naming every member of `cluster` (a client fails over between them).
+pub fn cluster_url(cluster: &[LocalEtcd]) -> String {
+    let hosts: Vec<&str> = cluster
+        .iter()
+        .map(|m| m.url.trim_start_matches("etcd://"))
+        .collect();
+    format!("etcd://{}", hosts.join(","))
 }
 
 /// `N` distinct loopback ports that were free a moment ago.

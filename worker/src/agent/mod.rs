@@ -45,7 +45,8 @@ use trainer::{trainer_thread, Setup};
 /// How to join a job.
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
-    /// The coordinator's URL (http://host:port).
+    /// The coordinator's URL (http://host:port), or the URLs of its replicas separated by
+    /// commas: the worker registers with the one that leads.
     pub coordinator: String,
     /// Where to accept the ring neighbour (port 0: any free port).
     pub listen: SocketAddr,
@@ -129,27 +130,205 @@ struct Link {
 
 /// Where and how this worker registers.
 struct Registrar {
-    endpoint: tonic::transport::Endpoint,
-    url: String,
+    /// The coordinators to try (`--coordinator`'s URLs, and leaders they named), and which
+    /// to try first: the one that took the last registration.
+    targets: std::sync::Mutex<Targets>,
+    /// What to present to the coordinators (for the endpoints of leaders they name).
+    auth: stagecoach_proto::connect::ClientAuth,
     /// The token interceptor of every call.
     bearer: stagecoach_proto::connect::Bearer,
     address: SocketAddr,
     device: tch::Device,
+    /// Whether a standby answered since the last registration (an election may be under way).
+    saw_standby: AtomicBool,
+}
+
+/// The coordinators a worker knows of.
+struct Targets {
+    list: Vec<(String, tonic::transport::Endpoint)>,
+    first: usize,
+}
+
+/// Coordinators a worker adds to its list when a standby names them; more are ignored (a
+/// replica naming a new leader each time cannot grow the list without end).
+const MAX_TARGETS: usize = 16;
+
+/// How long one registration attempt with one coordinator may take when there are others to
+/// try: a stopped coordinator accepts the TCP connection but never answers.
+const ATTEMPT_WITH_OTHERS: Duration = Duration::from_secs(3);
+
+/// How long one registration attempt may take when there is no other coordinator to try.
+const ATTEMPT_ALONE: Duration = Duration::from_secs(10);
+
+/// Reconnection backoff's longest wait with several coordinators (a standby takes over
+/// within seconds) and with one.
+const BACKOFF_WITH_OTHERS: Duration = Duration::from_secs(1);
+const BACKOFF_ALONE: Duration = Duration::from_secs(5);
+
+/// The URLs of a `--coordinator` list: comma separated, blanks ignored.
+pub fn coordinator_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An endpoint for `url`: `auth`'s TLS material, and HTTP/2 pings every second that end the
+/// connection when one goes unanswered for 3 s, so a stopped coordinator (SIGSTOP, a partition)
+/// breaks the session like a dead one does.
+fn coordinator_endpoint(
+    auth: &stagecoach_proto::connect::ClientAuth,
+    url: &str,
+    connect_timeout: Duration,
+) -> Result<tonic::transport::Endpoint> {
+    Ok(auth
+        .endpoint(url, connect_timeout)
+        .map_err(|e| Error::Config(e.to_string()))?
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true))
+}
+
+/// What one registration attempt with one coordinator came to.
+enum Attempt {
+    Registered(Box<Link>),
+    /// A standby: it named the leader (or none is elected yet).
+    Standby(Option<String>, Error),
+    Failed(Error),
 }
 
 impl Registrar {
+    fn new(
+        urls: &[String],
+        auth: stagecoach_proto::connect::ClientAuth,
+        address: SocketAddr,
+        device: tch::Device,
+    ) -> Result<Registrar> {
+        if urls.is_empty() {
+            return Err(Error::Config(
+                "--coordinator names no URL: give one, or several separated by commas".into(),
+            ));
+        }
+        let timeout = Self::attempt_limit(urls.len());
+        let list = urls
+            .iter()
+            .map(|u| Ok((auth.url(u), coordinator_endpoint(&auth, u, timeout)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Registrar {
+            targets: std::sync::Mutex::new(Targets { list, first: 0 }),
+            bearer: auth.bearer(),
+            auth,
+            address,
+            device,
+            saw_standby: AtomicBool::new(false),
+        })
+    }
+
+    fn attempt_limit(targets: usize) -> Duration {
+        if targets > 1 {
+            ATTEMPT_WITH_OTHERS
+        } else {
+            ATTEMPT_ALONE
+        }
+    }
+
+    fn targets(&self) -> std::sync::MutexGuard<'_, Targets> {
+        self.targets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The URLs to name in messages.
+    fn urls(&self) -> String {
+        let t = self.targets();
+        let urls: Vec<&str> = t.list.iter().map(|(u, _)| u.as_str()).collect();
+        urls.join(", ")
+    }
+
+    /// The index of `leader` in the list, added when it is new (and the list not full).
+    fn target_for(&self, leader: &str) -> Option<usize> {
+        let url = self.auth.url(leader);
+        let mut t = self.targets();
+        if let Some(i) = t.list.iter().position(|(u, _)| *u == url) {
+            return Some(i);
+        }
+        if t.list.len() >= MAX_TARGETS {
+            return None;
+        }
+        let endpoint = coordinator_endpoint(&self.auth, &url, ATTEMPT_WITH_OTHERS).ok()?;
+        info!(leader = %url, "a standby named the leader; adding it to the coordinators to try");
+        t.list.push((url, endpoint));
+        Some(t.list.len() - 1)
+    }
+
+    /// Registers with the leader: the coordinator that took the last registration first, then
+    /// the others in order, following a standby's word on who leads.
     async fn register(&self) -> Result<Link> {
-        let channel = self.endpoint.connect().await.map_err(|e| {
-            Error::Coordinator(format!("cannot reach the coordinator at {}: {e}", self.url))
-        })?;
+        let (count, first) = {
+            let t = self.targets();
+            (t.list.len(), t.first)
+        };
+        let mut order: std::collections::VecDeque<usize> =
+            (0..count).map(|i| (first + i) % count).collect();
+        let mut tried = Vec::new();
+        let mut errors = Vec::new();
+        while let Some(i) = order.pop_front() {
+            if tried.contains(&i) {
+                continue;
+            }
+            tried.push(i);
+            let (url, endpoint) = self.targets().list[i].clone();
+            let limit = Self::attempt_limit(self.targets().list.len());
+            let attempt = tokio::time::timeout(limit, self.register_at(&url, endpoint))
+                .await
+                .unwrap_or_else(|_| {
+                    Attempt::Failed(Error::Coordinator(format!(
+                        "{url} did not answer within {} s",
+                        limit.as_secs()
+                    )))
+                });
+            match attempt {
+                Attempt::Registered(link) => {
+                    self.targets().first = i;
+                    if count > 1 || i > 0 {
+                        info!(coordinator = %url, "registered with the leading coordinator");
+                    }
+                    return Ok(*link);
+                }
+                Attempt::Standby(leader, e) => {
+                    self.saw_standby.store(true, Ordering::Relaxed);
+                    if let Some(j) = leader.as_deref().and_then(|l| self.target_for(l)) {
+                        order.push_front(j);
+                    }
+                    errors.push(e.to_string());
+                }
+                // Trying another replica cannot change that.
+                Attempt::Failed(e @ Error::JobOver { .. }) => return Err(e),
+                Attempt::Failed(e) => errors.push(e.to_string()),
+            }
+        }
+        Err(Error::Coordinator(errors.join("; ")))
+    }
+
+    async fn register_at(&self, url: &str, endpoint: tonic::transport::Endpoint) -> Attempt {
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                return Attempt::Failed(Error::Coordinator(format!(
+                    "cannot reach the coordinator at {url}: {}",
+                    stagecoach_proto::connect::chain(&e)
+                )))
+            }
+        };
         let mut client = WorkersClient::with_interceptor(channel, self.bearer.clone());
         // The device decides the collective: NCCL between GPUs (its unique id travels through
         // the coordinator), the TCP ring between CPU workers.
         let (backend, nccl_unique_id) = match self.device {
-            tch::Device::Cuda(_) => (
-                v1::CollectiveBackend::Nccl,
-                off_async("creating an NCCL unique id", fresh_nccl_id).await?,
-            ),
+            tch::Device::Cuda(_) => {
+                match off_async("creating an NCCL unique id", fresh_nccl_id).await {
+                    Ok(id) => (v1::CollectiveBackend::Nccl, id),
+                    Err(e) => return Attempt::Failed(e),
+                }
+            }
             _ => (v1::CollectiveBackend::Tcp, Vec::new()),
         };
         let reg = client
@@ -159,35 +338,57 @@ impl Registrar {
                 collective_address: self.address.to_string(),
                 nccl_unique_id,
             })
-            .await
-            .map_err(|e| rpc("register", e))?
-            .into_inner();
-        let job = reg
-            .job
-            .ok_or_else(|| Error::Coordinator("the coordinator sent no job".into()))?;
-        Ok(Link {
+            .await;
+        let reg = match reg {
+            Ok(r) => r.into_inner(),
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && status
+                        .metadata()
+                        .contains_key(stagecoach_proto::LEADER_METADATA) =>
+            {
+                let leader = status
+                    .metadata()
+                    .get(stagecoach_proto::LEADER_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned);
+                let e = rpc(&format!("register at {url}"), status);
+                return Attempt::Standby(leader, e);
+            }
+            Err(status) => return Attempt::Failed(rpc(&format!("register at {url}"), status)),
+        };
+        let Some(job) = reg.job else {
+            return Attempt::Failed(Error::Coordinator(format!(
+                "the coordinator at {url} sent no job"
+            )));
+        };
+        Attempt::Registered(Box::new(Link {
             client,
             worker_id: reg.worker_id,
             job,
             heartbeat: Duration::from_millis(reg.heartbeat_ms.max(10)),
-        })
+        }))
     }
 
     /// Registers again after the session broke (`why`), with backoff, for up to `window`.
+    /// With several coordinators, the one whose session broke is tried last: a stopped one
+    /// would hold each attempt for its whole time limit.
     async fn reconnect(&self, window: Duration, why: &str) -> Result<Link> {
+        {
+            let mut t = self.targets();
+            t.first = (t.first + 1) % t.list.len();
+        }
         let start = Instant::now();
         let mut backoff = Duration::from_millis(250);
+        let cap = match self.targets().list.len() {
+            1 => BACKOFF_ALONE,
+            _ => BACKOFF_WITH_OTHERS,
+        };
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let tried = tokio::time::timeout(Duration::from_secs(10), self.register())
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::Coordinator(
-                        "no answer to register within 10 s".into(),
-                    ))
-                });
-            match tried {
+            match self.register().await {
                 Ok(link) => {
                     info!(attempt, worker = %link.worker_id, "registered again with the coordinator; the model is kept");
                     return Ok(link);
@@ -196,15 +397,15 @@ impl Registrar {
                 Err(e @ Error::JobOver { .. }) => return Err(e),
                 Err(e) if start.elapsed() + backoff > window => {
                     return Err(Error::Coordinator(format!(
-                        "the session with the coordinator at {} broke ({why}) and the coordinator could not be reached again within {} s ({attempt} attempts; last: {e}); giving up (--reconnect-secs sets how long to wait)",
-                        self.url,
+                        "the session with the coordinator at {} broke ({why}) and no coordinator could be reached again within {} s ({attempt} attempts; last: {e}); giving up (--reconnect-secs sets how long to wait)",
+                        self.urls(),
                         window.as_secs()
                     )));
                 }
                 Err(e) => {
                     warn!(attempt, error = %e, "the coordinator cannot be reached yet; retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff = (backoff * 2).min(cap);
                 }
             }
         }
@@ -261,10 +462,6 @@ async fn session(opts: JoinOptions) -> Result<()> {
         metrics.registry().clone(),
     )));
     info!("metrics on http://{metrics_address}/metrics");
-    let endpoint = opts
-        .auth
-        .endpoint(&opts.coordinator, Duration::from_secs(10))
-        .map_err(|e| Error::Config(e.to_string()))?;
     // The device decides the backend this worker registers with, and the registration is what
     // tells it the job: so the device is `--device`, else the CPU, and the job's own device
     // must then be the CPU too (see `check_device`). Parsing may load libtorch_cuda: off the
@@ -274,14 +471,23 @@ async fn session(opts: JoinOptions) -> Result<()> {
         crate::device::parse(requested.as_deref().unwrap_or("cpu"))
     })
     .await?;
-    let registrar = Registrar {
-        endpoint,
-        url: opts.auth.url(&opts.coordinator),
-        bearer: opts.auth.bearer(),
+    let registrar = Registrar::new(
+        &coordinator_urls(&opts.coordinator),
+        opts.auth.clone(),
         address,
         device,
+    )?;
+    let first = match registrar.register().await {
+        // Replicas that stand by while none leads yet: an election is under way.
+        Err(e) if registrar.saw_standby.load(Ordering::Relaxed) => {
+            info!(error = %e, "no coordinator leads yet; trying again");
+            registrar
+                .reconnect(opts.reconnect, "no replica led the job yet")
+                .await
+        }
+        other => other,
     };
-    let link = match registrar.register().await {
+    let link = match first {
         Err(Error::JobOver {
             finished: true,
             message,
@@ -776,6 +982,68 @@ mod tests {
         });
     }
 
+    /// Replicas: a standby answers Unavailable naming the leader; the worker given only the
+    /// standby's URL (and a dead one) registers with the leader it named. A standby that knows
+    /// no leader yet makes the worker wait and try again rather than give up.
+    #[test]
+    fn a_worker_follows_a_standby_to_the_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = fixtures::job(dir.path());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut leader = fake_coordinator(spec.clone()).await;
+            let mut named = tonic::Status::unavailable("this coordinator stands by");
+            named.metadata_mut().insert(
+                stagecoach_proto::LEADER_METADATA,
+                leader.url.parse().unwrap(),
+            );
+            let mut standby = fake_coordinator_refusing(spec.clone(), Some(named)).await;
+            let dead = {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                format!("http://{}", l.local_addr().unwrap())
+            };
+            let opts = join_options(&format!("{dead}, {}", standby.url), 5);
+            let worker = std::thread::spawn(move || join(opts));
+            standby.registrations.recv().await.unwrap();
+            leader.registrations.recv().await.unwrap();
+            let (mut inbound, out) = leader.sessions.recv().await.unwrap();
+            assert!(matches!(next(&mut inbound).await.1, Reply::Hello(_)));
+            out.send(Ok(v1::CoordinatorMessage {
+                kind: Some(v1::coordinator_message::Kind::Stop(v1::Stop {
+                    reason: v1::StopReason::JobFinished.into(),
+                    generation: 0,
+                    detail: String::new(),
+                })),
+            }))
+            .await
+            .unwrap();
+            let result = tokio::task::spawn_blocking(move || worker.join().unwrap())
+                .await
+                .unwrap();
+            assert!(result.is_ok(), "{result:?}");
+            leader.server.abort();
+            standby.server.abort();
+
+            // No leader yet: the worker keeps trying, within --reconnect-secs, and says so.
+            let mut electing = tonic::Status::unavailable("an election is under way");
+            electing.metadata_mut().insert(
+                stagecoach_proto::LEADER_METADATA,
+                tonic::metadata::MetadataValue::from_static(""),
+            );
+            let mut alone = fake_coordinator_refusing(spec, Some(electing)).await;
+            let opts = join_options(&alone.url, 1);
+            let worker = std::thread::spawn(move || join(opts));
+            alone.registrations.recv().await.unwrap();
+            alone.registrations.recv().await.unwrap();
+            let result = tokio::task::spawn_blocking(move || worker.join().unwrap())
+                .await
+                .unwrap();
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains("an election is under way"), "{err}");
+            alone.server.abort();
+        });
+    }
+
     /// A worker that comes after the job finished has nothing to do and says so, exiting
     /// successfully (a supervisor must not restart it); after a failed job it exits with the
     /// coordinator's reason.
@@ -865,10 +1133,7 @@ mod tests {
                 .await
                 .unwrap();
             let err = result.unwrap_err().to_string();
-            assert!(
-                err.contains("could not be reached again within 1 s"),
-                "{err}"
-            );
+            assert!(err.contains("could be reached again within 1 s"), "{err}");
             assert!(t0.elapsed() < Duration::from_secs(30));
         });
     }
