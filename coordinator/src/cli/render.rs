@@ -763,11 +763,17 @@ mod tests {
         };
         let text = render_status(&replicated, false);
         assert!(text.contains("\nleader:   http://a:7070\n"), "{text}");
-        assert!(text.ends_with("standbys: http://b:7070, http://c:7070"), "{text}");
+        assert!(
+            text.ends_with("standbys: http://b:7070, http://c:7070"),
+            "{text}"
+        );
         let json: serde_json::Value =
             serde_json::from_str(&render_status(&replicated, true)).unwrap();
         assert_eq!(json["leader"], "http://a:7070");
-        assert_eq!(json["standbys"], serde_json::json!(["http://b:7070", "http://c:7070"]));
+        assert_eq!(
+            json["standbys"],
+            serde_json::json!(["http://b:7070", "http://c:7070"])
+        );
         // A failure and a store outage each get their line.
         let failing = GetStatusResponse {
             state: JobState::Paused.into(),
