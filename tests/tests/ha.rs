@@ -281,9 +281,7 @@ fn a_leader_stopped_past_its_lease_commits_nothing_and_steps_down() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let etcd = rt.block_on(LocalEtcd::start()).expect("a local etcd");
     let dir = tempfile::tempdir().unwrap();
-    let dir = dir.into_path();
-    eprintln!("DIR {}", dir.display());
-    let d = dir.as_path();
+    let d = dir.path();
     let data = demo_corpus(d);
     let path = job(d, &data);
     let mut replicas = Replicas::start(&path, &etcd.url, d);
