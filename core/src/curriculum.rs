@@ -125,11 +125,16 @@ impl Curriculum {
         c.transitions.retain(|t| t.step <= next);
         let mut current = last.stage as usize;
         let mut taken = last.stage_taken.clone();
+        let n = job.sources.len();
         for t in &c.transitions {
             let Some(to) = index(&t.to) else { continue };
             if let Some(from) = index(&t.from) {
                 if from != to {
                     c.stages[from].end = Some(t.step);
+                }
+                // The tokens `from` had trained when it was left (or its mixture changed).
+                if t.from_tokens.len() == n {
+                    c.stages[from].tokens = t.from_tokens.clone();
                 }
             }
             c.stages[to].start.get_or_insert(t.step);
@@ -151,6 +156,11 @@ impl Curriculum {
         c.current = current;
         c.step = next;
         c.stages[current].start.get_or_insert(next);
+        // And the samples drawn under the current mixture since its last transition.
+        let seq_len = u64::from(c.stages[current].spec.seq_len);
+        for (tokens, &samples) in c.stages[current].tokens.iter_mut().zip(&taken) {
+            *tokens += samples * seq_len;
+        }
         let stage = &c.stages[current];
         c.plan
             .set_mix(stage.weights.clone(), u64::from(stage.spec.seq_len), taken)
@@ -255,6 +265,9 @@ impl Curriculum {
         self.stages[to].start = Some(self.step);
         self.stages[to].end = None;
         let detail = describe_stage(&self.job, &self.stages[to]);
+        let from_tokens = from
+            .map(|f| self.stages[f].tokens.clone())
+            .unwrap_or_default();
         let t = v1::Transition {
             step: self.step,
             tokens: self.tokens(),
@@ -266,6 +279,7 @@ impl Curriculum {
             requested_by: requested_by.to_owned(),
             unix_ms: now_ms(),
             detail,
+            from_tokens,
         };
         self.transitions.push(t.clone());
         Ok(t)
@@ -914,6 +928,41 @@ mod tests {
         let rest_b: Vec<_> = std::iter::from_fn(|| whole.next_step()).collect();
         assert_eq!(rest_a, rest_b);
         assert_eq!(resumed.transitions().len(), whole.transitions().len());
+    }
+
+    /// Each stage's tokens survive a resume: through a stage change and a mixture change, the
+    /// resumed curriculum reports what the uninterrupted one does, and goes on counting alike.
+    #[test]
+    fn a_resumed_curriculum_knows_each_stages_tokens() {
+        let mut whole = Curriculum::new(&job(), &TOKENS).unwrap();
+        for _ in 0..13 {
+            whole.next_step().unwrap();
+        }
+        let (i, w) = whole.check_mix("two", &[("math".into(), 1.0)]).unwrap();
+        whole.set_mix(i, w, "ana").unwrap();
+        for _ in 0..3 {
+            whole.next_step().unwrap();
+        }
+        let last = v1::LedgerStep {
+            step: whole.step() - 1,
+            cursors: whole.cursors().to_vec(),
+            stage: whole.current() as u32,
+            stage_taken: whole.taken().to_vec(),
+            ..Default::default()
+        };
+        let tokens = |c: &Curriculum| -> Vec<Vec<u64>> {
+            c.stage_infos()
+                .iter()
+                .map(|s| s.tokens.iter().map(|t| t.tokens).collect())
+                .collect()
+        };
+        let mut resumed =
+            Curriculum::resume(&job(), &TOKENS, &last, Some(&whole.record(false))).unwrap();
+        assert!(tokens(&whole)[0].iter().sum::<u64>() > 0);
+        assert_eq!(tokens(&resumed), tokens(&whole));
+        resumed.next_step().unwrap();
+        whole.next_step().unwrap();
+        assert_eq!(tokens(&resumed), tokens(&whole));
     }
 
     #[test]
