@@ -27,8 +27,9 @@ pub struct Endpoint {
     pub auth: Arc<Auth>,
     /// TLS for the connections (none: plain HTTP).
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// The job the status page shows (none: a coordinator without a job).
-    pub page: Option<PageSource>,
+    /// The job the status page shows, once a driver runs here (never: a coordinator without
+    /// a job; a replica: once it leads).
+    pub page: std::sync::OnceLock<PageSource>,
     /// Whether this replica leads (`--ha`), for `GET /readyz`; none: a lone coordinator, always
     /// ready.
     pub leading: Option<tokio::sync::watch::Receiver<bool>>,
@@ -199,7 +200,15 @@ async fn respond<B>(
     if path == "/metrics" {
         return stagecoach_core::metrics::respond(&endpoint.registry, req);
     }
-    let Some(source) = &endpoint.page else {
+    let standing_by = endpoint.leading.as_ref().is_some_and(|l| !*l.borrow());
+    if standing_by && endpoint.page.get().is_none() {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "this coordinator stands by: the status page is on the replica that leads (`stagecoach status` names it)\n".into(),
+        );
+    }
+    let Some(source) = endpoint.page.get() else {
         return match page {
             true => reply(StatusCode::NOT_FOUND, HTML, page::render_no_job()),
             false => reply(

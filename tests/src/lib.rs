@@ -1,7 +1,7 @@
 //! Helpers for the end-to-end tests: build and locate the workspace's binaries, start them as
 //! real processes, and make sure they are killed when a test ends, passed or failed.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -355,4 +355,28 @@ pub fn read_store(state: &str, job: &str) -> Stored {
             checkpoints: l.checkpoints().await.expect("the checkpoint index"),
         }
     })
+}
+
+/// An HTTP/1.1 GET of `path` at `addr` (`host:port`) with an optional bearer token: the
+/// status code, the headers (lower-cased) and the body.
+pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String, String) {
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    (code, head.to_lowercase(), body.to_owned())
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use stagecoach_coordinator::store::local_etcd::{cluster_url, LocalEtcd};
 use stagecoach_e2e::{
-    coordinator, coordinator_with_args, demo_corpus, finish, join_worker, micro, read_store,
-    wait_for, Proc, MIX,
+    coordinator, coordinator_with_args, demo_corpus, finish, http_get, join_worker, micro,
+    read_store, wait_for, Proc, MIX,
 };
 
 /// One scenario at a time: each runs three coordinators, two workers and etcd on two cores.
@@ -64,6 +64,8 @@ fn reference() -> &'static Vec<f64> {
 struct Replicas {
     procs: Vec<Proc>,
     urls: Vec<String>,
+    /// Each replica's HTTP address (host:port): /metrics, /readyz, the status page.
+    http: Vec<String>,
     logs: Vec<PathBuf>,
 }
 
@@ -72,6 +74,7 @@ impl Replicas {
         let mut r = Replicas {
             procs: vec![],
             urls: vec![],
+            http: vec![],
             logs: vec![],
         };
         for i in 0..3 {
@@ -80,9 +83,15 @@ impl Replicas {
                 .iter()
                 .map(std::ffi::OsStr::new)
                 .collect();
-            let (p, url, _) = coordinator_with_args(job, Path::new(state), &log, &args);
+            let (p, url, metrics) = coordinator_with_args(job, Path::new(state), &log, &args);
             r.procs.push(p);
             r.urls.push(url);
+            r.http.push(
+                metrics
+                    .trim_start_matches("http://")
+                    .trim_end_matches("/metrics")
+                    .to_owned(),
+            );
             r.logs.push(log);
         }
         r
@@ -242,6 +251,22 @@ fn the_leader_killed_and_an_etcd_member_lost_the_job_goes_on_with_nothing_lost()
             .any(|l| l.starts_with("leader:") && l.ends_with(&replicas.urls[leader])),
         "{text}"
     );
+
+    // Only the leader is ready and serves the status page; standbys say where to look.
+    for i in 0..3 {
+        let (ready, _, _) = http_get(&replicas.http[i], "/readyz", None);
+        let (page, _, body) = http_get(&replicas.http[i], "/", None);
+        if i == leader {
+            assert_eq!((ready, page), (200, 200), "the leader's /readyz and page");
+            assert!(body.contains("<html") && body.contains("ha"), "{body}");
+        } else {
+            assert_eq!(
+                (ready, page),
+                (503, 503),
+                "a standby's /readyz and page: {body}"
+            );
+        }
+    }
 
     let killed = Instant::now();
     signal(&replicas.procs[leader], "-KILL");

@@ -11,8 +11,6 @@
 //! A coordinator with tokens refuses the page (401) without one and to a worker's (403), and
 //! serves it to a viewer's; Chromium cannot send a bearer header, so that is an HTTP client.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -20,8 +18,8 @@ use std::time::{Duration, Instant};
 use stagecoach_core::curriculum::Curriculum;
 use stagecoach_core::spec::JobFile;
 use stagecoach_e2e::{
-    bin, cli, coordinator_with_args, demo_corpus, finish, join_worker, read_store, source_tokens,
-    status, wait_for, wait_for_step, workspace_dir, JobBuilder, Proc, MIX,
+    bin, cli, coordinator_with_args, demo_corpus, finish, http_get as get, join_worker, read_store,
+    source_tokens, status, wait_for, wait_for_step, workspace_dir, JobBuilder, Proc, MIX,
 };
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -120,29 +118,6 @@ fn screenshot(url: &str, profile: &Path, png: &Path, height: u32) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// An HTTP/1.1 GET of `path` at `addr` (`host:port`) with an optional bearer token: the
-/// status code, the headers (lower-cased) and the body.
-fn get(addr: &str, path: &str, token: Option<&str>) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {head:?}"));
-    (code, head.to_lowercase(), body.to_owned())
 }
 
 /// Every `http://` or `https://` in `page` is the SVG namespace (a name, never fetched), and

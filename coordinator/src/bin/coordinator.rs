@@ -182,12 +182,12 @@ async fn main() -> anyhow::Result<()> {
         Some(t) => Some(t.rustls()?),
         None => None,
     };
-    let endpoint = |registry, page| {
+    let endpoint = |registry, page: Option<stagecoach_coordinator::page::PageSource>| {
         Arc::new(stagecoach_coordinator::http::Endpoint {
             registry,
             auth: auth.clone(),
             tls: http_tls.clone(),
-            page,
+            page: page.map(std::sync::OnceLock::from).unwrap_or_default(),
             leading: None,
         })
     };
@@ -384,7 +384,7 @@ async fn replica(
             Some(t) => Some(t.rustls()?),
             None => None,
         },
-        page: None,
+        page: std::sync::OnceLock::new(),
         leading: Some(coordinator.leading()),
     });
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -400,7 +400,7 @@ async fn replica(
     };
     let _http = AbortOnDrop(tokio::spawn(stagecoach_coordinator::http::serve(
         metrics_listener,
-        endpoint,
+        endpoint.clone(),
     )));
     tracing::info!(%advertise, "standing by");
     let mut lost = election.lost();
@@ -450,11 +450,18 @@ async fn replica(
     };
     let (events, rx) = tokio::sync::mpsc::channel(1024);
     let mut finished = driver.snapshot();
-    coordinator.lead(DriverHandle {
+    let handle = DriverHandle {
         events,
         snapshot: driver.snapshot(),
         leases: driver.leases(),
+    };
+    // The status page first: the HTTP endpoint serves it from when this replica leads.
+    let _ = endpoint.page.set(stagecoach_coordinator::page::PageSource {
+        job: job.job.name.clone(),
+        driver: handle.clone(),
+        view: driver.view(),
     });
+    coordinator.lead(handle);
     tracing::info!(%advertise, "leading the job");
     let span = tracing::info_span!("job", job = %job.job.name);
     let mut driver_task = tokio::spawn(tracing::Instrument::instrument(driver.run(rx), span));

@@ -988,6 +988,7 @@ mod tests {
                 requested_by: by.into(),
                 unix_ms: 1_700_000_000_000 + step,
                 detail: String::new(),
+                from_tokens: vec![],
             };
         let mut budget = transition(
             120,
