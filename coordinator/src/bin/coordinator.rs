@@ -203,7 +203,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let (events, rx) = tokio::sync::mpsc::channel(1024);
     let snapshot = driver.snapshot();
-    let mut finished = snapshot.clone();
+    let finished = snapshot.clone();
     let handle = DriverHandle {
         events,
         snapshot,
@@ -220,14 +220,7 @@ async fn main() -> anyhow::Result<()> {
     let mut driver_task = tokio::spawn(tracing::Instrument::instrument(driver.run(rx), span));
     // Serve until a signal, or until the job is over (after a moment for workers to hear it),
     // or until the driver task ends early (it crashed): the task is awaited either way.
-    let over = async move {
-        let _ = finished
-            .wait_for(|s| {
-                s.state == JobState::Finished as i32 || s.state == JobState::Failed as i32
-            })
-            .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let over = job_over(finished);
     let metrics_server = stagecoach_coordinator::http::serve(
         metrics_listener,
         endpoint(metrics.registry().clone(), Some(page)),
@@ -449,7 +442,7 @@ async fn replica(
         }
     };
     let (events, rx) = tokio::sync::mpsc::channel(1024);
-    let mut finished = driver.snapshot();
+    let finished = driver.snapshot();
     let handle = DriverHandle {
         events,
         snapshot: driver.snapshot(),
@@ -465,14 +458,7 @@ async fn replica(
     tracing::info!(%advertise, "leading the job");
     let span = tracing::info_span!("job", job = %job.job.name);
     let mut driver_task = tokio::spawn(tracing::Instrument::instrument(driver.run(rx), span));
-    let over = async move {
-        let _ = finished
-            .wait_for(|s| {
-                s.state == JobState::Finished as i32 || s.state == JobState::Failed as i32
-            })
-            .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let over = job_over(finished);
     let outcome = finished_outcome(&coordinator);
     tokio::select! {
         ended = &mut driver_task => match ended {
@@ -531,6 +517,16 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Resolves once the job finished or failed, after a moment for the workers to hear it.
+async fn job_over(
+    mut snapshot: tokio::sync::watch::Receiver<stagecoach_coordinator::status::Snapshot>,
+) {
+    let _ = snapshot
+        .wait_for(|s| s.state == JobState::Finished as i32 || s.state == JobState::Failed as i32)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
 }
 
 /// Exit status: success unless the job failed.
