@@ -60,7 +60,7 @@ impl StoreLedger {
         let Some(v) = self.store.get(&key).await? else {
             return Ok(None);
         };
-        Ok(Some(decode(&key, &v.value)?))
+        Ok(Some(decode_step(&key, &v.value)?))
     }
 
     /// The curriculum's record, if one was written.
@@ -105,10 +105,22 @@ impl StoreLedger {
             .collect()
     }
 
-    /// Every committed step, in order.
+    /// Every committed step, in order, with its samples.
     pub async fn steps(&self) -> Result<Vec<v1::LedgerStep>, StoreError> {
         let entries = self.store.range(&keys::ledger_steps(&self.job)).await?;
-        entries.iter().map(|(k, v)| decode(k, &v.value)).collect()
+        entries
+            .iter()
+            .map(|(k, v)| decode_step(k, &v.value))
+            .collect()
+    }
+
+    /// Every committed step as stored (a compact record's samples not drawn again).
+    async fn raw_steps(&self) -> Result<Vec<v1::LedgerStep>, StoreError> {
+        let entries = self.store.range(&keys::ledger_steps(&self.job)).await?;
+        entries
+            .iter()
+            .map(|(k, v)| decode_raw(k, &v.value))
+            .collect()
     }
 
     /// Finishes a rewind that was cut short (the coordinator died while it moved steps aside).
@@ -122,7 +134,7 @@ impl StoreLedger {
             path: key.into(),
             reason: format!("the rewind marker does not decode: {e}"),
         })?;
-        let steps = self.steps().await?;
+        let steps = self.raw_steps().await?;
         self.move_aside(steps, &marker).await
     }
 
@@ -177,11 +189,34 @@ fn refused_if_false(applied: bool, what: &str) -> Result<(), StoreError> {
     }
 }
 
-fn decode(key: &str, bytes: &[u8]) -> Result<v1::LedgerStep, StoreError> {
+/// A ledger record as stored: compact records keep their samples as the plan's state (`draw`).
+fn decode_raw(key: &str, bytes: &[u8]) -> Result<v1::LedgerStep, StoreError> {
     v1::LedgerStep::decode(bytes).map_err(|e| StoreError::Corrupt {
         path: key.into(),
         reason: format!("the ledger entry does not decode: {e}"),
     })
+}
+
+/// Decodes a ledger record (a committed step, or one set aside by a rollback) with its samples:
+/// a compact record's samples are drawn again from the plan's state it holds, an older record
+/// lists them.
+pub fn decode_step(key: &str, bytes: &[u8]) -> Result<v1::LedgerStep, StoreError> {
+    let mut step = decode_raw(key, bytes)?;
+    if let Some(draw) = step.draw.as_ref().filter(|_| step.samples.is_empty()) {
+        let samples =
+            stagecoach_core::plan::Plan::replay(draw).map_err(|e| StoreError::Corrupt {
+                path: key.into(),
+                reason: format!("the ledger entry's sample plan cannot be drawn again: {e}"),
+            })?;
+        step.samples = samples
+            .iter()
+            .map(|s| v1::SampleRef {
+                source: s.source as u32,
+                index: s.index,
+            })
+            .collect();
+    }
+    Ok(step)
 }
 
 #[async_trait::async_trait]
@@ -231,7 +266,7 @@ impl Ledger for StoreLedger {
     /// in batches small enough for etcd's limit of operations per transaction, and the marker
     /// goes. A rewind cut short is finished by [`StoreLedger::recover`].
     async fn rewind(&self, to_step: u64, event: u64) -> Result<(), StoreError> {
-        let steps = self.steps().await?;
+        let steps = self.raw_steps().await?;
         let last = steps.iter().rev().find(|s| s.step < to_step);
         let marker = v1::Rewind { to_step, event };
         let ops = vec![

@@ -156,6 +156,7 @@ pub struct Metrics {
     world_size: IntGauge,
     generation: IntGauge,
     generations_ended: IntCounter,
+    leases_expired: IntCounter,
     state: IntGaugeVec,
     spikes: IntCounterVec,
     skipped_samples: IntCounter,
@@ -284,6 +285,13 @@ impl Metrics {
                 IntCounter::with_opts(opts(
                     "generations_ended_total",
                     "Generations ended by a lost or failed worker",
+                )),
+            ),
+            leases_expired: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "leases_expired_total",
+                    "Workers dropped because no message came from them for a lease",
                 )),
             ),
             state: register(
@@ -609,6 +617,11 @@ impl Metrics {
     /// A checkpoint write failed.
     pub fn checkpoint_failed(&self) {
         self.checkpoint_failures.inc();
+    }
+
+    /// `n` workers lost their leases.
+    pub fn leases_expired(&self, n: u64) {
+        self.leases_expired.inc_by(n);
     }
 
     /// A world formed (a new generation).

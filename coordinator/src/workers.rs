@@ -5,7 +5,7 @@
 //! A session's inbound messages are read by one task that the response stream owns: when the
 //! client goes away or the server stops, tonic drops the stream and the task ends with it.
 //! Every message renews the sender's lease in the [`LeaseBook`] as it arrives, before it waits
-//! in the driver's queue.
+//! in the driver's queue; a heartbeat does nothing else and never reaches the driver.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -166,6 +166,7 @@ impl Workers for WorkersService {
             reply,
         })
         .await?;
+        // The driver took the session (the worker is a member), so this only renews.
         leases.renew(&worker_id);
         let session_events = events.clone();
         let stream_id = worker_id.clone();
@@ -179,10 +180,18 @@ impl Workers for WorkersService {
                                 clip(&msg.worker_id, 80)
                             )));
                         }
-                        leases.renew(&worker_id);
+                        let known = leases.renew(&worker_id);
                         let kind = msg
                             .kind
                             .ok_or_else(|| Status::invalid_argument("empty worker message"))?;
+                        // A heartbeat only renews the lease, here: it never waits in the
+                        // driver's queue behind step reports, and costs the driver nothing.
+                        if matches!(kind, v1::worker_message::Kind::Heartbeat(_)) {
+                            if known {
+                                continue;
+                            }
+                            return Err(Status::from(Error::UnknownWorker(clip(&worker_id, 80))));
+                        }
                         let id = worker_id.clone();
                         ask(&events, |reply| Event::Message {
                             worker_id: id,

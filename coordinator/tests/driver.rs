@@ -32,7 +32,11 @@ async fn a_world_forms_trains_and_commits_every_step() {
         (wa.generation, wa.rank, wb.rank, wa.world_size),
         (1, 0, 1, 2)
     );
-    assert_eq!(wa.peers, ["127.0.0.1:5001", "127.0.0.1:5002"]);
+    // Each rank is told the address of the next one in the ring, and no other.
+    assert_eq!(
+        (wa.next_peer.as_str(), wb.next_peer.as_str()),
+        ("127.0.0.1:5002", "127.0.0.1:5001")
+    );
     h.send(&a, ready(1)).await.unwrap();
     h.send(&b, ready(1)).await.unwrap();
     for step in 0..3 {

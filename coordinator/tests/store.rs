@@ -396,3 +396,81 @@ async fn a_deposed_leaders_writes_are_refused() -> anyhow::Result<()> {
     assert_eq!(store.get("k").await?.map(|v| v.value), Some(b"b".to_vec()));
     Ok(())
 }
+
+/// A committed step of a 16,384-sample global batch costs the store its plan's state, not its
+/// samples: under 1 KB for both keys together, and a reader gets every sample back exactly as
+/// the plan drew them, also after the step is set aside by a rollback.
+#[tokio::test]
+async fn a_step_is_stored_as_its_plan_state_and_read_back_with_every_sample() -> anyhow::Result<()>
+{
+    use stagecoach_core::plan::Plan;
+    let dir = TempDir::new()?;
+    let store = store::open(&format!("file://{}", dir.path().display())).await?;
+    let ledger = StoreLedger::new(store.clone(), "compact");
+    let mut plan = Plan::new(3, 2048, &[1 << 30, 1 << 28, 1 << 26], vec![0, 0, 0])?;
+    plan.set_mix(vec![0.6, 0.3, 0.1], 2048, vec![0, 0, 0])?;
+    let mut drawn = vec![];
+    for step in 0..3 {
+        let draw = plan.draw_state(16_384);
+        let samples = plan.take(16_384);
+        ledger
+            .commit(&v1::LedgerStep {
+                step,
+                draw: Some(draw),
+                cursors: plan.cursors().to_vec(),
+                stage_taken: plan.taken().to_vec(),
+                loss: 2.5,
+                ..Default::default()
+            })
+            .await?;
+        drawn.push(samples);
+    }
+    let bytes: usize = store
+        .range("jobs/compact/ledger/")
+        .await?
+        .iter()
+        .filter(|(k, _)| {
+            *k == stagecoach_coordinator::keys::ledger_step("compact", 2)
+                || *k == stagecoach_coordinator::keys::ledger_last("compact")
+        })
+        .map(|(k, v)| k.len() + v.value.len())
+        .sum();
+    println!("a 16,384-sample step: {bytes} bytes of keys and values (the step and `last`)");
+    assert!(bytes > 0 && bytes < 1024, "{bytes} bytes");
+    let as_refs = |s: &[stagecoach_core::plan::SampleId]| -> Vec<(u32, u64)> {
+        s.iter().map(|x| (x.source as u32, x.index)).collect()
+    };
+    let read = ledger.steps().await?;
+    assert_eq!(read.len(), 3);
+    for (r, want) in read.iter().zip(&drawn) {
+        let got: Vec<(u32, u64)> = r.samples.iter().map(|x| (x.source, x.index)).collect();
+        assert_eq!(got, as_refs(want), "step {}", r.step);
+    }
+    let last = ledger.last().await?.expect("a last step");
+    assert_eq!(last.samples.len(), 16_384);
+    ledger.rewind(1, 4).await?;
+    let aside = store.range("jobs/compact/ledger/rolled_back/").await?;
+    assert_eq!(aside.len(), 2);
+    for ((k, v), want) in aside.iter().zip(&drawn[1..]) {
+        assert!(v.value.len() < 1024, "a step set aside stays compact");
+        let step = stagecoach_coordinator::ledger::decode_step(k, &v.value)?;
+        let got: Vec<(u32, u64)> = step.samples.iter().map(|x| (x.source, x.index)).collect();
+        assert_eq!(got, as_refs(want));
+    }
+    // A record whose plan state no plan could have had is refused, naming the key.
+    let bad = v1::LedgerStep {
+        step: 9,
+        draw: Some(v1::PlanDraw {
+            blocks: vec![4],
+            cursors: vec![0, 0],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let err =
+        stagecoach_coordinator::ledger::decode_step("k/9", &prost::Message::encode_to_vec(&bad))
+            .unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("k/9"), "{err}");
+    Ok(())
+}

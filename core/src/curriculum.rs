@@ -29,6 +29,8 @@ pub struct StepPlan {
     pub samples: Vec<SampleId>,
     pub lr: f64,
     pub global_batch: u32,
+    /// The plan's state before the draw of `samples`: the ledger records it instead of them.
+    pub draw: v1::PlanDraw,
 }
 
 /// A stage change waiting for the next step.
@@ -319,6 +321,7 @@ impl Curriculum {
         let seq_len = stage.spec.seq_len;
         let global_batch = (self.job.global_batch_tokens / u64::from(seq_len)) as u32;
         let micro = (self.job.micro_batch_tokens / u64::from(seq_len)).max(1) as u32;
+        let draw = self.plan.draw_state(global_batch);
         let samples = self.plan.take(global_batch as usize);
         let lr = self.lr(self.step);
         let stage = &mut self.stages[self.current];
@@ -337,6 +340,7 @@ impl Curriculum {
             samples,
             lr,
             global_batch,
+            draw,
         };
         self.step += 1;
         plan

@@ -24,6 +24,8 @@
 //! The state is the per-source cursors and the round-robin's counts under the current mixture;
 //! identical state gives an identical future, whatever the world size that consumes it.
 
+use stagecoach_proto::v1;
+
 /// A sample of the plan: which source (index into the job's sources) and the token offset it
 /// starts at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -60,6 +62,8 @@ pub enum PlanError {
     Mismatch { got: usize, sources: usize },
     #[error("sequence length {seq_len} does not divide the block of {block} tokens")]
     SeqLen { seq_len: u64, block: u64 },
+    #[error("a draw of {0} samples, more than {MAX_DRAW}")]
+    TooMany(u32),
 }
 
 impl Plan {
@@ -176,7 +180,52 @@ impl Plan {
     pub fn take(&mut self, n: usize) -> Vec<SampleId> {
         (0..n).map(|_| self.next_sample()).collect()
     }
+
+    /// The state the next draw of `count` samples starts from: [`Plan::replay`] gives the same
+    /// samples from it.
+    pub fn draw_state(&self, count: u32) -> v1::PlanDraw {
+        v1::PlanDraw {
+            seed: self.seed,
+            block: self.block,
+            blocks: self.blocks.clone(),
+            cursors: self.cursors.clone(),
+            taken: self.taken.clone(),
+            weights: self.weights.clone(),
+            seq_len: self.seq_len,
+            count,
+        }
+    }
+
+    /// The samples of a draw, drawn again from its state (a ledger record). A state no plan
+    /// could have had (lengths that differ, no weight, a sequence length that does not divide
+    /// the block, more samples than [`MAX_DRAW`]) is refused.
+    pub fn replay(draw: &v1::PlanDraw) -> Result<Vec<SampleId>, PlanError> {
+        let n = draw.blocks.len();
+        if draw.cursors.len() != n {
+            return Err(PlanError::Mismatch {
+                got: draw.cursors.len(),
+                sources: n,
+            });
+        }
+        if draw.count > MAX_DRAW {
+            return Err(PlanError::TooMany(draw.count));
+        }
+        let mut plan = Plan {
+            seed: draw.seed,
+            block: draw.block.max(1),
+            blocks: draw.blocks.clone(),
+            cursors: draw.cursors.clone(),
+            weights: vec![0.0; n],
+            seq_len: draw.block.max(1),
+            taken: vec![0; n],
+        };
+        plan.set_mix(draw.weights.clone(), draw.seq_len, draw.taken.clone())?;
+        Ok(plan.take(draw.count as usize))
+    }
 }
+
+/// The most samples one recorded draw may hold (a global batch of 2^26 samples).
+pub const MAX_DRAW: u32 = 1 << 26;
 
 /// A digest of a list of samples (each `(source, token offset)`, in order): FNV-1a over their
 /// little-endian bytes. Worker and coordinator compute it alike, so a worker can say which
@@ -332,6 +381,32 @@ mod tests {
         assert!(covered.iter().all(|&c| c <= 1), "a token was trained twice");
         let trained: u32 = covered.iter().sum();
         assert_eq!(trained, 10 + 24 + 80);
+    }
+
+    #[test]
+    fn a_draw_replays_from_its_state() {
+        let mut p = plan(&[0.5, 0.3, 0.2], &[10_000, 7_000, 5_000], 4);
+        for _ in 0..3 {
+            let state = p.draw_state(37);
+            let drawn = p.take(37);
+            assert_eq!(Plan::replay(&state).unwrap(), drawn);
+        }
+        // Across a longer sequence length mid-block and a new mixture.
+        p.set_mix(vec![0.0, 1.0, 1.0], 8, vec![0, 0, 0]).unwrap();
+        let state = p.draw_state(11);
+        assert_eq!(Plan::replay(&state).unwrap(), p.take(11));
+        let mut bad = state.clone();
+        bad.cursors.pop();
+        assert!(matches!(
+            Plan::replay(&bad),
+            Err(PlanError::Mismatch { .. })
+        ));
+        let mut bad = state.clone();
+        bad.seq_len = 5;
+        assert!(matches!(Plan::replay(&bad), Err(PlanError::SeqLen { .. })));
+        let mut bad = state;
+        bad.count = MAX_DRAW + 1;
+        assert!(matches!(Plan::replay(&bad), Err(PlanError::TooMany(_))));
     }
 
     #[test]

@@ -342,8 +342,8 @@ pub fn read_store(state: &str, job: &str) -> Stored {
             .await
             .expect("read the steps set aside")
             .iter()
-            .map(|(_, v)| {
-                stagecoach_proto::v1::LedgerStep::decode(v.value.as_slice()).expect("a ledger step")
+            .map(|(k, v)| {
+                stagecoach_coordinator::ledger::decode_step(k, &v.value).expect("a ledger step")
             })
             .collect();
         let l = stagecoach_coordinator::ledger::StoreLedger::new(store, job);

@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use prost::Message;
 use stagecoach_core::spec::JobFile;
 use stagecoach_proto::v1;
 
@@ -186,10 +185,7 @@ async fn rolled_back(
         .unwrap_or(key);
     let mut by_event: BTreeMap<String, Vec<v1::LedgerStep>> = BTreeMap::new();
     for (k, v) in store.range(&prefix).await? {
-        let step = v1::LedgerStep::decode(v.value.as_slice()).map_err(|e| StoreError::Corrupt {
-            path: k.clone().into(),
-            reason: format!("the entry does not decode: {e}"),
-        })?;
+        let step = crate::ledger::decode_step(&k, &v.value)?;
         let event = k[prefix.len()..].split('/').next().unwrap_or("").to_owned();
         by_event.entry(event).or_default().push(step);
     }

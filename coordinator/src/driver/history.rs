@@ -287,9 +287,27 @@ impl Driver {
             .send_modify(|v| v.loss.record(step, loss, skipped));
     }
 
-    /// The workers as they are now, published when they changed.
+    /// The workers as they are now, published when they changed. Building the list walks every
+    /// member, so for a large job it is rebuilt at most once per [`WORKERS_EVERY`] (the clock's
+    /// tick publishes what changed since): not after every registration of thousands.
     pub(super) fn publish_workers(&self) {
-        let world = self.world.as_ref().map(|w| &w.members);
+        let key = (
+            self.roster.version,
+            self.world.as_ref().map_or(0, |w| w.generation),
+        );
+        let mut published = self.workers_published.lock().expect("not poisoned");
+        let (last_key, last_at) = *published;
+        if key == last_key {
+            return;
+        }
+        if self.members.len() > WORKERS_ALWAYS
+            && last_at.is_some_and(|t| t.elapsed() < WORKERS_EVERY)
+        {
+            return;
+        }
+        *published = (key, Some(tokio::time::Instant::now()));
+        drop(published);
+        let ranks = self.world.as_ref().map(|w| &w.ranks);
         let workers: Vec<WorkerView> = self
             .order
             .iter()
@@ -297,9 +315,7 @@ impl Driver {
                 let m = self.members.get(id)?;
                 Some(WorkerView {
                     id: id.clone(),
-                    rank: world
-                        .and_then(|w| w.iter().position(|x| x == id))
-                        .map(|r| r as u32),
+                    rank: ranks.and_then(|w| w.get(id)).copied(),
                     address: m.address.clone(),
                     owner: m.owner.clone(),
                     connected: m.outbox.is_some(),
@@ -315,6 +331,11 @@ impl Driver {
         });
     }
 }
+
+/// Up to this many members, the workers' view follows every change at once.
+const WORKERS_ALWAYS: usize = 256;
+/// Beyond, it is rebuilt at most this often.
+const WORKERS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {

@@ -35,6 +35,27 @@ pub(super) struct Member {
     pub(super) undeliverable: AtomicBool,
 }
 
+/// The members by id, and whether a message to any of them could not be queued since the
+/// driver last looked (see [`send`](super::send)).
+#[derive(Default)]
+pub(super) struct Members {
+    map: std::collections::BTreeMap<String, Member>,
+    pub(super) any_undeliverable: AtomicBool,
+}
+
+impl std::ops::Deref for Members {
+    type Target = std::collections::BTreeMap<String, Member>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Members {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
 /// When each worker was last heard from, written by the session tasks as messages arrive, so
 /// that a lease is renewed by the message itself, not by the driver getting to it: a driver
 /// that is behind (a slow store write, a burst of reports) never expires a live worker.
@@ -42,15 +63,25 @@ pub(super) struct Member {
 pub struct LeaseBook(Mutex<HashMap<String, Instant>>);
 
 impl LeaseBook {
-    /// `worker_id` was heard from now.
-    pub fn renew(&self, worker_id: &str) {
+    /// `worker_id` was heard from now. False if it is not (or no longer) a member: its lease
+    /// expired, or it never registered.
+    pub fn renew(&self, worker_id: &str) -> bool {
         let mut m = self.0.lock().expect("not poisoned");
         match m.get_mut(worker_id) {
-            Some(t) => *t = Instant::now(),
-            None => {
-                m.insert(worker_id.to_owned(), Instant::now());
+            Some(t) => {
+                *t = Instant::now();
+                true
             }
+            None => false,
         }
+    }
+
+    /// A member registered now.
+    fn insert(&self, worker_id: &str) {
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .insert(worker_id.to_owned(), Instant::now());
     }
 
     fn last(&self, worker_id: &str) -> Option<Instant> {
@@ -110,29 +141,24 @@ impl Driver {
         // A worker that registers again (its session broke, or it restarted on the same
         // address) supersedes its old id at once: no world waits a lease for a ghost.
         // Only by the same identity: another caller cannot push a worker out.
-        let superseded: Vec<String> = self
-            .members
-            .iter()
-            .filter(|(_, m)| {
-                !m.address.is_empty()
-                    && m.address == request.collective_address
-                    && m.owner == identity
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        if let Some(other) = self
-            .members
-            .iter()
-            .find(|(id, m)| m.backend != backend && !superseded.contains(id))
-        {
+        let key = (identity.clone(), request.collective_address.clone());
+        let superseded = if request.collective_address.is_empty() {
+            None
+        } else {
+            self.roster.by_address.get(&key).cloned()
+        };
+        let superseded_backend = superseded
+            .as_ref()
+            .and_then(|id| self.members.get(id))
+            .map(|m| m.backend);
+        if let Some(other) = self.roster.other_backend(backend, superseded_backend) {
             return Err(Error::FailedPrecondition(format!(
-                "this job's workers use the {:?} backend, this one {backend:?}; start every worker on the same kind of device",
-                other.1.backend
+                "this job's workers use the {other:?} backend, this one {backend:?}; start every worker on the same kind of device"
             )));
         }
         let id = worker_id(self.next_id);
         self.next_id += 1;
-        for old in superseded {
+        if let Some(old) = superseded {
             info!(worker = %old, new = %id, "a worker registered again on the same address; its old id is dropped");
             self.drop_member(&old, &format!("worker {old} registered again as {id}"))
                 .await;
@@ -152,7 +178,11 @@ impl Driver {
             },
         );
         self.order.push(id.clone());
-        self.leases.renew(&id);
+        if !key.1.is_empty() {
+            self.roster.by_address.insert(key, id.clone());
+        }
+        self.roster.added(backend);
+        self.leases.insert(&id);
         Ok(v1::RegisterResponse {
             worker_id: id,
             lease_ms: self.settings.lease.as_millis() as u64,
@@ -163,17 +193,50 @@ impl Driver {
 
     /// Forgets a member; if it was in the current world, that generation has failed.
     async fn drop_member(&mut self, id: &str, why: &str) {
-        self.members.remove(id);
-        self.order.retain(|o| o != id);
-        self.leases.forget(id);
+        self.remove_members(&[id.to_owned()]);
         if self
             .world
             .as_ref()
-            .is_some_and(|w| w.members.iter().any(|m| m == id))
+            .is_some_and(|w| w.ranks.contains_key(id))
         {
             self.failed(id, v1::FailureKind::Transient, why.to_owned(), None)
                 .await;
         }
+    }
+
+    /// Forgets members, with one pass over the registration order for all of them.
+    fn remove_members(&mut self, ids: &[String]) {
+        for id in ids {
+            let Some(m) = self.members.remove(id) else {
+                continue;
+            };
+            self.leases.forget(id);
+            self.roster.removed(&m, id);
+        }
+        if ids.len() == 1 {
+            self.order.retain(|o| *o != ids[0]);
+        } else {
+            let gone: std::collections::HashSet<&String> = ids.iter().collect();
+            self.order.retain(|o| !gone.contains(o));
+        }
+    }
+
+    /// A session of `worker_id` is attached (`Some`) or gone (`None`).
+    pub(super) fn set_outbox(
+        &mut self,
+        worker_id: &str,
+        outbox: Option<mpsc::Sender<v1::CoordinatorMessage>>,
+    ) {
+        let Some(m) = self.members.get_mut(worker_id) else {
+            return;
+        };
+        match (m.outbox.is_some(), outbox.is_some()) {
+            (false, true) => self.roster.attached += 1,
+            (true, false) => self.roster.attached -= 1,
+            _ => {}
+        }
+        m.outbox = outbox;
+        self.roster.version += 1;
     }
 
     pub(super) async fn message(
@@ -199,7 +262,10 @@ impl Driver {
             return Ok(());
         }
         match kind {
-            Kind::Hello(_) | Kind::Heartbeat(_) => Ok(()),
+            Kind::Hello(_) | Kind::Heartbeat(_) => {
+                self.quiet = true;
+                Ok(())
+            }
             Kind::Ready(ready) => self.ready(worker_id, ready).await,
             Kind::StepDone(done) => self.step_done(worker_id, done).await,
             Kind::EvalDone(done) => self.eval_done(worker_id, done).await,
@@ -218,9 +284,7 @@ impl Driver {
             // and count it, so workers that all fail so do not leave the job waiting unseen.
             warn!(worker = %worker_id, %reason, "a worker could not start");
             let why = format!("worker {worker_id} could not start: {reason}");
-            self.members.remove(worker_id);
-            self.order.retain(|o| o != worker_id);
-            self.leases.forget(worker_id);
+            self.remove_members(&[worker_id.to_owned()]);
             self.failed(worker_id, f.kind(), why, checkpoint).await;
             return Ok(());
         }
@@ -244,15 +308,52 @@ impl Driver {
             })
             .map(|(id, _)| id.clone())
             .collect();
-        for id in expired {
+        if expired.is_empty() {
+            return;
+        }
+        // All at once: thousands of leases can lapse together (a switch, a driver that was
+        // stalled), and each removal alone would walk the registration order.
+        let in_world = self.world.as_ref().and_then(|w| {
+            expired
+                .iter()
+                .find(|id| w.ranks.contains_key(id.as_str()))
+                .cloned()
+        });
+        for id in expired.iter().take(20) {
             warn!(worker = %id, "lease expired");
-            self.drop_member(&id, &format!("worker {id} lost its lease"))
+        }
+        if expired.len() > 20 {
+            warn!(more = expired.len() - 20, "more leases expired");
+        }
+        if let Some(m) = &self.metrics {
+            m.leases_expired(expired.len() as u64);
+        }
+        self.remove_members(&expired);
+        if let Some(id) = in_world {
+            let why = if expired.len() == 1 {
+                format!("worker {id} lost its lease")
+            } else {
+                format!(
+                    "worker {id} and {} others lost their leases",
+                    expired.len() - 1
+                )
+            };
+            self.failed(&id, v1::FailureKind::Transient, why, None)
                 .await;
         }
     }
 
     /// Ends the generation of a member a message could not be queued for.
     pub(super) async fn reap_undeliverable(&mut self) {
+        // `send` raises the flag: most events send nothing that fails, and walking the world
+        // after each of them would cost O(world) per message.
+        if !self
+            .members
+            .any_undeliverable
+            .swap(false, Ordering::Relaxed)
+        {
+            return;
+        }
         let Some(world) = self.world.as_ref() else {
             for m in self.members.values() {
                 m.undeliverable.store(false, Ordering::Relaxed);
@@ -278,5 +379,60 @@ impl Driver {
             self.failed(&id, v1::FailureKind::Transient, why, None)
                 .await;
         }
+    }
+}
+
+/// Indexes over the members, kept with them so that registering, attaching and forming a
+/// world cost O(1) per worker rather than a walk over every member.
+#[derive(Debug, Default)]
+pub(super) struct Roster {
+    /// Members with a session attached.
+    pub(super) attached: usize,
+    /// The member registered by an identity at a collective address.
+    by_address: HashMap<(String, String), String>,
+    /// Members per collective backend.
+    backends: HashMap<i32, usize>,
+    /// Counts changes to the members and their sessions (the status page's view follows it).
+    pub(super) version: u64,
+}
+
+impl Roster {
+    fn added(&mut self, backend: v1::CollectiveBackend) {
+        *self.backends.entry(backend as i32).or_default() += 1;
+        self.version += 1;
+    }
+
+    fn removed(&mut self, m: &Member, id: &str) {
+        if m.outbox.is_some() {
+            self.attached -= 1;
+        }
+        let key = (m.owner.clone(), m.address.clone());
+        if self.by_address.get(&key).is_some_and(|x| x == id) {
+            self.by_address.remove(&key);
+        }
+        if let Some(n) = self.backends.get_mut(&(m.backend as i32)) {
+            *n -= 1;
+        }
+        self.version += 1;
+    }
+
+    /// A backend other than `backend` that some member uses (not counting the one member of
+    /// backend `leaving` about to be replaced).
+    fn other_backend(
+        &self,
+        backend: v1::CollectiveBackend,
+        leaving: Option<v1::CollectiveBackend>,
+    ) -> Option<v1::CollectiveBackend> {
+        self.backends.iter().find_map(|(&b, &n)| {
+            let n = n - usize::from(leaving.is_some_and(|l| l as i32 == b));
+            (b != backend as i32 && n > 0)
+                .then(|| v1::CollectiveBackend::try_from(b).unwrap_or_default())
+        })
+    }
+
+    /// No member has a session any more (this driver stepped down).
+    pub(super) fn detached_all(&mut self) {
+        self.attached = 0;
+        self.version += 1;
     }
 }

@@ -45,7 +45,7 @@ mod step;
 mod sync;
 mod world;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,7 +70,7 @@ use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::status::Snapshot;
 use checkpoints::Saving;
-use membership::Member;
+use membership::{Members, Roster};
 use persist::{Pending, Write};
 use recovery::PendingSkip;
 use world::World;
@@ -91,7 +91,14 @@ pub struct Driver {
     settings: Settings,
     ledger: Box<dyn Ledger>,
     next_id: u64,
-    members: BTreeMap<String, Member>,
+    members: Members,
+    /// Indexes over `members`.
+    roster: Roster,
+    /// The roster version the status page's view was last built from, and when.
+    workers_published: std::sync::Mutex<((u64, u64), Option<Instant>)>,
+    /// The last event changed nothing the snapshot shows (a heartbeat, a step report that did
+    /// not complete its step): publishing is skipped.
+    quiet: bool,
     /// Registration order of the live members.
     order: Vec<String>,
     world: Option<World>,
@@ -220,7 +227,10 @@ impl Driver {
             settings,
             ledger,
             next_id: 1,
-            members: BTreeMap::new(),
+            members: Members::default(),
+            roster: Roster::default(),
+            workers_published: std::sync::Mutex::new(((u64::MAX, 0), None)),
+            quiet: false,
             order: Vec::new(),
             world: None,
             generation,
@@ -358,7 +368,9 @@ impl Driver {
                 return RunEnd::Deposed(reason);
             }
             self.reap_undeliverable().await;
-            self.publish();
+            if !std::mem::take(&mut self.quiet) {
+                self.publish();
+            }
         }
         RunEnd::Closed
     }
@@ -387,11 +399,11 @@ impl Driver {
                         m.owner
                     ))),
                     Some(m) => {
-                        m.outbox = Some(outbox);
                         m.session = session;
                         m.lease_until = Instant::now() + self.settings.lease;
                         m.undeliverable
                             .store(false, std::sync::atomic::Ordering::Relaxed);
+                        self.set_outbox(&worker_id, Some(outbox));
                         Ok(())
                     }
                 };
@@ -410,12 +422,12 @@ impl Driver {
                 let _ = reply.send(r);
             }
             Event::Detach { worker_id, session } => {
-                if let Some(m) = self
+                if self
                     .members
-                    .get_mut(&worker_id)
-                    .filter(|m| m.session == session)
+                    .get(&worker_id)
+                    .is_some_and(|m| m.session == session)
                 {
-                    m.outbox = None;
+                    self.set_outbox(&worker_id, None);
                 }
             }
             Event::Control { request, reply } => {
@@ -539,7 +551,7 @@ fn refs(samples: &[SampleId]) -> Vec<v1::SampleRef> {
 /// Queues a message for a member. A member whose outbox is full or closed is marked
 /// undeliverable: a message it will never see would leave a step waiting for it, so the
 /// driver ends its generation after the event (see `reap_undeliverable`).
-fn send(members: &BTreeMap<String, Member>, id: &str, kind: v1::coordinator_message::Kind) {
+fn send(members: &Members, id: &str, kind: v1::coordinator_message::Kind) {
     let Some(member) = members.get(id) else {
         return;
     };
@@ -548,12 +560,18 @@ fn send(members: &BTreeMap<String, Member>, id: &str, kind: v1::coordinator_mess
         member
             .undeliverable
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        members
+            .any_undeliverable
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         return;
     };
     if let Err(e) = outbox.try_send(v1::CoordinatorMessage { kind: Some(kind) }) {
         warn!(worker = %id, error = %e, "cannot queue a message");
         member
             .undeliverable
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        members
+            .any_undeliverable
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }

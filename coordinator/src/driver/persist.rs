@@ -155,6 +155,7 @@ impl Driver {
         for m in self.members.values_mut() {
             m.outbox = None;
         }
+        self.roster.detached_all();
         self.world = None;
         self.pending.queue.clear();
         self.deposed = Some(reason);

@@ -181,6 +181,7 @@ impl Driver {
         }
         reports.insert(rank, done);
         if reports.len() < n {
+            self.quiet = true;
             return Ok(());
         }
         let generation = world.generation;
@@ -217,9 +218,12 @@ impl Driver {
             .curriculum
             .as_ref()
             .expect("a curriculum while running");
+        // The samples are recorded as the plan's state before their draw (a reader draws them
+        // again): a few numbers per source, whatever the global batch.
         let entry = v1::LedgerStep {
             step: plan.step,
-            samples: refs(&plan.samples),
+            samples: vec![],
+            draw: Some(plan.draw.clone()),
             cursors: c.cursors().to_vec(),
             loss,
             generation,

@@ -1,7 +1,7 @@
 //! World formation: a new generation from the attached workers, their `Ready` answers, the
 //! start of training in that world, and the end of a generation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use stagecoach_core::curriculum::{Curriculum, StepPlan};
@@ -16,6 +16,8 @@ use super::{send, Driver, Error, Resume};
 pub(super) struct World {
     pub(super) generation: u64,
     pub(super) members: Vec<String>,
+    /// Each member's rank, by worker id.
+    pub(super) ranks: HashMap<String, u32>,
     /// Each member's `Ready`, by worker id.
     pub(super) ready: BTreeMap<String, v1::Ready>,
     pub(super) running: bool,
@@ -57,16 +59,11 @@ impl Driver {
                 world.generation
             )));
         }
-        world
-            .members
-            .iter()
-            .position(|m| m == worker_id)
-            .map(|r| r as u32)
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "worker {worker_id} is not in generation {generation}"
-                ))
-            })
+        world.ranks.get(worker_id).copied().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "worker {worker_id} is not in generation {generation}"
+            ))
+        })
     }
 
     pub(super) async fn ready(&mut self, worker_id: &str, ready: v1::Ready) -> Result<(), Error> {
@@ -198,13 +195,7 @@ impl Driver {
             }
             self.not_before = None;
         }
-        let attached: Vec<String> = self
-            .order
-            .iter()
-            .filter(|id| self.members[*id].outbox.is_some())
-            .cloned()
-            .collect();
-        let present = attached.len() as u32;
+        let present = self.roster.attached as u32;
         if present < self.settings.min {
             self.forming_since = None;
             self.detail = self.with_last_end(format!(
@@ -224,15 +215,14 @@ impl Driver {
             }
         }
         self.forming_since = None;
-        let members: Vec<String> = attached
-            .into_iter()
+        let members: Vec<String> = self
+            .order
+            .iter()
+            .filter(|id| self.members[*id].outbox.is_some())
             .take(self.settings.max as usize)
+            .cloned()
             .collect();
         self.generation += 1;
-        let peers: Vec<String> = members
-            .iter()
-            .map(|id| self.members[id].address.clone())
-            .collect();
         // NCCL: rank 0's unused unique id, for every rank; it is spent on this world (the next
         // Ready brings a fresh one).
         let nccl_id =
@@ -241,15 +231,18 @@ impl Driver {
         if let Some(m) = &self.metrics {
             m.generation_formed();
         }
+        // Each rank learns only its ring neighbour: a World the same size at any world size,
+        // where a list of every peer would make the generation's messages O(N²).
+        let n = members.len();
         for (rank, id) in members.iter().enumerate() {
             let world = v1::World {
                 generation: self.generation,
                 rank: rank as u32,
-                world_size: members.len() as u32,
-                peers: peers.clone(),
+                world_size: n as u32,
                 nccl_unique_id: nccl_id.clone(),
                 start_step: self.step,
                 restore: self.restore.clone(),
+                next_peer: self.members[&members[(rank + 1) % n]].address.clone(),
             };
             send(
                 &self.members,
@@ -257,9 +250,15 @@ impl Driver {
                 v1::coordinator_message::Kind::World(world),
             );
         }
+        let ranks = members
+            .iter()
+            .enumerate()
+            .map(|(r, id)| (id.clone(), r as u32))
+            .collect();
         self.world = Some(World {
             generation: self.generation,
             members,
+            ranks,
             ready: BTreeMap::new(),
             running: false,
             in_flight: None,

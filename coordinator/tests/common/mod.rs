@@ -97,7 +97,11 @@ impl MemLedger {
 impl Ledger for MemLedger {
     async fn commit(&self, step: &v1::LedgerStep) -> Result<(), StoreError> {
         self.outage()?;
-        self.0.lock().unwrap().push(step.clone());
+        // What a reader of a real store gets back: the record encoded, decoded and its samples
+        // drawn again from the plan's state it holds.
+        let stored = prost::Message::encode_to_vec(step);
+        let read = stagecoach_coordinator::ledger::decode_step("memory", &stored)?;
+        self.0.lock().unwrap().push(read);
         Ok(())
     }
 

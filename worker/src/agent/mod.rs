@@ -899,7 +899,7 @@ mod tests {
                 generation,
                 rank: 0,
                 world_size: 1,
-                peers: vec![address.into()],
+                next_peer: address.into(),
                 start_step,
                 ..Default::default()
             })),

@@ -48,20 +48,18 @@ fn connect(
             .map_err(collective)?;
         return Ok(Box::new(comm));
     }
-    let peers = w
-        .peers
-        .iter()
-        .map(|p| {
-            p.parse::<SocketAddr>()
-                .map_err(|e| Error::Collective(format!("peer address {p:?}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let next = w.next_peer.parse::<SocketAddr>().map_err(|e| {
+        Error::Collective(format!(
+            "the address of the next rank, {:?}: {e}",
+            w.next_peer
+        ))
+    })?;
     let l = listener.try_clone().at("collective listener")?;
     let ring = TcpRing::connect(
         w.rank as usize,
         w.world_size as usize,
         l,
-        &peers,
+        next,
         TcpConfig::new(w.generation, timeout),
     )
     .map_err(collective)?;
@@ -748,7 +746,7 @@ pub(super) mod tests {
                 generation,
                 rank: 0,
                 world_size: 1,
-                peers: vec![self.address.clone()],
+                next_peer: self.address.clone(),
                 start_step,
                 restore,
                 ..Default::default()

@@ -121,19 +121,20 @@ enum Outgoing {
 
 impl TcpRing {
     /// Joins the ring as `rank` of `world_size`. `listener` is already bound (its address is
-    /// published as `peers[rank]`; a `try_clone` of a long-lived listener is fine); `peers[i]` is
-    /// where rank `i` listens. Fails if the neighbours are not wired within `config.timeout`.
+    /// where rank `rank - 1` connects; a `try_clone` of a long-lived listener is fine); `next`
+    /// is where rank `(rank + 1) % world_size` listens. A rank needs no other address: the ring
+    /// is wired by each rank connecting to its right and accepting its left. Fails if the
+    /// neighbours are not wired within `config.timeout`.
     pub fn connect(
         rank: usize,
         world_size: usize,
         listener: TcpListener,
-        peers: &[SocketAddr],
+        next: SocketAddr,
         config: TcpConfig,
     ) -> Result<Self, CollectiveError> {
-        if world_size == 0 || rank >= world_size || peers.len() != world_size {
+        if world_size == 0 || rank >= world_size {
             return Err(CollectiveError::Rendezvous(format!(
-                "rank {rank} of world size {world_size} with {} peer addresses",
-                peers.len()
+                "rank {rank} of world size {world_size}"
             )));
         }
         if config.chunk_elems == 0 || config.timeout.is_zero() {
@@ -145,7 +146,7 @@ impl TcpRing {
             if world_size == 1 {
                 None
             } else {
-                let (left, right) = rendezvous(rank, world_size, &listener, peers, &config)?;
+                let (left, right) = rendezvous(rank, world_size, &listener, next, &config)?;
                 Some(Links::start(rank, left, right, &config).map_err(|e| {
                     CollectiveError::Rendezvous(format!("setting up connections: {e}"))
                 })?)
@@ -534,7 +535,7 @@ fn rendezvous(
     rank: usize,
     n: usize,
     listener: &TcpListener,
-    peers: &[SocketAddr],
+    next: SocketAddr,
     config: &TcpConfig,
 ) -> Result<(TcpStream, TcpStream), CollectiveError> {
     let deadline = Instant::now() + config.timeout;
@@ -547,12 +548,8 @@ fn rendezvous(
         chunk_elems: config.chunk_elems as u64,
     };
 
-    let mut to_right = connect_until(peers[right], deadline).map_err(|e| {
-        fail(format!(
-            "cannot reach rank {right} at {}: {e}",
-            peers[right]
-        ))
-    })?;
+    let mut to_right = connect_until(next, deadline)
+        .map_err(|e| fail(format!("cannot reach rank {right} at {}: {e}", next)))?;
     to_right
         .set_write_timeout(Some(remaining(deadline)))
         .and_then(|()| to_right.write_all(&ours.encode()))
@@ -574,11 +571,11 @@ fn rendezvous(
         (ACCEPT, None) => Ok((from_left, to_right)),
         (_, Some(why)) => Err(fail(format!(
             "rank {right} at {} refused the connection: it announces {why}",
-            peers[right]
+            next
         ))),
         (_, None) => Err(fail(format!(
             "rank {right} at {} refused the connection",
-            peers[right]
+            next
         ))),
     }
 }
@@ -697,7 +694,12 @@ mod tests {
             .enumerate()
             .map(|(rank, (l, cfg))| {
                 let (addrs, f) = (addrs.clone(), f.clone());
-                thread::spawn(move || f(rank, TcpRing::connect(rank, n, l, &addrs, cfg)))
+                thread::spawn(move || {
+                    f(
+                        rank,
+                        TcpRing::connect(rank, n, l, addrs[(rank + 1) % n], cfg),
+                    )
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -754,13 +756,13 @@ mod tests {
     fn world_of_one_and_bad_arguments() {
         let (mut ls, addrs) = listeners(1);
         let cfg = TcpConfig::new(0, Duration::from_secs(1));
-        let mut ring = TcpRing::connect(0, 1, ls.remove(0), &addrs, cfg).unwrap();
+        let mut ring = TcpRing::connect(0, 1, ls.remove(0), addrs[0], cfg).unwrap();
         let mut buf = [1.5f32, -2.0];
         ring.all_reduce_sum(&mut buf).unwrap();
         assert_eq!(buf, [1.5, -2.0]);
 
         let (mut ls, addrs) = listeners(1);
-        let err = TcpRing::connect(1, 1, ls.remove(0), &addrs, cfg).unwrap_err();
+        let err = TcpRing::connect(1, 1, ls.remove(0), addrs[0], cfg).unwrap_err();
         assert!(matches!(err, CollectiveError::Rendezvous(_)), "{err}");
     }
 
@@ -877,7 +879,7 @@ mod tests {
             .map(|(rank, l)| {
                 let addrs = addrs.clone();
                 thread::spawn(move || {
-                    let mut ring = TcpRing::connect(rank, 2, l, &addrs, cfg)?;
+                    let mut ring = TcpRing::connect(rank, 2, l, addrs[(rank + 1) % 2], cfg)?;
                     let mut buf = [rank as f32 + 1.0; 3];
                     ring.all_reduce_sum(&mut buf).map(|()| buf)
                 })

@@ -635,7 +635,7 @@ mod tests {
                         rank,
                         2,
                         l,
-                        &addrs,
+                        addrs[(rank + 1) % 2],
                         crate::collective::tcp::TcpConfig::new(
                             1,
                             std::time::Duration::from_secs(30),
