@@ -7,13 +7,21 @@
 //!   acknowledged only after its record is synced.
 //! - `snapshot`: the whole state at some revision.
 //!
-//! Opening loads the snapshot and replays the log, skipping records the snapshot already holds.
+//! - `wal.previous`: while a compaction is under way, the log it folds into the next snapshot.
+//!
+//! Opening loads the snapshot and replays `wal.previous` (if there is one) and the log, skipping
+//! records the snapshot already holds.
 //! A record that is cut short or fails its CRC ends the log: a crash can leave only the last
 //! record torn, so it and anything after it were never acknowledged, and they are truncated
-//! away with a warning. Compaction writes the snapshot to a temporary file, syncs it, renames it
-//! over the old one, syncs the directory and only then empties the log; a crash at any point
-//! leaves either the old snapshot and the full log, or the new snapshot and a log whose records
-//! it already holds.
+//! away with a warning.
+//!
+//! Compaction stays off the commit path: when the log passes its size, the write that crossed
+//! it renames the log to `wal.previous`, starts an empty log and takes the state as of that
+//! log's last record; a background thread then writes the snapshot to a temporary file, syncs
+//! it, renames it over the old one, syncs the directory and only then deletes `wal.previous`.
+//! Commits go on into the new log meanwhile. A crash at any point leaves the old snapshot with
+//! both logs, or the new snapshot with logs whose records it holds or follows; a store opened
+//! with a `wal.previous` folds it into a snapshot before it takes writes.
 //!
 //! Writes run on tokio's blocking pool, one at a time (the `log` mutex); readers take only the
 //! short `state` mutex, which is never held across I/O or an `.await`.
@@ -39,6 +47,7 @@ mod format;
 pub const LOCK_FILE: &str = "LOCK";
 pub const WAL_FILE: &str = "wal";
 pub const SNAPSHOT_FILE: &str = "snapshot";
+pub const WAL_PREVIOUS_FILE: &str = "wal.previous";
 const SNAPSHOT_TMP_FILE: &str = "snapshot.tmp";
 
 /// The log size after which a write compacts the store into a fresh snapshot.
@@ -57,6 +66,11 @@ struct Inner {
     state: Mutex<State>,
     log: Mutex<Log>,
     events: broadcast::Sender<Arc<[WatchEvent]>>,
+    /// The revision of the snapshot in place, held while one is written (by the background
+    /// compaction or [`EmbeddedStore::compact`]), so that an older one never replaces a newer.
+    installed: Mutex<u64>,
+    /// The background compaction under way, if any.
+    compacting: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Holds the directory's `flock` until the store is dropped.
     _lock: File,
 }
@@ -110,6 +124,23 @@ impl EmbeddedStore {
         }
 
         let mut state = read_snapshot(&dir.join(SNAPSHOT_FILE))?;
+        let installed = state.revision;
+        // A compaction cut short: its set-aside log comes before the log.
+        let previous = dir.join(WAL_PREVIOUS_FILE);
+        let had_previous = previous.exists();
+        if had_previous {
+            let len = fs::metadata(&previous)
+                .map_err(StoreError::io(&previous))?
+                .len();
+            if replay(&previous, &mut state)? < len {
+                return Err(StoreError::Corrupt {
+                    path: previous,
+                    reason: "the log set aside by a compaction ends in a damaged record (it was \
+                             complete and synced when set aside)"
+                        .into(),
+                });
+            }
+        }
         let path = dir.join(WAL_FILE);
         let valid_len = replay(&path, &mut state)?;
         let file = OpenOptions::new()
@@ -136,27 +167,38 @@ impl EmbeddedStore {
             keys = state.kvs.len(),
             "opened the embedded state store"
         );
-        Ok(Self {
-            inner: Arc::new(Inner {
-                dir,
-                state: Mutex::new(state),
-                log: Mutex::new(Log {
-                    file,
-                    path,
-                    len: valid_len,
-                    compact_after,
-                    failed: false,
-                }),
-                events: broadcast::channel(WATCH_LAG_LIMIT).0,
-                _lock: lock,
+        let inner = Inner {
+            dir,
+            state: Mutex::new(state),
+            log: Mutex::new(Log {
+                file,
+                path,
+                len: valid_len,
+                compact_after,
+                failed: false,
             }),
+            events: broadcast::channel(WATCH_LAG_LIMIT).0,
+            installed: Mutex::new(installed),
+            compacting: Mutex::new(None),
+            _lock: lock,
+        };
+        if had_previous {
+            inner.compact(&mut self::lock(&inner.log))?;
+        }
+        Ok(Self {
+            inner: Arc::new(inner),
         })
     }
 
-    /// Writes a snapshot of the whole state and empties the log.
+    /// Writes a snapshot of the whole state and empties the log, now (waiting for a background
+    /// compaction under way first).
     pub async fn compact(&self) -> Result<(), StoreError> {
         let inner = Arc::clone(&self.inner);
-        blocking(move || inner.compact(&mut lock(&inner.log))).await
+        blocking(move || {
+            inner.join_compaction();
+            inner.compact(&mut lock(&inner.log))
+        })
+        .await
     }
 
     async fn commit(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<Outcome, StoreError> {
@@ -165,8 +207,15 @@ impl EmbeddedStore {
     }
 }
 
+impl Drop for EmbeddedStore {
+    /// The directory's lock is released only once a background compaction has finished.
+    fn drop(&mut self) {
+        self.inner.join_compaction();
+    }
+}
+
 impl Inner {
-    fn commit(&self, compares: &[Compare], ops: Vec<Op>) -> Result<Outcome, StoreError> {
+    fn commit(self: &Arc<Self>, compares: &[Compare], ops: Vec<Op>) -> Result<Outcome, StoreError> {
         let mut log = lock(&self.log);
         if log.failed {
             return Err(StoreError::io(&log.path)(std::io::Error::other(
@@ -212,8 +261,8 @@ impl Inner {
             let _ = self.events.send(events.into());
         }
         if log.len >= log.compact_after {
-            // The write is already durable; a failed compaction leaves the log intact.
-            if let Err(e) = self.compact(&mut log) {
+            // The write is already durable; a failed compaction leaves the logs intact.
+            if let Err(e) = self.start_compaction(&mut log) {
                 tracing::warn!(error = %e, "compacting the state store failed; will retry");
             }
         }
@@ -224,20 +273,104 @@ impl Inner {
         })
     }
 
-    fn compact(&self, log: &mut Log) -> Result<(), StoreError> {
-        let frame = {
-            let state = lock(&self.state);
-            frame(&encode_snapshot(state.revision, &state.kvs))?
-        };
+    /// The state as of now, as a snapshot frame, and its revision.
+    fn snapshot_frame(&self) -> Result<(Vec<u8>, u64), StoreError> {
+        let state = lock(&self.state);
+        Ok((
+            frame(&encode_snapshot(state.revision, &state.kvs))?,
+            state.revision,
+        ))
+    }
+
+    /// Sets the log aside as `wal.previous`, starts an empty one and leaves the snapshot of the
+    /// state it ends at to a background thread. With a background compaction still running
+    /// (the log filled again meanwhile), nothing is done: the next write asks again.
+    fn start_compaction(self: &Arc<Self>, log: &mut Log) -> Result<(), StoreError> {
+        let mut running = lock(&self.compacting);
+        if running.as_ref().is_some_and(|t| !t.is_finished()) {
+            return Ok(());
+        }
+        if let Some(done) = running.take() {
+            let _ = done.join();
+        }
+        let previous = self.dir.join(WAL_PREVIOUS_FILE);
+        if previous.exists() {
+            // An earlier snapshot failed to install: fold both logs into one now.
+            return self.compact(log);
+        }
+        let (frame, revision) = self.snapshot_frame()?;
+        fs::rename(&log.path, &previous).map_err(StoreError::io(&log.path))?;
+        let fresh = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log.path)
+            .and_then(|f| {
+                sync_dir(&self.dir)
+                    .map_err(std::io::Error::other)
+                    .map(|()| f)
+            });
+        match fresh {
+            Ok(file) => {
+                log.file = file;
+                log.len = 0;
+            }
+            Err(e) => {
+                // The open file is `wal.previous` now: no later write may be acknowledged.
+                log.failed = true;
+                return Err(StoreError::io(&log.path)(e));
+            }
+        }
+        let inner = Arc::clone(self);
+        *running = Some(std::thread::spawn(move || {
+            let installed = inner.install(&frame, revision).and_then(|()| {
+                fs::remove_file(&previous)
+                    .map_err(StoreError::io(&previous))
+                    .and_then(|()| sync_dir(&inner.dir))
+            });
+            if let Err(e) = installed {
+                tracing::warn!(error = %e, "compacting the state store failed; will retry");
+            }
+        }));
+        Ok(())
+    }
+
+    /// Waits for the background compaction under way, if any.
+    fn join_compaction(&self) {
+        if let Some(t) = lock(&self.compacting).take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Puts a snapshot of `revision` in place, unless a newer one already is.
+    fn install(&self, frame: &[u8], revision: u64) -> Result<(), StoreError> {
+        let mut installed = lock(&self.installed);
+        if *installed > revision {
+            return Ok(());
+        }
         let tmp = self.dir.join(SNAPSHOT_TMP_FILE);
         let snapshot = self.dir.join(SNAPSHOT_FILE);
         let mut file = File::create(&tmp).map_err(StoreError::io(&tmp))?;
-        file.write_all(&frame)
+        file.write_all(frame)
             .and_then(|()| file.sync_all())
             .map_err(StoreError::io(&tmp))?;
         fs::rename(&tmp, &snapshot).map_err(StoreError::io(&snapshot))?;
         sync_dir(&self.dir)?;
-        // From here the snapshot holds every record of the log, so emptying it is safe.
+        *installed = revision;
+        Ok(())
+    }
+
+    /// A snapshot of the whole state now, in place before both logs are emptied (the caller
+    /// holds the log, so nothing is appended meanwhile).
+    fn compact(&self, log: &mut Log) -> Result<(), StoreError> {
+        let (frame, revision) = self.snapshot_frame()?;
+        self.install(&frame, revision)?;
+        // From here the snapshot holds every record of both logs, so emptying them is safe.
+        let previous = self.dir.join(WAL_PREVIOUS_FILE);
+        match fs::remove_file(&previous) {
+            Ok(()) => sync_dir(&self.dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io(&previous)(e)),
+        }
         log.file
             .set_len(0)
             .and_then(|()| log.file.sync_all())
