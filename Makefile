@@ -102,6 +102,17 @@ bench-checkpoint: setup
 bench-tls: build
 	$(VENV)/bin/python bench/tls.py --bin-dir $(BIN) $(if $(MACHINE),--machine "$(MACHINE)")
 
+## How many data-parallel ranks one coordinator holds: bench/scale.py runs stagecoach-bench (N
+## simulated ranks over the real Workers protocol, no model) against the release coordinator for
+## N = 64, 1024, 4096, 16384 and prints one row each (formation time, steps/s, Work latency,
+## leases lost, CPU, peak RSS, store bytes per step; bench/README.md). SCALE_COORDINATOR names
+## another coordinator binary (an older build); `make bench-scale SCALE_ARGS="--ranks 64 1024"`.
+SCALE_COORDINATOR ?= target/release/stagecoach-coordinator
+.PHONY: bench-scale
+bench-scale: setup
+	$(CARGO) build --release -p stagecoach-coordinator -p stagecoach-bench --bins
+	$(VENV)/bin/python bench/scale.py --coordinator $(SCALE_COORDINATOR) --bench target/release/stagecoach-bench $(SCALE_ARGS)
+
 ## Every CPU benchmark; each prints ratios against a reference run in the same invocation.
 .PHONY: bench
 bench: bench-cpu bench-allreduce bench-checkpoint bench-tls
