@@ -7,6 +7,7 @@
 //! Every message renews the sender's lease in the [`LeaseBook`] as it arrives, before it waits
 //! in the driver's queue; a heartbeat does nothing else and never reaches the driver.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -71,11 +72,18 @@ pub(crate) async fn ask<T>(
         .map_err(Status::from)
 }
 
-/// The response stream of a session: what the driver sends, and the status that ends the
-/// session on an invalid message. It owns the task reading the inbound messages and aborts it
-/// when dropped.
+/// The response stream of a session: what the driver sends (straight from the member's outbox,
+/// with no task in between), and the status that ends the session on an invalid message. It
+/// owns the task reading the inbound messages and aborts it when dropped.
 struct SessionStream {
-    messages: mpsc::Receiver<Result<v1::CoordinatorMessage, Status>>,
+    from_driver: mpsc::Receiver<v1::CoordinatorMessage>,
+    /// From the reader when the inbound side ends: the status that ends the session (an
+    /// invalid message), or `None` when the worker closed it.
+    ended: oneshot::Receiver<Option<Status>>,
+    /// The worker closed its side: the queued messages go, then the end.
+    closing: bool,
+    /// The session is over: nothing more is yielded.
+    over: bool,
     reader: tokio::task::JoinHandle<()>,
     /// To tell the driver the session is gone if the reader is aborted before it could.
     events: mpsc::Sender<Event>,
@@ -87,7 +95,36 @@ impl tokio_stream::Stream for SessionStream {
     type Item = Result<v1::CoordinatorMessage, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.messages.poll_recv(cx)
+        if self.over {
+            return Poll::Ready(None);
+        }
+        if !self.closing {
+            if let Poll::Ready(end) = Pin::new(&mut self.ended).poll(cx) {
+                // A reader that was aborted (the server stopping) ends the session as a close
+                // does.
+                if let Some(status) = end.ok().flatten() {
+                    self.over = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                self.closing = true;
+            }
+        }
+        if self.closing {
+            // Closed by the worker: what the driver had queued still goes, then the end.
+            return Poll::Ready(match self.from_driver.try_recv() {
+                Ok(m) => Some(Ok(m)),
+                Err(_) => {
+                    self.over = true;
+                    None
+                }
+            });
+        }
+        match self.from_driver.poll_recv(cx) {
+            Poll::Ready(Some(m)) => Poll::Ready(Some(Ok(m))),
+            // The driver dropped this member's outbox: the session stays open until the worker
+            // next speaks and is told (or closes it); `ended` is what wakes us then.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -148,11 +185,10 @@ impl Workers for WorkersService {
             ));
         }
         let worker_id = first.worker_id;
-        // The driver writes to `outbox`; the reader moves the session's inbound messages to the
-        // driver and, in the same task, the driver's messages onto the response stream, which
-        // also carries the status that ends a session on an invalid message.
-        let (outbox, mut from_driver) = mpsc::channel(OUTBOX);
-        let (out_tx, out_rx) = mpsc::channel::<Result<v1::CoordinatorMessage, Status>>(OUTBOX);
+        // The driver writes to `outbox`, which the response stream reads; the reader moves the
+        // session's inbound messages to the driver and says how the inbound side ended.
+        let (outbox, from_driver) = mpsc::channel(OUTBOX);
+        let (end_tx, ended) = oneshot::channel::<Option<Status>>();
         let id = worker_id.clone();
         let session = 1 + self
             .sessions
@@ -171,60 +207,46 @@ impl Workers for WorkersService {
         let session_events = events.clone();
         let stream_id = worker_id.clone();
         let reader = tokio::spawn(async move {
-            let inbound_done = async {
-                let result: Result<(), Status> = async {
-                    while let Some(msg) = inbound.message().await? {
-                        if msg.worker_id != worker_id {
-                            return Err(Status::invalid_argument(format!(
-                                "message for worker {:?} on the session of {worker_id:?}",
-                                clip(&msg.worker_id, 80)
-                            )));
-                        }
-                        let known = leases.renew(&worker_id);
-                        let kind = msg
-                            .kind
-                            .ok_or_else(|| Status::invalid_argument("empty worker message"))?;
-                        // A heartbeat only renews the lease, here: it never waits in the
-                        // driver's queue behind step reports, and costs the driver nothing.
-                        if matches!(kind, v1::worker_message::Kind::Heartbeat(_)) {
-                            if known {
-                                continue;
-                            }
-                            return Err(Status::from(Error::UnknownWorker(clip(&worker_id, 80))));
-                        }
-                        let id = worker_id.clone();
-                        ask(&events, |reply| Event::Message {
-                            worker_id: id,
-                            kind,
-                            reply,
-                        })
-                        .await?;
+            let result: Result<(), Status> = async {
+                while let Some(msg) = inbound.message().await? {
+                    if msg.worker_id != worker_id {
+                        return Err(Status::invalid_argument(format!(
+                            "message for worker {:?} on the session of {worker_id:?}",
+                            clip(&msg.worker_id, 80)
+                        )));
                     }
-                    Ok(())
-                }
-                .await;
-                result
-            };
-            let relay = async {
-                while let Some(m) = from_driver.recv().await {
-                    if out_tx.send(Ok(m)).await.is_err() {
-                        break;
+                    let known = leases.renew(&worker_id);
+                    let kind = msg
+                        .kind
+                        .ok_or_else(|| Status::invalid_argument("empty worker message"))?;
+                    // A heartbeat only renews the lease, here: it never waits in the driver's
+                    // queue behind step reports, and costs the driver nothing.
+                    if matches!(kind, v1::worker_message::Kind::Heartbeat(_)) {
+                        if known {
+                            continue;
+                        }
+                        return Err(Status::from(Error::UnknownWorker(clip(&worker_id, 80))));
                     }
+                    let id = worker_id.clone();
+                    ask(&events, |reply| Event::Message {
+                        worker_id: id,
+                        kind,
+                        reply,
+                    })
+                    .await?;
                 }
-                std::future::pending::<()>().await;
-            };
-            let result = tokio::select! {
-                r = inbound_done => r,
-                () = relay => Ok(()),
-            };
-            debug!(worker = %worker_id, ?result, "session ended");
-            if let Err(status) = result {
-                let _ = out_tx.send(Err(status)).await;
+                Ok(())
             }
+            .await;
+            debug!(worker = %worker_id, ?result, "session ended");
+            let _ = end_tx.send(result.err());
             let _ = events.send(Event::Detach { worker_id, session }).await;
         });
         Ok(Response::new(Box::pin(SessionStream {
-            messages: out_rx,
+            from_driver,
+            ended,
+            closing: false,
+            over: false,
             reader,
             events: session_events,
             worker_id: stream_id,

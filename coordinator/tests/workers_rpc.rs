@@ -512,3 +512,57 @@ async fn requests_bad_in_every_way_are_refused_with_short_clear_statuses() {
     );
     assert_eq!(after.workers_alive, 1, "only the one good registration");
 }
+
+/// A heartbeat renews the lease in the session task and never reaches the driver; one from a
+/// worker that is no longer a member (here superseded by its own new registration on the same
+/// address) ends its session with NotFound, naming it, so the worker registers again instead
+/// of heartbeating into the void.
+#[tokio::test]
+async fn a_heartbeat_from_a_worker_no_longer_a_member_ends_its_session() {
+    use v1::worker_message::Kind;
+    let url = start().await;
+    let mut workers = WorkersClient::connect(url.clone()).await.unwrap();
+    let register = v1::RegisterRequest {
+        name: "t".into(),
+        backend: v1::CollectiveBackend::Tcp.into(),
+        collective_address: "127.0.0.1:5001".into(),
+        nccl_unique_id: vec![],
+    };
+    let old = workers
+        .register(register.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(msg(&old, Kind::Hello(v1::Hello {}))).await.unwrap();
+    let mut stream = workers
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(msg(&old, Kind::Heartbeat(v1::Heartbeat {})))
+        .await
+        .unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+    assert!(
+        quiet.is_err(),
+        "a member's heartbeat gets no answer: {quiet:?}"
+    );
+    let new = workers
+        .register(register)
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    assert_ne!(old, new);
+    tx.send(msg(&old, Kind::Heartbeat(v1::Heartbeat {})))
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an answer")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains(&old), "{}", status.message());
+}
