@@ -331,7 +331,6 @@ pub struct Stored {
 /// Reads the ledger, events, skipped ranges and checkpoint index of `job` at `state` (a folder
 /// or an etcd URL).
 pub fn read_store(state: &str, job: &str) -> Stored {
-    use prost::Message;
     let rt = tokio::runtime::Runtime::new().expect("a runtime");
     rt.block_on(async {
         let store = stagecoach_coordinator::store::open(state)

@@ -731,6 +731,11 @@ fn requeued(cluster: &Cluster, id: u32, attempt: u32, since: Instant) -> (Durati
     )
     .unwrap();
     let off = since.elapsed();
+    // slurmd refuses a launch whose credential was created in the same second as, or before,
+    // the job's revocation (`cred->ctime <= j->revoked`, whole seconds): released at once, the
+    // new start can land in that second and FAIL with "Job credential revoked". The job is off
+    // the node, so the revocation is behind us; two seconds put the new credential past it.
+    std::thread::sleep(Duration::from_secs(2));
     cluster.run(
         "scontrol",
         &["update", &format!("JobId={id}"), "StartTime=now"],
