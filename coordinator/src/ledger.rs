@@ -208,15 +208,20 @@ pub fn decode_step(key: &str, bytes: &[u8]) -> Result<v1::LedgerStep, StoreError
                 path: key.into(),
                 reason: format!("the ledger entry's sample plan cannot be drawn again: {e}"),
             })?;
-        step.samples = samples
-            .iter()
-            .map(|s| v1::SampleRef {
-                source: s.source as u32,
-                index: s.index,
-            })
-            .collect();
+        step.samples = sample_refs(&samples);
     }
     Ok(step)
+}
+
+/// Samples of the plan as the protocol and the ledger name them.
+pub(crate) fn sample_refs(samples: &[stagecoach_core::plan::SampleId]) -> Vec<v1::SampleRef> {
+    samples
+        .iter()
+        .map(|s| v1::SampleRef {
+            source: s.source as u32,
+            index: s.index,
+        })
+        .collect()
 }
 
 #[async_trait::async_trait]

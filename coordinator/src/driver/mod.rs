@@ -49,10 +49,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::ledger::sample_refs as refs;
 use stagecoach_core::clock::now_ms;
 use stagecoach_core::curriculum::Curriculum;
 use stagecoach_core::metrics::Throughput;
-use stagecoach_core::plan::SampleId;
 use stagecoach_core::recovery::{Failures, RecoveryConfig};
 use stagecoach_core::retention::CheckpointConfig;
 use stagecoach_core::spike::Detector;
@@ -536,16 +536,6 @@ impl Driver {
             changed
         });
     }
-}
-
-fn refs(samples: &[SampleId]) -> Vec<v1::SampleRef> {
-    samples
-        .iter()
-        .map(|s| v1::SampleRef {
-            source: s.source as u32,
-            index: s.index,
-        })
-        .collect()
 }
 
 /// Queues a message for a member. A member whose outbox is full or closed is marked
