@@ -31,11 +31,21 @@ pub fn workspace_dir() -> PathBuf {
 /// older than the sources (`cargo test -p stagecoach-e2e` alone does not build them). Under
 /// `make test` they are already built by the same `cargo` invocation's feature set, and this is
 /// a no-op of well under a second.
+///
+/// The variables cargo sets for a test process are removed first: build scripts watch some of
+/// them (ring's reruns when `CARGO_MANIFEST_DIR` changes), and the test's values would make
+/// this build rebuild ring and everything above it, and the next `make test` rebuild it back.
 fn build_binaries() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(&cargo)
+        let mut cmd = Command::new(&cargo);
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(set_by_cargo_for_a_test) {
+                cmd.env_remove(name);
+            }
+        }
+        let status = cmd
             .args(["build", "--workspace", "--bins", "--quiet"])
             .current_dir(workspace_dir())
             .status()
@@ -46,6 +56,22 @@ fn build_binaries() {
              the tests with `make test`, which sets LIBTORCH_USE_PYTORCH and the venv"
         );
     });
+}
+
+/// Whether cargo sets the environment variable `name` for the test processes it runs (the
+/// package's manifest and metadata, the crate and binary names, the target's folders).
+fn set_by_cargo_for_a_test(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "OUT_DIR"
+        )
 }
 
 /// A binary of the workspace, built from the current sources.
