@@ -230,7 +230,7 @@ async fn bench(options: &Options) -> anyhow::Result<Figures> {
         form_timeout_seconds: options.form_timeout_secs,
         ..Default::default()
     };
-    let (at_running, window_start, window_end, end) = if formed {
+    let (at_running, counted, end) = if formed {
         let r = *shared.running.get().expect("set before the signal");
         let first = *shared.first_register.get().unwrap_or(&start);
         figures.formed_seconds = Some(r.at.saturating_duration_since(first).as_secs_f64());
@@ -260,7 +260,9 @@ async fn bench(options: &Options) -> anyhow::Result<Figures> {
         ) {
             figures.coordinator_steps = Some((b - a).max(0.0) as u64);
         }
-        (at_running, window_start, window_end, end)
+        // The latencies are those of the steps counted, so that there is one for each rank
+        // and step (Work that came while a probe ran is in both or in neither).
+        (at_running, Some(steps_before + 1..=steps_after), end)
     } else {
         eprintln!(
             "stagecoach-bench: {n} ranks: no world ran within {} s",
@@ -268,8 +270,7 @@ async fn bench(options: &Options) -> anyhow::Result<Figures> {
         );
         print_progress(&shared, start);
         let at_timeout = tokio::task::block_in_place(|| probe(options, ticks));
-        let now = Instant::now();
-        (at_timeout.clone(), now, now, at_timeout)
+        (at_timeout.clone(), None, at_timeout)
     };
     figures.registered = shared.counts.registered.load(Ordering::Relaxed);
     figures.attached = shared.counts.attached.load(Ordering::Relaxed);
@@ -288,9 +289,8 @@ async fn bench(options: &Options) -> anyhow::Result<Figures> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    if formed {
-        let latencies =
-            report::step_latencies(&logs, shared.ns(window_start), shared.ns(window_end));
+    if let Some(counted) = counted {
+        let latencies = report::step_latencies(&logs, counted);
         figures.latency_samples = latencies.len();
         let ms = |q: f64| report::quantile(&latencies, q).map(|ns| ns as f64 / 1e6);
         if let (Some(p50), Some(p99), Some(max)) = (ms(0.5), ms(0.99), ms(1.0)) {

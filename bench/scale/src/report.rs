@@ -2,14 +2,16 @@
 //! object.
 
 use std::collections::HashMap;
+use std::ops::RangeInclusive;
 
 use serde_json::json;
 
 use crate::rank::RankLog;
 
 /// Latencies from the last `StepDone` of step k to each rank's `Work` of step k+1 (the same
-/// generation), for the `Work`s that arrived in `[from_ns, until_ns]`, in nanoseconds, sorted.
-pub fn step_latencies(logs: &[RankLog], from_ns: u64, until_ns: u64) -> Vec<u64> {
+/// generation), for the `Work`s of the steps in `steps` (those the run counted), in
+/// nanoseconds, sorted.
+pub fn step_latencies(logs: &[RankLog], steps: RangeInclusive<u64>) -> Vec<u64> {
     let mut last_done: HashMap<(u64, u64), u64> = HashMap::new();
     for log in logs {
         for &(generation, step, t) in &log.done {
@@ -20,7 +22,7 @@ pub fn step_latencies(logs: &[RankLog], from_ns: u64, until_ns: u64) -> Vec<u64>
     let mut latencies: Vec<u64> = logs
         .iter()
         .flat_map(|log| log.work.iter())
-        .filter(|(_, step, t)| *step > 0 && (from_ns..=until_ns).contains(t))
+        .filter(|(_, step, _)| *step > 0 && steps.contains(step))
         .filter_map(|&(generation, step, t)| {
             last_done
                 .get(&(generation, step - 1))
@@ -236,9 +238,9 @@ mod tests {
                 work: vec![(1, 0, 6), (1, 1, 40), (2, 1, 201), (1, 2, 58)],
             },
         ];
-        assert_eq!(step_latencies(&logs, 0, 1000), vec![5, 8, 10, 10]);
-        // The window leaves out the work that arrived before it.
-        assert_eq!(step_latencies(&logs, 50, 1000), vec![8, 10]);
+        assert_eq!(step_latencies(&logs, 0..=2), vec![5, 8, 10, 10]);
+        // The steps counted leave out the work of the steps before them.
+        assert_eq!(step_latencies(&logs, 2..=2), vec![8, 10]);
     }
 
     #[test]
