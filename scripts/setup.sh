@@ -7,7 +7,8 @@
 # - the Debian packages a target asks for, as package:check arguments (see SERVICES in the
 #   Makefile), where check is a command name or an absolute file path;
 # - a Python venv at .venv with torch (which also provides libtorch to the worker build),
-#   transformers, safetensors and numpy, pinned in python/requirements.txt.
+#   transformers, safetensors and numpy, pinned in python/requirements.txt, installed with uv
+#   (scripts/pyenv.sh).
 # Every package is installed by name: nothing relies on apt's recommends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,9 +68,8 @@ venv_ok() {
 if venv_ok; then
   exit 0
 fi
-PYTHON=${PYTHON:-python3}
+. scripts/pyenv.sh
 echo "setup: creating .venv with $(grep -v '^#' "$req" | tr '\n' ' ')(torch is a large download)"
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/pip install --quiet --disable-pip-version-check -r "$req"
+install_venv .venv "$req"
 echo "$want" > "$stamp"
 venv_ok || { echo "setup: .venv has no torch/lib/libtorch_cpu.so after installing $req" >&2; exit 1; }
