@@ -58,10 +58,12 @@ faults: setup
 	$(CARGO) build --workspace --bins
 	$(VENV)/bin/python scripts/faults.py --bin-dir $(BIN) $(FAULTS_ARGS)
 
-# The end-to-end tests start the binaries, so they are built first.
+# The end-to-end tests start the binaries, so they are built first. scripts/test.sh builds the
+# tests in the same build and runs TEST_JOBS (default 3) test binaries at a time;
+# `make test TEST_ARGS=name` runs the tests whose name contains `name`.
 test: setup
 	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace
+	CARGO=$(CARGO) scripts/test.sh $(TEST_ARGS)
 	bench/gpu/run.sh --dry-run --bin $(BIN)/stagecoach-worker
 
 ## The alert rules alone: promtool's checks and unit tests (also run by `make test`, in
