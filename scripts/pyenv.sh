@@ -12,9 +12,14 @@
 UV_VERSION=0.13.9
 UV=.tools/uv/bin/uv
 
+# The version of uv at .tools/uv ("uv 0.13.9 (x86_64-unknown-linux-gnu)" -> "0.13.9").
+uv_version() {
+  [ -x "$UV" ] && "$UV" --version 2>/dev/null | cut -d' ' -f2
+}
+
 # Installs uv $UV_VERSION into .tools/uv unless it is there already.
 ensure_uv() {
-  if [ -x "$UV" ] && [ "$("$UV" --version 2>/dev/null)" = "uv $UV_VERSION" ]; then
+  if [ "$(uv_version)" = "$UV_VERSION" ]; then
     return 0
   fi
   local python=${PYTHON:-python3}
@@ -22,7 +27,7 @@ ensure_uv() {
   rm -rf .tools/uv
   "$python" -m venv .tools/uv
   .tools/uv/bin/pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
-  [ "$("$UV" --version 2>/dev/null)" = "uv $UV_VERSION" ] || {
+  [ "$(uv_version)" = "$UV_VERSION" ] || {
     echo "setup: $UV does not run as uv $UV_VERSION after installing it with pip" >&2
     return 1
   }
