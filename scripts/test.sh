@@ -13,6 +13,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 jobs=${TEST_JOBS:-2}
+case "$jobs" in
+  '' | *[!0-9]* | 0) echo "test: TEST_JOBS must be a whole number of at least 1, not '$jobs'" >&2; exit 2 ;;
+esac
 cargo=${CARGO:-cargo}
 python=${PYTHON:-python3}
 times=target/test-times.tsv
