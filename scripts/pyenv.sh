@@ -7,7 +7,8 @@
 # pins, downloads included, and a second venv from its cache (~/.cache/uv, or UV_CACHE_DIR) is
 # linked rather than unpacked again. uv itself, pinned, comes from PyPI with pip into .tools/uv.
 # pip's own settings are carried over where uv has the same one: PIP_INDEX_URL,
-# PIP_EXTRA_INDEX_URL and PIP_FIND_LINKS (a folder of wheels).
+# PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS (a folder of wheels) and PIP_CERT (a CA bundle, as
+# SSL_CERT_FILE unless that is set).
 
 UV_VERSION=0.13.9
 UV=.tools/uv/bin/uv
@@ -41,5 +42,9 @@ install_venv() {
   [ -n "${PIP_INDEX_URL:-}" ] && args+=(--index-url "$PIP_INDEX_URL")
   [ -n "${PIP_EXTRA_INDEX_URL:-}" ] && args+=(--extra-index-url "$PIP_EXTRA_INDEX_URL")
   [ -n "${PIP_FIND_LINKS:-}" ] && [ -d "$PIP_FIND_LINKS" ] && args+=(--find-links "$PIP_FIND_LINKS")
-  "$UV" "${args[@]}"
+  if [ -n "${PIP_CERT:-}" ] && [ -z "${SSL_CERT_FILE:-}" ]; then
+    SSL_CERT_FILE=$PIP_CERT "$UV" "${args[@]}"
+  else
+    "$UV" "${args[@]}"
+  fi
 }
