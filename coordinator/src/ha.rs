@@ -35,6 +35,8 @@ pub struct Candidates {
 /// This replica's part in the election: its lease (kept alive by a task) and its URL.
 pub struct Election {
     client: Client,
+    /// The etcd endpoints, for errors.
+    endpoints: String,
     name: String,
     advertise: String,
     lease: i64,
@@ -79,6 +81,43 @@ pub fn election_name(prefix: &str, job: &str) -> String {
 
 /// How long a replica keeps campaigning again after errors in a row before it gives up.
 const CAMPAIGN_RETRIES: Duration = Duration::from_secs(30);
+
+/// A campaign etcd held this long before it failed had been taken up: its error starts a new
+/// run of errors rather than continuing the last one. Longer than any attempt that fails to
+/// reach etcd takes (connecting and every request are bounded by [`REQUEST_TIMEOUT`]).
+const CAMPAIGN_HELD: Duration = Duration::from_secs(2 * REQUEST_TIMEOUT.as_secs());
+
+/// The errors of a campaign in a row, to give up on after [`CAMPAIGN_RETRIES`].
+///
+/// A standby campaigns for as long as another replica leads, which can be days; an etcd member
+/// lost in that time cuts its campaign short, and so can the next one, a day later. Only errors
+/// that follow each other without a campaign held in between count together.
+#[derive(Debug, Default)]
+struct CampaignErrors {
+    since: Option<std::time::Instant>,
+}
+
+impl CampaignErrors {
+    /// An attempt begun at `began` failed at `now`: how long errors have followed each other
+    /// (from the first one's), or `None` while that is within [`CAMPAIGN_RETRIES`].
+    fn failed(&mut self, began: std::time::Instant, now: std::time::Instant) -> Option<Duration> {
+        if now.saturating_duration_since(began) >= CAMPAIGN_HELD {
+            self.since = None;
+        }
+        let since = *self.since.get_or_insert(now);
+        let failing = now.saturating_duration_since(since);
+        (failing > CAMPAIGN_RETRIES).then_some(failing)
+    }
+}
+
+/// Whether a campaign's error is one that trying again cannot cure (a request etcd refuses).
+fn refused(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    matches!(e, etcd_client::Error::GRpcStatus(s) if matches!(
+        s.code(),
+        Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented
+    ))
+}
 
 impl Election {
     /// Joins the election of `job` at `endpoints` as `advertise` (the URL clients reach this
@@ -131,6 +170,7 @@ impl Election {
         info!(%name, lease = format!("{lease:x}"), ttl_s = secs, %advertise, "joined the election");
         Ok(Election {
             client,
+            endpoints: endpoints.join(","),
             name,
             advertise: advertise.to_owned(),
             lease,
@@ -158,8 +198,9 @@ impl Election {
     pub async fn campaign(&self) -> Result<Leadership, StoreError> {
         let mut election = self.client.election_client();
         let mut lost = self.lost.clone();
-        let mut failing_since: Option<tokio::time::Instant> = None;
+        let mut errors = CampaignErrors::default();
         let won = loop {
+            let began = std::time::Instant::now();
             let attempt = tokio::select! {
                 won = election.campaign(self.name.clone(), self.advertise.clone(), self.lease) => won,
                 reason = lost.wait_for(Option::is_some) => {
@@ -169,14 +210,20 @@ impl Election {
             };
             match attempt {
                 Ok(won) => break won,
+                Err(e) if refused(&e) => {
+                    return Err(StoreError::Backend(format!(
+                        "etcd refused this replica's campaign in the election {}: {e}",
+                        self.name
+                    )));
+                }
                 Err(e) => {
-                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-                    if since.elapsed() > CAMPAIGN_RETRIES {
+                    if let Some(failing) = errors.failed(began, std::time::Instant::now()) {
                         return Err(StoreError::Unavailable {
-                            endpoints: self.name.clone(),
+                            endpoints: self.endpoints.clone(),
                             reason: format!(
-                                "campaigning failed for {} s; the last error: {e}",
-                                CAMPAIGN_RETRIES.as_secs()
+                                "campaigning in the election {} failed again and again for {:.0} s; the last error: {e}",
+                                self.name,
+                                failing.as_secs_f64()
                             ),
                         });
                     }
@@ -344,5 +391,60 @@ async fn watch_candidates(mut client: Client, name: String, out: watch::Sender<C
             *c = now;
             changed
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{CampaignErrors, CAMPAIGN_HELD, CAMPAIGN_RETRIES};
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Attempts failing one after another, each `lasting` long with a 250 ms pause between:
+    /// after how long (from the first attempt's start) the replica gives up, if within `limit`.
+    fn gives_up_after(lasting: Duration, limit: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        let mut errors = CampaignErrors::default();
+        let mut began = start;
+        while began - start < limit {
+            let failed = began + lasting;
+            if errors.failed(began, failed).is_some() {
+                return Some(failed - start);
+            }
+            began = failed + 250 * MS;
+        }
+        None
+    }
+
+    #[test]
+    fn errors_in_a_row_are_given_up_on_after_the_retry_budget() {
+        // Refused at once, or after a connect timeout: given up just past the budget.
+        for lasting in [MS, 5_000 * MS] {
+            let after = gives_up_after(lasting, 10 * CAMPAIGN_RETRIES).expect("given up");
+            assert!(
+                after > CAMPAIGN_RETRIES && after <= CAMPAIGN_RETRIES + 2 * (lasting + 250 * MS),
+                "attempts of {lasting:?}: given up after {after:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_campaign_held_before_its_error_starts_the_count_again() {
+        // A standby waits 40 s, loses its campaign to an etcd member's death, campaigns again
+        // at once, waits 40 s more and loses it to another: it campaigns a third time.
+        let start = Instant::now();
+        let mut errors = CampaignErrors::default();
+        assert_eq!(errors.failed(start, start + 40_000 * MS), None);
+        let again = start + 40_250 * MS;
+        assert_eq!(errors.failed(again, again + 40_000 * MS), None);
+        // Campaigns held for long between errors never add up to giving up.
+        assert_eq!(gives_up_after(CAMPAIGN_HELD, 100 * CAMPAIGN_RETRIES), None);
+        // A short error after a long campaign starts a new run: the budget counts from it.
+        let third = again + 40_250 * MS;
+        assert_eq!(errors.failed(third, third + MS), None);
+        let late = third + CAMPAIGN_RETRIES + 10 * MS;
+        assert!(errors.failed(late, late + MS).is_some());
     }
 }
