@@ -3,15 +3,16 @@
 //! The worker never depends on the coordinator (the data plane does not link the control
 //! plane's etcd client and servers), the coordinator never links libtorch, and the core depends
 //! on neither side, has no server unless asked for (`http`), and no etcd client.
+//! And a rule of the build: a target built without a test harness has no tests.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
 
-/// The normal (non-dev, non-build) dependency names of every package in the resolved graph,
-/// by package name.
-fn graph() -> BTreeMap<String, BTreeSet<String>> {
+/// `cargo metadata` of the workspace.
+fn metadata() -> Value {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .args(["metadata", "--format-version", "1", "--locked"])
@@ -23,7 +24,13 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
         "cargo metadata failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let meta: Value = serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON");
+    serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON")
+}
+
+/// The normal (non-dev, non-build) dependency names of every package in the resolved graph,
+/// by package name.
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    let meta = metadata();
     let name_of: BTreeMap<&str, &str> = meta["packages"]
         .as_array()
         .expect("packages")
@@ -108,4 +115,82 @@ fn the_layers_hold_in_the_dependency_graph() {
         !proto.iter().any(|p| p.starts_with("stagecoach-")),
         "stagecoach-proto depends on {proto:?}"
     );
+}
+
+/// The `.rs` files under `dir`, recursively.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)
+        .expect("read a source folder")
+        .flatten()
+    {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// `test = false` in a Cargo.toml spares `cargo test` compiling a target a second time as a test
+/// harness (the binaries, the protocol, the end-to-end helpers: none has tests of its own). A
+/// test written in such a target would never run; this fails instead, naming it.
+#[test]
+fn no_test_is_written_in_a_target_built_without_a_test_harness() {
+    let meta = metadata();
+    let members: BTreeSet<&str> = meta["workspace_members"]
+        .as_array()
+        .expect("workspace_members")
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    let mut checked = Vec::new();
+    let mut offenders = Vec::new();
+    for package in meta["packages"].as_array().expect("packages") {
+        if !members.contains(package["id"].as_str().unwrap()) {
+            continue;
+        }
+        for target in package["targets"].as_array().unwrap() {
+            if target["test"].as_bool() != Some(false) {
+                continue;
+            }
+            let src = PathBuf::from(target["src_path"].as_str().unwrap());
+            let kinds: Vec<&str> = target["kind"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k.as_str().unwrap())
+                .collect();
+            // A library's tests may be in any of its modules; the binaries here are one file.
+            let files = if kinds.contains(&"lib") {
+                rust_files(src.parent().unwrap())
+            } else {
+                vec![src.clone()]
+            };
+            for file in files {
+                let text = std::fs::read_to_string(&file).expect("read a source file");
+                if text.contains("#[test]") || text.contains("#[tokio::test") {
+                    offenders.push(format!(
+                        "{} (target {} of {})",
+                        file.display(),
+                        target["name"].as_str().unwrap(),
+                        package["name"].as_str().unwrap()
+                    ));
+                }
+            }
+            checked.push(target["name"].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "tests in targets that `cargo test` does not build as tests (remove `test = false` from \
+         their Cargo.toml): {offenders:?}"
+    );
+    // The targets spared a test build, so that this cannot pass by finding none.
+    for expected in ["stagecoach-coordinator", "stagecoach", "stagecoach-worker"] {
+        assert!(checked.iter().any(|c| c == expected), "{checked:?}");
+    }
+    println!("built without a test harness, no test in them: {checked:?}");
 }
