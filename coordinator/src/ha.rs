@@ -20,7 +20,7 @@ use etcd_client::{Client, ConnectOptions, GetOptions, SortOrder, SortTarget};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::store::etcd::{Fence, REQUEST_TIMEOUT};
+use crate::store::etcd::{store_error, Fence, REQUEST_TIMEOUT};
 use crate::store::StoreError;
 
 /// The replicas of the job as the election shows them.
@@ -108,15 +108,6 @@ impl CampaignErrors {
         let failing = now.saturating_duration_since(since);
         (failing > CAMPAIGN_RETRIES).then_some(failing)
     }
-}
-
-/// Whether a campaign's error is one that trying again cannot cure (a request etcd refuses).
-fn refused(e: &etcd_client::Error) -> bool {
-    use tonic::Code;
-    matches!(e, etcd_client::Error::GRpcStatus(s) if matches!(
-        s.code(),
-        Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented
-    ))
 }
 
 impl Election {
@@ -210,18 +201,23 @@ impl Election {
             };
             match attempt {
                 Ok(won) => break won,
-                Err(e) if refused(&e) => {
-                    return Err(StoreError::Backend(format!(
-                        "etcd refused this replica's campaign in the election {}: {e}",
-                        self.name
+                Err(e) if lease_gone(&e) => {
+                    return Err(StoreError::Fenced(format!(
+                        "the election lease was lost while campaigning: etcd says it is gone: {e}"
                     )));
                 }
                 Err(e) => {
+                    // Classified as every other etcd request is: what etcd refused ends the
+                    // campaign at once; an outage is retried.
+                    let e = store_error(&self.endpoints, e);
+                    let StoreError::Unavailable { reason, .. } = &e else {
+                        return Err(e);
+                    };
                     if let Some(failing) = errors.failed(began, std::time::Instant::now()) {
                         return Err(StoreError::Unavailable {
                             endpoints: self.endpoints.clone(),
                             reason: format!(
-                                "campaigning in the election {} failed again and again for {:.0} s; the last error: {e}",
+                                "campaigning in the election {} failed again and again for {:.0} s; the last error: {reason}",
                                 self.name,
                                 failing.as_secs_f64()
                             ),

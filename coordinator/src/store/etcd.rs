@@ -306,39 +306,49 @@ impl Names {
     }
 
     fn error(&self, err: etcd_client::Error) -> StoreError {
-        use etcd_client::Error as E;
-        match err {
-            E::TransportError(_) | E::IoError(_) => self.unavailable(err.to_string()),
-            E::GRpcStatus(status) => match status.code() {
-                // etcd's "no leader", "leader changed", "request timed out", and lost
-                // connections. A connection that breaks with a request in flight comes back
-                // from the client as `Unknown` ("transport error", a broken pipe) or
-                // `Internal` ("h2 protocol error"): not etcd's answer, so the request's fate is
-                // unknown, as with `Unavailable`. (etcd itself answers with neither code for a
-                // request it refuses.)
-                Code::Unavailable
-                | Code::DeadlineExceeded
-                | Code::Aborted
-                | Code::Cancelled
-                | Code::Unknown
-                | Code::Internal => self.unavailable(describe_status(&status)),
-                Code::InvalidArgument | Code::OutOfRange => {
-                    StoreError::InvalidArgument(status.message().to_owned())
-                }
-                _ => StoreError::Backend(status.to_string()),
-            },
-            E::InvalidArgs(_) | E::InvalidUri(_) | E::EndpointError(_) => {
-                StoreError::InvalidArgument(err.to_string())
-            }
-            _ => StoreError::Backend(err.to_string()),
-        }
+        store_error(&self.endpoints, err)
     }
 
     fn unavailable(&self, reason: String) -> StoreError {
-        StoreError::Unavailable {
-            endpoints: self.endpoints.clone(),
-            reason,
+        unavailable(&self.endpoints, reason)
+    }
+}
+
+/// etcd's error as a [`StoreError`]: [`StoreError::Unavailable`] (retryable) where the request's
+/// fate is unknown or etcd could not serve it, otherwise what etcd refused.
+pub(crate) fn store_error(endpoints: &str, err: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    match err {
+        E::TransportError(_) | E::IoError(_) => unavailable(endpoints, err.to_string()),
+        E::GRpcStatus(status) => match status.code() {
+            // etcd's "no leader", "leader changed", "request timed out", and lost
+            // connections. A connection that breaks with a request in flight comes back
+            // from the client as `Unknown` ("transport error", a broken pipe) or
+            // `Internal` ("h2 protocol error"): not etcd's answer, so the request's fate is
+            // unknown, as with `Unavailable`. (etcd itself answers with neither code for a
+            // request it refuses.)
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::Cancelled
+            | Code::Unknown
+            | Code::Internal => unavailable(endpoints, describe_status(&status)),
+            Code::InvalidArgument | Code::OutOfRange => {
+                StoreError::InvalidArgument(status.message().to_owned())
+            }
+            _ => StoreError::Backend(status.to_string()),
+        },
+        E::InvalidArgs(_) | E::InvalidUri(_) | E::EndpointError(_) => {
+            StoreError::InvalidArgument(err.to_string())
         }
+        _ => StoreError::Backend(err.to_string()),
+    }
+}
+
+fn unavailable(endpoints: &str, reason: String) -> StoreError {
+    StoreError::Unavailable {
+        endpoints: endpoints.to_owned(),
+        reason,
     }
 }
 
