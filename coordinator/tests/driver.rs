@@ -3,8 +3,6 @@
 //! expiry ending a generation; the curriculum: budget and manual stage transitions, evaluations at
 //! stage ends, pause and resume.
 
-mod common;
-
 use std::time::Duration;
 
 use stagecoach_coordinator::driver::{ControlReply, ControlRequest, Event, Policy};
@@ -15,7 +13,7 @@ use stagecoach_proto::v1;
 use stagecoach_proto::v1::worker_message::Kind;
 use tokio::sync::{mpsc, oneshot};
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test(start_paused = true)]
 async fn a_world_forms_trains_and_commits_every_step() {

@@ -7,8 +7,6 @@
 //! reports times out; the end of every stage and of the job is checkpointed; messages from
 //! outside the world change nothing.
 
-mod common;
-
 use std::time::Duration;
 
 use stagecoach_coordinator::driver::{ControlReply, ControlRequest, Policy, Resume};
@@ -22,7 +20,7 @@ use stagecoach_proto::v1::worker_message::Kind;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use common::*;
+use crate::common::*;
 
 /// `job()` with leases long enough that no test here loses one while it waits.
 fn patient(steps: u64) -> String {
