@@ -8,12 +8,15 @@ use super::SpecError;
 /// what toml says.
 pub(super) fn toml_error(text: &str, e: &toml::de::Error) -> SpecError {
     let msg = e.message().trim().replace('\n', "; ");
-    let Some(span) = e.span() else {
-        // Only a missing top-level table has no span.
-        if let Some(field) = msg
-            .strip_prefix("missing field `")
-            .and_then(|m| m.strip_suffix('`'))
-        {
+    let missing = msg
+        .strip_prefix("missing field `")
+        .and_then(|m| m.strip_suffix('`'));
+    // A field missing from the top level comes with no span or an empty one at the start of
+    // the file (a field missing from a table spans that table): whatever the first line holds,
+    // it is no table's.
+    let span = e.span().filter(|s| missing.is_none() || !s.is_empty());
+    let Some(span) = span else {
+        if let Some(field) = missing {
             return SpecError(format!("{field}: missing; add a [{field}] table"));
         }
         return SpecError(msg);
@@ -34,9 +37,6 @@ pub(super) fn toml_error(text: &str, e: &toml::de::Error) -> SpecError {
     } else {
         enclosing_table(&text[..line_start])
     };
-    let missing = msg
-        .strip_prefix("missing field `")
-        .and_then(|m| m.strip_suffix('`'));
     match (table, missing) {
         (Some(table), Some(field)) => SpecError(format!(
             "{table}.{field}: missing; add it to the table at line {line}"
@@ -83,4 +83,57 @@ fn enclosing_table(text: &str) -> Option<String> {
         }
     }
     current
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::spec::JobFile;
+
+    fn problem(text: &str) -> String {
+        match JobFile::parse(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const MODEL: &str = "[model]\npreset = \"tiny\"\n";
+    const SCHEDULE: &str = "[schedule]\npeak_lr = 1e-3\n";
+    const DATA: &str = "[data]\nglobal_batch_tokens = 64\nmicro_batch_tokens = 32\n";
+
+    #[test]
+    fn a_missing_top_level_table_is_named_whatever_the_first_line_holds() {
+        // The file opening on a table header, on a comment, on a blank line, on a key.
+        for head in [
+            "[job]\nname = \"x\"\n",
+            "# a job\n[job]\nname = \"x\"\n",
+            "\n",
+            "",
+        ] {
+            let text = format!("{head}{MODEL}{DATA}");
+            assert_eq!(
+                problem(&text),
+                "schedule: missing; add a [schedule] table",
+                "{text:?}"
+            );
+        }
+        assert_eq!(
+            problem(&format!("{SCHEDULE}{DATA}")),
+            "model: missing; add a [model] table"
+        );
+    }
+
+    #[test]
+    fn a_field_missing_from_a_table_names_the_table_and_its_line() {
+        let text = format!("{MODEL}{SCHEDULE}[data]\nmicro_batch_tokens = 32\n");
+        assert_eq!(
+            problem(&text),
+            "data.global_batch_tokens: missing; add it to the table at line 5"
+        );
+        // The first table of the file: its span starts where the file does.
+        let text = format!("[data]\nmicro_batch_tokens = 32\n{MODEL}{SCHEDULE}");
+        assert_eq!(
+            problem(&text),
+            "data.global_batch_tokens: missing; add it to the table at line 1"
+        );
+    }
 }
