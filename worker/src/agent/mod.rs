@@ -191,6 +191,15 @@ fn coordinator_endpoint(
 }
 
 /// What one registration attempt with one coordinator came to.
+/// Why one coordinator did not take the registration, as a part of the error naming them all
+/// (an [`Error::Coordinator`] without its own `coordinator: `).
+fn reason(e: Error) -> String {
+    match e {
+        Error::Coordinator(message) => message,
+        e => e.to_string(),
+    }
+}
+
 enum Attempt {
     Registered(Box<Link>),
     /// A standby: it named the leader (or none is elected yet).
@@ -299,11 +308,11 @@ impl Registrar {
                     if let Some(j) = leader.as_deref().and_then(|l| self.target_for(l)) {
                         order.push_front(j);
                     }
-                    errors.push(e.to_string());
+                    errors.push(reason(e));
                 }
                 // Trying another replica cannot change that.
                 Attempt::Failed(e @ Error::JobOver { .. }) => return Err(e),
-                Attempt::Failed(e) => errors.push(e.to_string()),
+                Attempt::Failed(e) => errors.push(reason(e)),
             }
         }
         Err(Error::Coordinator(errors.join("; ")))
