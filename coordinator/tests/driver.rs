@@ -568,6 +568,38 @@ async fn stage_next_from_the_api_switches_every_rank_at_the_next_step() {
         .await,
         Err(Error::FailedPrecondition(_))
     ));
+    // But a request that can never be granted says why at once, not "try again then".
+    let refusal = |r: Result<ControlReply, Error>| match r {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("granted before any world"),
+    };
+    let why = refusal(
+        h.control(ControlRequest::ChangeStage {
+            stage: Some("nine".into()),
+            requested_by: "x".into(),
+        })
+        .await,
+    );
+    assert!(
+        why.contains("no stage named \"nine\"; the stages are one, two"),
+        "{why}"
+    );
+    let set_mix = |stage: &str, w: &[(&str, f64)]| ControlRequest::SetMix {
+        stage: stage.into(),
+        weights: w.iter().map(|(n, w)| (n.to_string(), *w)).collect(),
+        requested_by: "x".into(),
+    };
+    let why = refusal(h.control(set_mix("nine", &[("a", 1.0)])).await);
+    assert!(why.contains("no stage named \"nine\""), "{why}");
+    let why = refusal(h.control(set_mix("two", &[("z", 1.0)])).await);
+    assert!(
+        why.contains("no source named \"z\"; the sources are a, b"),
+        "{why}"
+    );
+    let why = refusal(h.control(set_mix("two", &[("a", 0.7)])).await);
+    assert!(why.contains("the weights sum to 0.7"), "{why}");
+    let why = refusal(h.control(set_mix("two", &[("a", 1.0)])).await);
+    assert!(why.contains("try again then"), "{why}");
     let (a, b, mut ia, mut ib) = two_ready(&h).await;
     let (C::Work(_), C::Work(_)) = (next(&mut ia).await, next(&mut ib).await) else {
         panic!("expected Work")

@@ -268,8 +268,9 @@ async fn requests_bad_in_every_way_are_refused_with_short_clear_statuses() {
         control.set_mix(mix("only", vec![])).await.unwrap_err(),
     );
     check(
+        // No stage has that name: NotFound before the curriculum starts as after.
         "mix of a 3 MB stage",
-        Code::FailedPrecondition,
+        Code::NotFound,
         control
             .set_mix(mix(&huge, vec![("a", 1.0)]))
             .await

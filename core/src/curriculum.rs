@@ -86,6 +86,59 @@ pub struct Curriculum {
     evaluations: Vec<v1::Evaluation>,
 }
 
+/// The index of the stage named `name` in `job`, or an error that lists the stages.
+pub fn stage_index(job: &v1::JobSpec, name: &str) -> Result<usize, CurriculumError> {
+    job.stages
+        .iter()
+        .position(|s| s.name == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = job.stages.iter().map(|s| s.name.as_str()).collect();
+            CurriculumError::NotFound(format!(
+                "no stage named {name:?}; the stages are {}",
+                names.join(", ")
+            ))
+        })
+}
+
+/// A mixture given by source name (sources not named weigh 0) as weights aligned with the
+/// job's sources: every name a source of the job, none twice, every weight finite and not
+/// negative, their sum 1.
+pub fn aligned_weights(
+    job: &v1::JobSpec,
+    weights: &[(String, f64)],
+) -> Result<Vec<f64>, CurriculumError> {
+    let names: Vec<&str> = job.sources.iter().map(|s| s.name.as_str()).collect();
+    let mut aligned = vec![0.0; names.len()];
+    let mut seen = vec![false; names.len()];
+    for (name, w) in weights {
+        let Some(i) = names.iter().position(|n| n == name) else {
+            return Err(CurriculumError::Refused(format!(
+                "no source named {name:?}; the sources are {}",
+                names.join(", ")
+            )));
+        };
+        if seen[i] {
+            return Err(CurriculumError::Refused(format!(
+                "source {name:?} is given twice"
+            )));
+        }
+        if !w.is_finite() || *w < 0.0 {
+            return Err(CurriculumError::Refused(format!(
+                "the weight of {name:?} must be a non-negative number, got {w}"
+            )));
+        }
+        seen[i] = true;
+        aligned[i] = *w;
+    }
+    let sum: f64 = aligned.iter().sum();
+    if (sum - 1.0).abs() > 1e-6 {
+        return Err(CurriculumError::Refused(format!(
+            "the weights sum to {sum}; they must sum to 1"
+        )));
+    }
+    Ok(aligned)
+}
+
 impl Curriculum {
     /// A new job's curriculum, in its first stage at step 0. `source_tokens[i]` is the tokens of
     /// source `i`'s training data as the workers see it; every stage's mixture is checked
@@ -401,23 +454,7 @@ impl Curriculum {
     }
 
     fn index(&self, name: &str) -> Result<usize, CurriculumError> {
-        self.stages
-            .iter()
-            .position(|s| s.spec.name == name)
-            .ok_or_else(|| {
-                CurriculumError::NotFound(format!(
-                    "no stage named {name:?}; the stages are {}",
-                    self.stage_names()
-                ))
-            })
-    }
-
-    fn stage_names(&self) -> String {
-        self.stages
-            .iter()
-            .map(|s| s.spec.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        stage_index(&self.job, name)
     }
 
     /// Asks for a move to stage `target` (`None`: the next one) at the next step. Returns the
@@ -484,41 +521,13 @@ impl Curriculum {
                 "stage {stage:?} ended at step {end}; only the current stage or one to come can change"
             )));
         }
-        let names: Vec<&str> = self.job.sources.iter().map(|s| s.name.as_str()).collect();
-        let mut aligned = vec![0.0; names.len()];
-        let mut seen = vec![false; names.len()];
-        for (name, w) in weights {
-            let Some(i) = names.iter().position(|n| n == name) else {
-                return Err(CurriculumError::Refused(format!(
-                    "no source named {name:?}; the sources are {}",
-                    names.join(", ")
-                )));
-            };
-            if seen[i] {
-                return Err(CurriculumError::Refused(format!(
-                    "source {name:?} is given twice"
-                )));
-            }
-            if !w.is_finite() || *w < 0.0 {
-                return Err(CurriculumError::Refused(format!(
-                    "the weight of {name:?} must be a non-negative number, got {w}"
-                )));
-            }
-            seen[i] = true;
-            aligned[i] = *w;
-        }
-        let sum: f64 = aligned.iter().sum();
-        if (sum - 1.0).abs() > 1e-6 {
-            return Err(CurriculumError::Refused(format!(
-                "the weights sum to {sum}; they must sum to 1"
-            )));
-        }
+        let aligned = aligned_weights(&self.job, weights)?;
         let mut probe = self.plan.clone();
         probe
             .set_mix(
                 aligned.clone(),
                 u64::from(self.stages[index].spec.seq_len),
-                vec![0; names.len()],
+                vec![0; aligned.len()],
             )
             .map_err(|error| CurriculumError::Data {
                 stage: stage.to_owned(),

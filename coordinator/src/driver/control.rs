@@ -1,6 +1,6 @@
 //! Control requests: what an operator asks of the job through the control API.
 
-use stagecoach_core::curriculum::Curriculum;
+use stagecoach_core::curriculum::{aligned_weights, stage_index, Curriculum};
 use stagecoach_proto::v1;
 use tracing::info;
 
@@ -78,6 +78,10 @@ impl Driver {
                             .into(),
                     ));
                 }
+                // A name the job does not have is refused as such, started or not.
+                if let Some(name) = stage.as_deref() {
+                    stage_index(&self.job, name)?;
+                }
                 self.started()?;
                 let c = self.curriculum.as_mut().expect("started");
                 let (from, to) = c.request_stage(stage.as_deref(), &requested_by)?;
@@ -98,6 +102,9 @@ impl Driver {
                 weights,
                 requested_by,
             } => {
+                // A stage or a mixture that cannot be is refused as such, started or not.
+                stage_index(&self.job, &stage)?;
+                aligned_weights(&self.job, &weights)?;
                 self.started()?;
                 let c = self.curriculum.as_mut().expect("started");
                 let (index, aligned) = c.check_mix(&stage, &weights)?;
