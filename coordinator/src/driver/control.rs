@@ -78,8 +78,9 @@ impl Driver {
                             .into(),
                     ));
                 }
-                // A name the job does not have is refused as such, started or not.
-                if let Some(name) = stage.as_deref() {
+                // Before the start, a name the job does not have is refused as such (after
+                // it, the curriculum's own check says the same).
+                if let (None, Some(name)) = (&self.curriculum, stage.as_deref()) {
                     stage_index(&self.job, name)?;
                 }
                 self.started()?;
@@ -102,9 +103,12 @@ impl Driver {
                 weights,
                 requested_by,
             } => {
-                // A stage or a mixture that cannot be is refused as such, started or not.
-                stage_index(&self.job, &stage)?;
-                aligned_weights(&self.job, &weights)?;
+                // Before the start, a stage or a mixture that cannot be is refused as such
+                // (after it, `check_mix` says the same).
+                if self.curriculum.is_none() {
+                    stage_index(&self.job, &stage)?;
+                    aligned_weights(&self.job, &weights)?;
+                }
                 self.started()?;
                 let c = self.curriculum.as_mut().expect("started");
                 let (index, aligned) = c.check_mix(&stage, &weights)?;

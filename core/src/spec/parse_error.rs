@@ -102,7 +102,7 @@ mod tests {
 
     #[test]
     fn a_missing_top_level_table_is_named_whatever_the_first_line_holds() {
-        // The file opening on a table header, on a comment, on a blank line, on a key.
+        // The file opening on a table header, on a comment, on a blank line, or on nothing.
         for head in [
             "[job]\nname = \"x\"\n",
             "# a job\n[job]\nname = \"x\"\n",

@@ -190,7 +190,6 @@ fn coordinator_endpoint(
         .keep_alive_while_idle(true))
 }
 
-/// What one registration attempt with one coordinator came to.
 /// Why one coordinator did not take the registration, as a part of the error naming them all
 /// (an [`Error::Coordinator`] without its own `coordinator: `).
 fn reason(e: Error) -> String {
@@ -200,6 +199,7 @@ fn reason(e: Error) -> String {
     }
 }
 
+/// What one registration attempt with one coordinator came to.
 enum Attempt {
     Registered(Box<Link>),
     /// A standby: it named the leader (or none is elected yet).
