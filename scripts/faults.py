@@ -228,13 +228,64 @@ class _Reader:
         return self.take(self.int(4))
 
 
+def _read_segment(path: Path, kvs: dict[str, bytes]) -> int:
+    """Applies one segment of the embedded store (coordinator/src/store/embedded/segment.rs)
+    onto `kvs`; returns the revision it holds every write up to."""
+    data = path.read_bytes()
+    if len(data) < 16 or data[-8:] != b"SCSEG\0\0\x01":
+        raise TrialError(f"{path}: a segment without its footer")
+    index_at = int.from_bytes(data[-16:-8], "little")
+    framed = _unframe(data[: len(data) - 16], index_at)
+    if framed is None:
+        raise TrialError(f"{path}: the segment index fails its CRC")
+    r = _Reader(framed[0])
+    revision = r.int(8)
+    r.take(8)  # entries
+    blocks = []
+    for _ in range(r.int(4)):
+        r.bytes()  # first key
+        blocks.append((r.int(8), r.int(4)))
+    for offset, length in blocks:
+        block = _unframe(data[offset : offset + length], 0)
+        if block is None:
+            raise TrialError(f"{path}: a block at byte {offset} fails its CRC")
+        b = _Reader(block[0])
+        while b.at < len(b.data):
+            key, tag = b.bytes().decode(), b.int(1)
+            if tag == 1:
+                kvs[key] = b.bytes()
+                b.take(16)  # version and mod_revision
+            elif tag == 2:
+                kvs.pop(key, None)
+            else:
+                raise TrialError(f"{path}: an entry with tag {tag}")
+    return revision
+
+
+def _segments(state: Path) -> list[Path]:
+    """The embedded store's segments in `state`, oldest first, without those another covers
+    (a merge's inputs that a crash left beside its output)."""
+    found = []
+    for path in state.glob("*.seg"):
+        lo, _, hi = path.stem.partition("-")
+        found.append((int(lo), -int(hi), path))
+    out, last_hi = [], -1
+    for lo, neg_hi, path in sorted(found):
+        if -neg_hi > last_hi:
+            out.append(path)
+            last_hi = -neg_hi
+    return out
+
+
 def read_embedded(state: Path, prefix: str) -> dict[str, bytes]:
-    """Every key under `prefix` of the embedded store in `state`: its snapshot, then the
-    records of its write-ahead log newer than the snapshot, up to the first torn one."""
+    """Every key under `prefix` of the embedded store in `state`: its segments (or the
+    snapshot of a store from before them), oldest first, then the records of the log a flush
+    set aside and of the write-ahead log newer than them, up to the first torn one."""
     kvs: dict[str, bytes] = {}
     revision = 0
     snapshot = state / "snapshot"
-    if snapshot.exists():
+    segments = _segments(state)
+    if snapshot.exists() and not (segments and segments[0].stem.startswith("0" * 20 + "-")):
         framed = _unframe(snapshot.read_bytes(), 0)
         if framed is None:
             raise TrialError(f"{snapshot}: the snapshot fails its CRC")
@@ -244,25 +295,27 @@ def read_embedded(state: Path, prefix: str) -> dict[str, bytes]:
             key, value = r.bytes().decode(), r.bytes()
             r.take(16)  # version and mod_revision
             kvs[key] = value
-    wal = state / "wal"
-    data = wal.read_bytes() if wal.exists() else b""
-    at = 0
-    while (framed := _unframe(data, at)) is not None:
-        payload, at = framed
-        r = _Reader(payload)
-        record_revision = r.int(8)
-        ops = r.int(4)
-        for _ in range(ops):
-            tag, key = r.int(1), r.bytes().decode()
-            if tag == 1:
-                value = r.bytes()
-                if record_revision > revision:
-                    kvs[key] = value
-            elif tag == 2:
-                if record_revision > revision:
-                    kvs.pop(key, None)
-            else:
-                raise TrialError(f"{wal}: an operation with tag {tag}")
+    for path in segments:
+        revision = max(revision, _read_segment(path, kvs))
+    for wal in (state / "wal.previous", state / "wal"):
+        data = wal.read_bytes() if wal.exists() else b""
+        at = 0
+        while (framed := _unframe(data, at)) is not None:
+            payload, at = framed
+            r = _Reader(payload)
+            record_revision = r.int(8)
+            ops = r.int(4)
+            for _ in range(ops):
+                tag, key = r.int(1), r.bytes().decode()
+                if tag == 1:
+                    value = r.bytes()
+                    if record_revision > revision:
+                        kvs[key] = value
+                elif tag == 2:
+                    if record_revision > revision:
+                        kvs.pop(key, None)
+                else:
+                    raise TrialError(f"{wal}: an operation with tag {tag}")
     return {k: v for k, v in kvs.items() if k.startswith(prefix)}
 
 

@@ -8,6 +8,7 @@ mod control;
 mod driver;
 mod security;
 mod store;
+mod store_segments;
 mod unattended;
 mod validate;
 mod workers_rpc;

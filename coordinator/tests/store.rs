@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use stagecoach_coordinator::ledger::{Ledger, StoreLedger};
 use stagecoach_coordinator::store::embedded::{
-    EmbeddedStore, SNAPSHOT_FILE, WAL_FILE, WAL_PREVIOUS_FILE,
+    EmbeddedStore, SEGMENT_EXTENSION, WAL_FILE, WAL_PREVIOUS_FILE,
 };
 use stagecoach_coordinator::store::local_etcd::{free_ports, LocalEtcd};
 use stagecoach_coordinator::store::{self, conformance, Op, StateStore, StoreError, Versioned};
@@ -199,7 +199,7 @@ async fn embedded_store_compaction_preserves_state() -> anyhow::Result<()> {
     let old_log = fs::read(&wal)?;
     s.compact().await?;
     assert_eq!(fs::metadata(&wal)?.len(), 0);
-    assert!(dir.path().join(SNAPSHOT_FILE).exists());
+    assert!(has_segment(dir.path())?);
     assert_eq!(s.range("").await?, before);
     drop(s);
 
@@ -213,8 +213,8 @@ async fn embedded_store_compaction_preserves_state() -> anyhow::Result<()> {
     assert_eq!(s.get("k/0").await?.map(|v| v.version), Some(4));
     drop(s);
 
-    // A crash after the snapshot's rename but before the log was emptied: the old records are
-    // already in the snapshot and must not be applied twice.
+    // A crash after the segment's rename but before the log was emptied: the old records are
+    // already in the segment and must not be applied twice.
     let mut log = old_log;
     log.extend(fs::read(&wal)?);
     fs::write(&wal, log)?;
@@ -233,7 +233,7 @@ async fn embedded_store_compaction_preserves_state() -> anyhow::Result<()> {
     drop(s);
     // The log was set aside at least once (the writes alone hold 50 × 30 bytes of values); a
     // write that finds a compaction still running lets the log grow until the next one.
-    assert!(small.path().join(SNAPSHOT_FILE).exists());
+    assert!(has_segment(small.path())?);
     assert!(fs::metadata(small.path().join(WAL_FILE))?.len() < 50 * 30);
     assert!(
         !small.path().join(WAL_PREVIOUS_FILE).exists(),
@@ -243,10 +243,24 @@ async fn embedded_store_compaction_preserves_state() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn has_segment(dir: &std::path::Path) -> anyhow::Result<bool> {
+    for entry in fs::read_dir(dir)? {
+        if entry?
+            .path()
+            .extension()
+            .is_some_and(|e| e == SEGMENT_EXTENSION)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// A compaction cut short by a crash: the log it set aside (`wal.previous`) is there, the
-/// snapshot is the old one. Opening replays the old snapshot, the set-aside log and the log, in
-/// that order, and folds them into a new snapshot before taking writes; damage in the set-aside
-/// log (which was complete and synced when set aside) is refused, not truncated.
+/// segment it was writing is not in place. Opening reads the segments, replays the set-aside
+/// log and the log, in that order, and writes them out as a segment before taking writes;
+/// damage in the set-aside log (which was complete and synced when set aside) is refused, not
+/// truncated.
 #[tokio::test]
 async fn embedded_store_finishes_a_compaction_cut_short() -> anyhow::Result<()> {
     let dir = TempDir::new()?;
@@ -275,7 +289,7 @@ async fn embedded_store_finishes_a_compaction_cut_short() -> anyhow::Result<()> 
     fs::write(&wal, &all[first.len()..])?;
     let s = EmbeddedStore::open(dir.path())?;
     assert_eq!(s.range("").await?, want);
-    assert!(!previous.exists(), "folded into the snapshot at open");
+    assert!(!previous.exists(), "written out as a segment at open");
     assert_eq!(fs::metadata(&wal)?.len(), 0);
     assert_eq!(s.put("k/9", vec![1]).await?, 32, "the revision carries on");
     drop(s);

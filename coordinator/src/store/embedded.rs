@@ -1,41 +1,55 @@
 //! The embedded store: the default [`StateStore`], a directory on local disk, no server needed.
+//! Its memory is bounded whatever the state's size: recent writes in a memtable, older ones in
+//! sorted segment files of which only a block index is held.
 //!
-//! On disk, all in one directory (byte layouts in `embedded/format.rs`):
+//! On disk, all in one directory (byte layouts in `embedded/format.rs` and
+//! `embedded/segment.rs`):
 //! - `LOCK`: held with an exclusive `flock` while a store is open, so that two coordinators never
 //!   share the directory.
 //! - `wal`: the write-ahead log, one CRC-checked record per committed write, which is
-//!   acknowledged only after its record is synced.
-//! - `snapshot`: the whole state at some revision.
+//!   acknowledged only after its record is synced. Its records since the last flush are also
+//!   in memory, in the memtable (the latest state of each key they wrote).
+//! - `*.seg`: segments, each the latest state of the keys written by a run of flushes (values,
+//!   and deletions that hide older values), every write up to its revision; newer ones win.
+//! - `wal.previous`: while a flush is under way, the log it writes out as a segment.
+//! - `snapshot`: the whole state, as stores before segments kept it; opening one turns it into
+//!   the first segment.
 //!
-//! - `wal.previous`: while a compaction is under way, the log it folds into the next snapshot.
-//!
-//! Opening loads the snapshot and replays `wal.previous` (if there is one) and the log, skipping
-//! records the snapshot already holds.
+//! Opening reads the segments' indexes and replays `wal.previous` (if there is one) and the log
+//! into the memtable, skipping records the segments already hold.
 //! A record that is cut short or fails its CRC ends the log: a crash can leave only the last
 //! record torn, so it and anything after it were never acknowledged, and they are truncated
 //! away with a warning.
 //!
-//! Compaction stays off the commit path: when the log passes its size, the write that crossed
-//! it renames the log to `wal.previous`, starts an empty log and takes the state as of that
-//! log's last record; a background thread then writes the snapshot to a temporary file, syncs
-//! it, renames it over the old one, syncs the directory and only then deletes `wal.previous`.
-//! Commits go on into the new log meanwhile. A crash at any point leaves the old snapshot with
-//! both logs, or the new snapshot with logs whose records it holds or follows; a store opened
-//! with a `wal.previous` folds it into a snapshot before it takes writes.
+//! Compaction is incremental and stays off the commit path: when the log passes its size, the
+//! write that crossed it renames the log to `wal.previous`, starts an empty log and freezes the
+//! memtable (still read) in place of an empty one; a background thread writes the frozen table
+//! as a new segment (temporary file, sync, rename, directory sync), and only then deletes
+//! `wal.previous`. The thread then merges the two newest segments while the older is at most
+//! half as large again as the newer (a binary counter: O(log n) segments, each write rewritten
+//! O(log n) times), dropping deletions when the merge reaches the oldest segment; a merge's
+//! inputs are deleted after its output is in place. Commits go on into the new log meanwhile;
+//! one that finds the log grown to twice its size with that work still running waits for it,
+//! which bounds the memtable.
+//! A crash at any point leaves segments and logs whose records they hold or follow; a store
+//! opened with a `wal.previous` writes it out as a segment before it takes writes.
 //!
 //! Writes run on tokio's blocking pool, one at a time (the `log` mutex); readers take only the
-//! short `state` mutex, which is never held across I/O or an `.await`.
+//! short `state` mutex, which is never held across I/O or an `.await`, and read segments on
+//! the blocking pool.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{broadcast, mpsc};
 
-use format::{decode_batch, decode_snapshot, encode_batch, encode_snapshot, frame, unframe};
+use format::{decode_batch, decode_snapshot, encode_batch, frame, unframe};
+use segment::{Entry, Segment};
 
 use super::{
     check_key, check_txn, Compare, Op, StateStore, StoreError, Versioned, WatchEvent, WatchStream,
@@ -43,22 +57,60 @@ use super::{
 };
 
 mod format;
+mod segment;
+
+pub use segment::SEGMENT_EXTENSION;
 
 pub const LOCK_FILE: &str = "LOCK";
 pub const WAL_FILE: &str = "wal";
-pub const SNAPSHOT_FILE: &str = "snapshot";
 pub const WAL_PREVIOUS_FILE: &str = "wal.previous";
-const SNAPSHOT_TMP_FILE: &str = "snapshot.tmp";
+/// The whole state as stores before segments kept it (read once, at open).
+pub const SNAPSHOT_FILE: &str = "snapshot";
 
-/// The log size after which a write compacts the store into a fresh snapshot.
-pub const DEFAULT_COMPACT_AFTER_BYTES: u64 = 64 << 20;
+/// The log size after which a write flushes the memtable into a segment. The memtable and a
+/// table being flushed hold at most [`STALL_FACTOR`] times this each (as log bytes): that and
+/// the segments' indexes are what the store holds in memory.
+pub const DEFAULT_COMPACT_AFTER_BYTES: u64 = 16 << 20;
 
 /// Commits a watcher may fall behind (beyond its channel) before it gets [`StoreError::WatchLagged`].
 pub const WATCH_LAG_LIMIT: usize = 256;
 
+/// A write that finds the log this many times its size and a compaction still running waits
+/// for it: the memtable, and so memory, stays within this many flushes' worth.
+const STALL_FACTOR: u64 = 2;
+
+/// A merge joins the two newest segments while the older is at most this many times the newer.
+const MERGE_RATIO: f64 = 1.5;
+
 /// The file-backed [`StateStore`]; see the module docs for its format and guarantees.
 pub struct EmbeddedStore {
     inner: Arc<Inner>,
+}
+
+/// What an embedded store holds, in memory and on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStats {
+    /// The store revision.
+    pub revision: u64,
+    /// Writes not yet in a segment: the memtable and a table being flushed (keys, values and
+    /// the tables' own overhead, estimated).
+    pub memtable_bytes: u64,
+    /// The segments' block indexes.
+    pub index_bytes: u64,
+    pub segments: usize,
+    /// The segments' size on disk.
+    pub segment_bytes: u64,
+    /// The entries in the segments (a key in several counts in each; deletions count).
+    pub segment_entries: u64,
+    /// Bytes written to segments by every flush and merge since the store was opened.
+    pub written_bytes: u64,
+}
+
+impl StoreStats {
+    /// What the store holds in memory for its state.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memtable_bytes + self.index_bytes
+    }
 }
 
 struct Inner {
@@ -66,19 +118,27 @@ struct Inner {
     state: Mutex<State>,
     log: Mutex<Log>,
     events: broadcast::Sender<Arc<[WatchEvent]>>,
-    /// The revision of the snapshot in place, held while one is written (by the background
-    /// compaction or [`EmbeddedStore::compact`]), so that an older one never replaces a newer.
-    installed: Mutex<u64>,
-    /// The background compaction under way, if any.
+    /// The background flush (and merges) under way, if any.
     compacting: Mutex<Option<std::thread::JoinHandle<()>>>,
+    written: AtomicU64,
     /// Holds the directory's `flock` until the store is dropped.
     _lock: File,
 }
 
+type Table = BTreeMap<String, Entry>;
+
 #[derive(Default)]
 struct State {
-    kvs: BTreeMap<String, Versioned>,
     revision: u64,
+    /// The latest state of every key written since the last flush began.
+    memtable: Table,
+    memtable_bytes: u64,
+    /// The table a background flush is writing out, read until its segment is in place.
+    frozen: Option<(Arc<Table>, u64)>,
+    /// Oldest first; they hold consecutive flushes.
+    segments: Vec<Arc<Segment>>,
+    /// The number of the next flush.
+    next_flush: u64,
 }
 
 struct Log {
@@ -98,13 +158,55 @@ struct Outcome {
     revision: u64,
 }
 
+impl State {
+    /// The key's state if the memtables know it (`Some(None)`: deleted since the last flush).
+    fn in_memory(&self, key: &str) -> Option<&Entry> {
+        self.memtable
+            .get(key)
+            .or_else(|| self.frozen.as_ref().and_then(|(t, _)| t.get(key)))
+    }
+
+    fn insert(&mut self, key: String, entry: Entry) {
+        let bytes = entry_bytes(key.len(), &entry);
+        let key_len = key.len();
+        if let Some(old) = self.memtable.insert(key, entry) {
+            self.memtable_bytes -= entry_bytes(key_len, &old);
+        }
+        self.memtable_bytes += bytes;
+    }
+
+    /// The key's state now, reading segments as needed (a blocking call).
+    fn find(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        match self.in_memory(key) {
+            Some(entry) => Ok(entry.clone()),
+            None => find_in(&self.segments, key),
+        }
+    }
+}
+
+/// Memory a memtable entry takes, estimated: its key and value and the map's overhead.
+fn entry_bytes(key_len: usize, entry: &Entry) -> u64 {
+    const OVERHEAD: usize = 96;
+    (key_len + entry.as_ref().map_or(0, |v| v.value.len()) + OVERHEAD) as u64
+}
+
+/// The key's state in `segments` (oldest first), newest segment first.
+fn find_in(segments: &[Arc<Segment>], key: &str) -> Result<Option<Versioned>, StoreError> {
+    for segment in segments.iter().rev() {
+        if let Some(entry) = segment.get(key)? {
+            return Ok(entry);
+        }
+    }
+    Ok(None)
+}
+
 impl EmbeddedStore {
     /// Opens (creating if needed) the store in `dir`. Blocking: call it from a blocking context.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         Self::open_with(dir, DEFAULT_COMPACT_AFTER_BYTES)
     }
 
-    /// Like [`EmbeddedStore::open`], compacting whenever the log grows past `compact_after` bytes.
+    /// Like [`EmbeddedStore::open`], flushing whenever the log grows past `compact_after` bytes.
     pub fn open_with(dir: impl Into<PathBuf>, compact_after: u64) -> Result<Self, StoreError> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
@@ -123,9 +225,14 @@ impl EmbeddedStore {
             Err(fs4::TryLockError::Error(e)) => return Err(StoreError::io(&lock_file)(e)),
         }
 
-        let mut state = read_snapshot(&dir.join(SNAPSHOT_FILE))?;
-        let installed = state.revision;
-        // A compaction cut short: its set-aside log comes before the log.
+        let mut state = State {
+            segments: open_segments(&dir)?,
+            ..State::default()
+        };
+        migrate_snapshot(&dir, &mut state.segments)?;
+        state.revision = state.segments.iter().map(|s| s.revision).max().unwrap_or(0);
+        state.next_flush = state.segments.last().map_or(1, |s| s.hi + 1);
+        // A flush cut short: its set-aside log comes before the log.
         let previous = dir.join(WAL_PREVIOUS_FILE);
         let had_previous = previous.exists();
         if had_previous {
@@ -164,7 +271,7 @@ impl EmbeddedStore {
         tracing::debug!(
             dir = %dir.display(),
             revision = state.revision,
-            keys = state.kvs.len(),
+            segments = state.segments.len(),
             "opened the embedded state store"
         );
         let inner = Inner {
@@ -178,27 +285,47 @@ impl EmbeddedStore {
                 failed: false,
             }),
             events: broadcast::channel(WATCH_LAG_LIMIT).0,
-            installed: Mutex::new(installed),
             compacting: Mutex::new(None),
+            written: AtomicU64::new(0),
             _lock: lock,
         };
         if had_previous {
-            inner.compact(&mut self::lock(&inner.log))?;
+            inner.flush_now(&mut self::lock(&inner.log))?;
         }
         Ok(Self {
             inner: Arc::new(inner),
         })
     }
 
-    /// Writes a snapshot of the whole state and empties the log, now (waiting for a background
-    /// compaction under way first).
+    /// Compacts everything now (after a background compaction under way): the memtable into a
+    /// segment, emptying the log, and every segment into one, dropping deletions.
     pub async fn compact(&self) -> Result<(), StoreError> {
         let inner = Arc::clone(&self.inner);
         blocking(move || {
+            let mut log = lock(&inner.log);
             inner.join_compaction();
-            inner.compact(&mut lock(&inner.log))
+            inner.flush_now(&mut log)?;
+            let segments = lock(&inner.state).segments.clone();
+            if segments.len() > 1 {
+                inner.merge(&segments, true)?;
+            }
+            Ok(())
         })
         .await
+    }
+
+    /// What the store holds now, in memory and on disk.
+    pub fn stats(&self) -> StoreStats {
+        let state = lock(&self.inner.state);
+        StoreStats {
+            revision: state.revision,
+            memtable_bytes: state.memtable_bytes + state.frozen.as_ref().map_or(0, |(_, b)| *b),
+            index_bytes: state.segments.iter().map(|s| s.index_bytes()).sum(),
+            segments: state.segments.len(),
+            segment_bytes: state.segments.iter().map(|s| s.bytes).sum(),
+            segment_entries: state.segments.iter().map(|s| s.entries).sum(),
+            written_bytes: self.inner.written.load(Ordering::Relaxed),
+        }
     }
 
     async fn commit(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<Outcome, StoreError> {
@@ -222,47 +349,58 @@ impl Inner {
                 "an earlier write to the log failed; reopen the store",
             )));
         }
-        // Only writers change `state`, and we are the only writer: what we check here still
-        // holds when we apply below.
-        let (revision, ops) = {
-            let state = lock(&self.state);
-            if !compares.iter().all(|c| holds(&state.kvs, c)) {
-                return Ok(Outcome {
-                    succeeded: false,
-                    changed: false,
-                    revision: state.revision,
-                });
+        // Only writers change the keys' state, and we are the only writer: what we read here
+        // still holds when we apply below (a flush or merge moves state, never changes it).
+        let mut current = HashMap::new();
+        for key in compares
+            .iter()
+            .map(compare_key)
+            .chain(ops.iter().map(Op::key))
+        {
+            if !current.contains_key(key) {
+                current.insert(key.to_owned(), self.find(key)?);
             }
-            // Deleting an absent key changes nothing, as in etcd: no record, no event.
-            let mut deleted = HashSet::new();
-            let ops: Vec<Op> = ops
-                .into_iter()
-                .filter(|op| match op {
-                    Op::Put { .. } => true,
-                    Op::Delete { key } => {
-                        state.kvs.contains_key(key) && deleted.insert(key.clone())
-                    }
-                })
-                .collect();
-            (state.revision + u64::from(!ops.is_empty()), ops)
-        };
+        }
+        let now = lock(&self.state).revision;
+        if !compares.iter().all(|c| holds(&current, c)) {
+            return Ok(Outcome {
+                succeeded: false,
+                changed: false,
+                revision: now,
+            });
+        }
+        // Deleting an absent key changes nothing, as in etcd: no record, no event.
+        let mut deleted = HashSet::new();
+        let ops: Vec<Op> = ops
+            .into_iter()
+            .filter(|op| match op {
+                Op::Put { .. } => true,
+                Op::Delete { key } => current[key].is_some() && deleted.insert(key.clone()),
+            })
+            .collect();
         if ops.is_empty() {
             return Ok(Outcome {
                 succeeded: true,
                 changed: false,
-                revision,
+                revision: now,
             });
         }
+        let revision = now + 1;
         log.append(&encode_batch(revision, &ops))?;
         {
             let mut state = lock(&self.state);
-            let events = apply(&mut state, revision, ops);
+            let events = apply(&mut state, revision, ops, &current);
             // No receivers is fine; sending under the lock keeps events in revision order.
             let _ = self.events.send(events.into());
         }
         if log.len >= log.compact_after {
+            if log.len >= STALL_FACTOR * log.compact_after {
+                // Compaction has fallen behind the writes (a long merge): wait for it rather
+                // than let the memtable grow without bound.
+                self.join_compaction();
+            }
             // The write is already durable; a failed compaction leaves the logs intact.
-            if let Err(e) = self.start_compaction(&mut log) {
+            if let Err(e) = self.start_flush(&mut log) {
                 tracing::warn!(error = %e, "compacting the state store failed; will retry");
             }
         }
@@ -273,19 +411,22 @@ impl Inner {
         })
     }
 
-    /// The state as of now, as a snapshot frame, and its revision.
-    fn snapshot_frame(&self) -> Result<(Vec<u8>, u64), StoreError> {
-        let state = lock(&self.state);
-        Ok((
-            frame(&encode_snapshot(state.revision, &state.kvs))?,
-            state.revision,
-        ))
+    /// The key's state now; reads segments without holding the state lock.
+    fn find(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let segments = {
+            let state = lock(&self.state);
+            if let Some(entry) = state.in_memory(key) {
+                return Ok(entry.clone());
+            }
+            state.segments.clone()
+        };
+        find_in(&segments, key)
     }
 
-    /// Sets the log aside as `wal.previous`, starts an empty one and leaves the snapshot of the
-    /// state it ends at to a background thread. With a background compaction still running
-    /// (the log filled again meanwhile), nothing is done: the next write asks again.
-    fn start_compaction(self: &Arc<Self>, log: &mut Log) -> Result<(), StoreError> {
+    /// Sets the log aside as `wal.previous`, starts an empty one, freezes the memtable and
+    /// leaves writing it out to a background thread. With a background compaction still
+    /// running (the log filled again meanwhile), nothing is done: the next write asks again.
+    fn start_flush(self: &Arc<Self>, log: &mut Log) -> Result<(), StoreError> {
         let mut running = lock(&self.compacting);
         if running.as_ref().is_some_and(|t| !t.is_finished()) {
             return Ok(());
@@ -295,10 +436,9 @@ impl Inner {
         }
         let previous = self.dir.join(WAL_PREVIOUS_FILE);
         if previous.exists() {
-            // An earlier snapshot failed to install: fold both logs into one now.
-            return self.compact(log);
+            // An earlier flush failed: write out both tables now.
+            return self.flush_now(log);
         }
-        let (frame, revision) = self.snapshot_frame()?;
         fs::rename(&log.path, &previous).map_err(StoreError::io(&log.path))?;
         let fresh = OpenOptions::new()
             .create(true)
@@ -320,14 +460,25 @@ impl Inner {
                 return Err(StoreError::io(&log.path)(e));
             }
         }
+        let (table, revision, flush) = {
+            let mut state = lock(&self.state);
+            let table = Arc::new(std::mem::take(&mut state.memtable));
+            let bytes = std::mem::take(&mut state.memtable_bytes);
+            state.frozen = Some((Arc::clone(&table), bytes));
+            state.next_flush += 1;
+            (table, state.revision, state.next_flush - 1)
+        };
         let inner = Arc::clone(self);
         *running = Some(std::thread::spawn(move || {
-            let installed = inner.install(&frame, revision).and_then(|()| {
-                fs::remove_file(&previous)
-                    .map_err(StoreError::io(&previous))
-                    .and_then(|()| sync_dir(&inner.dir))
-            });
-            if let Err(e) = installed {
+            let flushed = inner
+                .install_flush(&table, revision, flush, false)
+                .and_then(|()| {
+                    fs::remove_file(&previous)
+                        .map_err(StoreError::io(&previous))
+                        .and_then(|()| sync_dir(&inner.dir))
+                })
+                .and_then(|()| inner.merge_tiers());
+            if let Err(e) = flushed {
                 tracing::warn!(error = %e, "compacting the state store failed; will retry");
             }
         }));
@@ -341,30 +492,50 @@ impl Inner {
         }
     }
 
-    /// Puts a snapshot of `revision` in place, unless a newer one already is.
-    fn install(&self, frame: &[u8], revision: u64) -> Result<(), StoreError> {
-        let mut installed = lock(&self.installed);
-        if *installed > revision {
-            return Ok(());
+    /// Writes `table` (every write up to `revision`) as the segment of flush `flush` and puts
+    /// it in place of the frozen table, or of the memtable too with `all`.
+    fn install_flush(
+        &self,
+        table: &Table,
+        revision: u64,
+        flush: u64,
+        all: bool,
+    ) -> Result<(), StoreError> {
+        // Only compactions change the segments, one at a time: this stays true while we write.
+        let oldest = lock(&self.state).segments.is_empty();
+        let segment = segment::write(&self.dir, (flush, flush), revision, table, oldest)?;
+        self.written.fetch_add(segment.bytes, Ordering::Relaxed);
+        let mut state = lock(&self.state);
+        state.segments.push(Arc::new(segment));
+        state.frozen = None;
+        if all {
+            state.memtable.clear();
+            state.memtable_bytes = 0;
         }
-        let tmp = self.dir.join(SNAPSHOT_TMP_FILE);
-        let snapshot = self.dir.join(SNAPSHOT_FILE);
-        let mut file = File::create(&tmp).map_err(StoreError::io(&tmp))?;
-        file.write_all(frame)
-            .and_then(|()| file.sync_all())
-            .map_err(StoreError::io(&tmp))?;
-        fs::rename(&tmp, &snapshot).map_err(StoreError::io(&snapshot))?;
-        sync_dir(&self.dir)?;
-        *installed = revision;
         Ok(())
     }
 
-    /// A snapshot of the whole state now, in place before both logs are emptied (the caller
-    /// holds the log, so nothing is appended meanwhile).
-    fn compact(&self, log: &mut Log) -> Result<(), StoreError> {
-        let (frame, revision) = self.snapshot_frame()?;
-        self.install(&frame, revision)?;
-        // From here the snapshot holds every record of both logs, so emptying them is safe.
+    /// Writes everything not yet in a segment out now, deletes `wal.previous` and empties the
+    /// log (the caller holds the log and no background compaction runs).
+    fn flush_now(&self, log: &mut Log) -> Result<(), StoreError> {
+        let pending = {
+            let mut state = lock(&self.state);
+            if state.memtable.is_empty() && state.frozen.is_none() {
+                None
+            } else {
+                let mut table = state
+                    .frozen
+                    .as_ref()
+                    .map_or_else(Table::new, |(t, _)| Table::clone(t));
+                table.extend(state.memtable.iter().map(|(k, e)| (k.clone(), e.clone())));
+                state.next_flush += 1;
+                Some((table, state.revision, state.next_flush - 1))
+            }
+        };
+        if let Some((table, revision, flush)) = pending {
+            self.install_flush(&table, revision, flush, true)?;
+        }
+        // From here the segments hold every record of both logs, so emptying them is safe.
         let previous = self.dir.join(WAL_PREVIOUS_FILE);
         match fs::remove_file(&previous) {
             Ok(()) => sync_dir(&self.dir)?,
@@ -377,6 +548,45 @@ impl Inner {
             .map_err(StoreError::io(&log.path))?;
         log.len = 0;
         Ok(())
+    }
+
+    /// Merges the two newest segments while the older is not much larger than the newer.
+    fn merge_tiers(&self) -> Result<(), StoreError> {
+        loop {
+            let segments = lock(&self.state).segments.clone();
+            let [.., older, newer] = segments.as_slice() else {
+                return Ok(());
+            };
+            if older.bytes as f64 > newer.bytes as f64 * MERGE_RATIO {
+                return Ok(());
+            }
+            let inputs = [Arc::clone(older), Arc::clone(newer)];
+            self.merge(&inputs, segments.len() == 2)?;
+        }
+    }
+
+    /// Merges `inputs` (consecutive segments, oldest first) into one, in their place; deletions
+    /// are dropped with `oldest` (the inputs start with the oldest segment).
+    fn merge(&self, inputs: &[Arc<Segment>], oldest: bool) -> Result<(), StoreError> {
+        let refs: Vec<&Segment> = inputs.iter().map(|s| &**s).collect();
+        let merged = Arc::new(segment::merge(&self.dir, &refs, oldest)?);
+        self.written.fetch_add(merged.bytes, Ordering::Relaxed);
+        {
+            let mut state = lock(&self.state);
+            let at = state
+                .segments
+                .iter()
+                .position(|s| Arc::ptr_eq(s, &inputs[0]))
+                .expect("a merge's inputs are in place (only compactions change them)");
+            state
+                .segments
+                .splice(at..at + inputs.len(), [Arc::clone(&merged)]);
+        }
+        // Readers that still hold an input read it through its open file.
+        for input in inputs {
+            fs::remove_file(&input.path).map_err(StoreError::io(&input.path))?;
+        }
+        sync_dir(&self.dir)
     }
 }
 
@@ -401,17 +611,57 @@ impl Log {
 impl StateStore for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         check_key(key)?;
-        Ok(lock(&self.inner.state).kvs.get(key).cloned())
+        let segments = {
+            let state = lock(&self.inner.state);
+            if let Some(entry) = state.in_memory(key) {
+                return Ok(entry.clone());
+            }
+            state.segments.clone()
+        };
+        if segments.is_empty() {
+            return Ok(None);
+        }
+        let key = key.to_owned();
+        blocking(move || find_in(&segments, &key)).await
     }
 
     async fn range(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
-        let state = lock(&self.inner.state);
-        Ok(state
-            .kvs
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        // The memtables' entries and the segments as of one instant; older entries first, so
+        // that newer ones replace them.
+        let (segments, recent) = {
+            let state = lock(&self.inner.state);
+            let tables = state
+                .frozen
+                .iter()
+                .map(|(t, _)| &**t)
+                .chain([&state.memtable]);
+            let recent: Vec<(String, Entry)> = tables
+                .flat_map(|t| {
+                    t.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+                        .take_while(|(k, _)| k.starts_with(prefix))
+                        .map(|(k, e)| (k.clone(), e.clone()))
+                })
+                .collect();
+            (state.segments.clone(), recent)
+        };
+        let on_disk = !segments.is_empty();
+        let prefix = prefix.to_owned();
+        let merge = move || {
+            let mut merged = BTreeMap::new();
+            for segment in &segments {
+                merged.extend(segment.range(&prefix)?);
+            }
+            merged.extend(recent);
+            Ok(merged
+                .into_iter()
+                .filter_map(|(k, e)| e.map(|v| (k, v)))
+                .collect())
+        };
+        if on_disk {
+            blocking(merge).await
+        } else {
+            merge()
+        }
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
@@ -469,35 +719,54 @@ impl StateStore for EmbeddedStore {
     }
 }
 
-fn holds(kvs: &BTreeMap<String, Versioned>, compare: &Compare) -> bool {
+/// The key a compare reads.
+fn compare_key(compare: &Compare) -> &str {
     match compare {
-        Compare::Version { key, version } => kvs.get(key).map_or(0, |v| v.version) == *version,
-        Compare::Value { key, value } => kvs.get(key).is_some_and(|v| v.value == *value),
+        Compare::Version { key, .. } | Compare::Value { key, .. } => key,
     }
 }
 
-/// Applies a committed batch at `revision`, returning its events.
-fn apply(state: &mut State, revision: u64, ops: Vec<Op>) -> Vec<WatchEvent> {
+/// Whether `compare` holds, given the state of the keys it names.
+fn holds(current: &HashMap<String, Option<Versioned>>, compare: &Compare) -> bool {
+    let now = current.get(compare_key(compare)).and_then(Option::as_ref);
+    match compare {
+        Compare::Version { version, .. } => now.map_or(0, |v| v.version) == *version,
+        Compare::Value { value, .. } => now.is_some_and(|v| v.value == *value),
+    }
+}
+
+/// Applies a committed batch at `revision` to the memtable, given the state before it of every
+/// key it writes; returns its events.
+fn apply(
+    state: &mut State,
+    revision: u64,
+    ops: Vec<Op>,
+    current: &HashMap<String, Option<Versioned>>,
+) -> Vec<WatchEvent> {
     state.revision = revision;
+    let existing = |key: &str| current.get(key).and_then(Option::as_ref);
     ops.into_iter()
         .filter_map(|op| match op {
             Op::Put { key, value } => {
-                let version = state.kvs.get(&key).map_or(0, |v| v.version) + 1;
+                let version = existing(&key).map_or(0, |v| v.version) + 1;
                 let stored = Versioned {
                     value: value.clone(),
                     version,
                     mod_revision: revision,
                 };
-                state.kvs.insert(key.clone(), stored);
+                state.insert(key.clone(), Some(stored));
                 Some(WatchEvent::Put {
                     key,
                     value,
                     mod_revision: revision,
                 })
             }
-            Op::Delete { key } => state.kvs.remove(&key).map(|_| WatchEvent::Delete {
-                key,
-                mod_revision: revision,
+            Op::Delete { key } => existing(&key).is_some().then(|| {
+                state.insert(key.clone(), None);
+                WatchEvent::Delete {
+                    key,
+                    mod_revision: revision,
+                }
             }),
         })
         .collect()
@@ -525,28 +794,81 @@ fn replay(path: &Path, state: &mut State) -> Result<u64, StoreError> {
                     state.revision + 1
                 )));
             }
-            apply(state, revision, ops);
+            let mut current = HashMap::new();
+            for op in &ops {
+                current.insert(op.key().to_owned(), state.find(op.key())?);
+            }
+            apply(state, revision, ops, &current);
         }
         at = next;
     }
     Ok(at as u64)
 }
 
-fn read_snapshot(path: &Path) -> Result<State, StoreError> {
-    let bytes = match fs::read(path) {
+/// The segments in `dir`, oldest first. Deletes what a compaction cut short left: temporary
+/// files, and segments a merge's output (in place) covers.
+fn open_segments(dir: &Path) -> Result<Vec<Arc<Segment>>, StoreError> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).map_err(StoreError::io(dir))? {
+        let entry = entry.map_err(StoreError::io(dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.ends_with(".tmp") {
+            fs::remove_file(entry.path()).map_err(StoreError::io(entry.path()))?;
+        } else if let Some((lo, hi)) = segment::parse_name(name) {
+            found.push((lo, hi, entry.path()));
+        }
+    }
+    // By first flush, the widest first: a merge's leftover inputs follow their output.
+    found.sort_by_key(|&(lo, hi, _)| (lo, std::cmp::Reverse(hi)));
+    let mut segments: Vec<Arc<Segment>> = Vec::new();
+    for (lo, hi, path) in found {
+        if let Some(last) = segments.last() {
+            if hi <= last.hi {
+                fs::remove_file(&path).map_err(StoreError::io(&path))?;
+                continue;
+            }
+            if lo <= last.hi {
+                return Err(StoreError::Corrupt {
+                    path,
+                    reason: format!(
+                        "the segment overlaps {} without covering it or being covered",
+                        last.path.display()
+                    ),
+                });
+            }
+        }
+        segments.push(Arc::new(Segment::open(path, lo, hi)?));
+    }
+    sync_dir(dir)?;
+    Ok(segments)
+}
+
+/// Turns the whole-state snapshot of a store from before segments into its first segment
+/// (flush 0), then deletes it.
+fn migrate_snapshot(dir: &Path, segments: &mut Vec<Arc<Segment>>) -> Result<(), StoreError> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let bytes = match fs::read(&path) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
-        Err(e) => return Err(StoreError::io(path)(e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::io(&path)(e)),
     };
-    // A snapshot is renamed into place only once complete and synced: any damage is real.
-    unframe(&bytes, 0)
-        .filter(|&(_, end)| end == bytes.len())
-        .and_then(|(payload, _)| decode_snapshot(payload))
-        .map(|(revision, kvs)| State { kvs, revision })
-        .ok_or_else(|| StoreError::Corrupt {
-            path: path.to_owned(),
-            reason: "the snapshot fails its checksum or cannot be decoded".to_owned(),
-        })
+    // Already migrated by an open that stopped before deleting it.
+    if segments.first().is_none_or(|s| s.lo > 0) {
+        // A snapshot is renamed into place only once complete and synced: any damage is real.
+        let (revision, kvs) = unframe(&bytes, 0)
+            .filter(|&(_, end)| end == bytes.len())
+            .and_then(|(payload, _)| decode_snapshot(payload))
+            .ok_or_else(|| StoreError::Corrupt {
+                path: path.clone(),
+                reason: "the snapshot fails its checksum or cannot be decoded".to_owned(),
+            })?;
+        let table: Table = kvs.into_iter().map(|(k, v)| (k, Some(v))).collect();
+        let first = segment::write(dir, (0, 0), revision, &table, true)?;
+        segments.insert(0, Arc::new(first));
+    }
+    fs::remove_file(&path).map_err(StoreError::io(&path))?;
+    sync_dir(dir)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -567,4 +889,57 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .expect("a state store write panicked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written before segments (a whole-state `snapshot` and a log after it) opens with
+    /// all its state, the snapshot turned into the first segment; an open that stopped after
+    /// writing that segment but before deleting the snapshot is finished by the next.
+    #[tokio::test]
+    async fn a_store_from_before_segments_opens_with_everything() -> Result<(), StoreError> {
+        let dir = tempfile::TempDir::new().map_err(StoreError::io("tempdir"))?;
+        let v = |value: &[u8], version, mod_revision| Versioned {
+            value: value.to_vec(),
+            version,
+            mod_revision,
+        };
+        let kvs = BTreeMap::from([
+            ("a".to_owned(), v(b"1", 2, 2)),
+            ("b".to_owned(), v(b"2", 1, 3)),
+        ]);
+        let snapshot = frame(&format::encode_snapshot(3, &kvs))?;
+        fs::write(dir.path().join(SNAPSHOT_FILE), &snapshot).map_err(StoreError::io("snapshot"))?;
+        let put = Op::Put {
+            key: "a".to_owned(),
+            value: b"3".to_vec(),
+        };
+        let records = [
+            frame(&encode_batch(3, std::slice::from_ref(&put)))?, // already in the snapshot
+            frame(&encode_batch(4, &[put]))?,
+        ]
+        .concat();
+        fs::write(dir.path().join(WAL_FILE), records).map_err(StoreError::io("wal"))?;
+
+        let want = vec![
+            ("a".to_owned(), v(b"3", 3, 4)),
+            ("b".to_owned(), v(b"2", 1, 3)),
+        ];
+        let s = EmbeddedStore::open(dir.path())?;
+        assert_eq!(s.range("").await?, want);
+        assert!(!dir.path().join(SNAPSHOT_FILE).exists());
+        assert_eq!(s.stats().segments, 1);
+        assert_eq!(s.put("c", Vec::new()).await?, 5, "the revision carries on");
+        drop(s);
+
+        // The snapshot back beside the segment made of it: deleted, not read twice.
+        fs::write(dir.path().join(SNAPSHOT_FILE), &snapshot).map_err(StoreError::io("snapshot"))?;
+        let s = EmbeddedStore::open(dir.path())?;
+        assert!(!dir.path().join(SNAPSHOT_FILE).exists());
+        assert_eq!(s.get("a").await?, Some(v(b"3", 3, 4)));
+        assert_eq!(s.range("").await?.len(), 3);
+        Ok(())
+    }
 }

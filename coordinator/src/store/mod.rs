@@ -4,7 +4,8 @@
 //!
 //! Two implementations, chosen by the URL given to [`open`]:
 //! - [`embedded::EmbeddedStore`] (`file:///dir` or a bare path), the default: a crash-safe
-//!   write-ahead log and snapshot in a local directory, for one coordinator.
+//!   write-ahead log and sorted segment files in a local directory, for one coordinator, in
+//!   bounded memory whatever the state's size.
 //! - [`etcd::EtcdStore`] (`etcd://host:port[,host:port...][/prefix]`): an etcd cluster, every key
 //!   under an optional prefix so that several jobs can share one cluster.
 //!

@@ -1,7 +1,9 @@
-//! The embedded store's bytes on disk. Integers are little-endian; a byte string is
+//! The embedded store's log records, and the snapshot of stores from before segments (the
+//! segments' layout is in `segment.rs`). Integers are little-endian; a byte string is
 //! `len: u32 | bytes`.
 //!
-//! - A frame (each log record, and the whole snapshot): `len: u32 | crc32(payload): u32 | payload`.
+//! - A frame (each log record, each segment block and index, and the whole snapshot):
+//!   `len: u32 | crc32(payload): u32 | payload`.
 //! - A log record's payload, one committed write: `revision: u64 | op count: u32 | ops`, each op
 //!   `tag: u8 (1 put, 2 delete) | key | value (puts only)`.
 //! - The snapshot's payload: `revision: u64 | count: u64 | entries`, each
@@ -73,6 +75,8 @@ pub(super) fn decode_batch(payload: &[u8]) -> Option<(u64, Vec<Op>)> {
     r.0.is_empty().then_some((revision, ops))
 }
 
+/// Only tests write snapshots now: the store turns one into a segment when it opens it.
+#[cfg(test)]
 pub(super) fn encode_snapshot(revision: u64, kvs: &BTreeMap<String, Versioned>) -> Vec<u8> {
     let mut out = revision.to_le_bytes().to_vec();
     out.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
@@ -109,34 +113,34 @@ fn put_len(out: &mut Vec<u8>, len: usize) {
     out.extend_from_slice(&(len as u32).to_le_bytes());
 }
 
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(super) fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     put_len(out, bytes.len());
     out.extend_from_slice(bytes);
 }
 
 /// Reads fields off the front of a payload; `None` when it runs out.
-struct Reader<'a>(&'a [u8]);
+pub(super) struct Reader<'a>(pub(super) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(super) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let (head, rest) = self.0.split_at_checked(n)?;
         self.0 = rest;
         Some(head)
     }
-    fn u8(&mut self) -> Option<u8> {
+    pub(super) fn u8(&mut self) -> Option<u8> {
         Some(self.take(1)?[0])
     }
-    fn u32(&mut self) -> Option<u32> {
+    pub(super) fn u32(&mut self) -> Option<u32> {
         Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
     }
-    fn u64(&mut self) -> Option<u64> {
+    pub(super) fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
-    fn bytes(&mut self) -> Option<&'a [u8]> {
+    pub(super) fn bytes(&mut self) -> Option<&'a [u8]> {
         let len = self.u32()? as usize;
         self.take(len)
     }
-    fn string(&mut self) -> Option<String> {
+    pub(super) fn string(&mut self) -> Option<String> {
         String::from_utf8(self.bytes()?.to_vec()).ok()
     }
 }
