@@ -115,9 +115,17 @@ bench-scale: setup
 	$(CARGO) build --release -p stagecoach-coordinator -p stagecoach-bench --bins
 	$(VENV)/bin/python bench/scale.py --coordinator $(SCALE_COORDINATOR) --bench target/release/stagecoach-bench $(SCALE_ARGS)
 
+## The embedded state store's memory and compaction cost as a ledger grows (10,000 to 400,000
+## steps) against the same state in an in-memory map, each in its own process.
+## `make bench-store MACHINE="8-core workstation"` names the machine in the results.
+.PHONY: bench-store
+bench-store: setup
+	$(CARGO) build --release -p stagecoach-coordinator --bin bench_store
+	target/release/bench_store --output bench/results/store-cpu.md $(if $(MACHINE),--machine "$(MACHINE)")
+
 ## Every CPU benchmark; each prints ratios against a reference run in the same invocation.
 .PHONY: bench
-bench: bench-cpu bench-allreduce bench-checkpoint bench-tls
+bench: bench-cpu bench-allreduce bench-checkpoint bench-tls bench-store
 
 ## The container images from deploy/image/Dockerfile, with podman or docker: `stagecoach` (the
 ## workers, on a CUDA base) and `stagecoach-control` (the coordinator and the CLI), tagged
