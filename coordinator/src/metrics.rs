@@ -129,6 +129,50 @@ static FENCED_WRITES: std::sync::LazyLock<IntCounter> = std::sync::LazyLock::new
     .expect("a valid metric definition")
 });
 
+/// The embedded state store, process-wide like [`CONTROL_REQUESTS`] (the store reports as it
+/// writes; an etcd store leaves them at 0): what it holds in memory (memtables and the
+/// segments' block indexes), its segments, and what its flushes and merges wrote.
+static STORE_MEMORY: std::sync::LazyLock<IntGauge> = std::sync::LazyLock::new(|| {
+    IntGauge::with_opts(Opts::new(
+        "stagecoach_store_memory_bytes",
+        "What the embedded state store holds in memory: writes not yet in a segment and the segments' block indexes (estimated)",
+    ))
+    .expect("a valid metric definition")
+});
+static STORE_SEGMENTS: std::sync::LazyLock<IntGauge> = std::sync::LazyLock::new(|| {
+    IntGauge::with_opts(Opts::new(
+        "stagecoach_store_segments",
+        "Segment files of the embedded state store",
+    ))
+    .expect("a valid metric definition")
+});
+static STORE_SEGMENT_BYTES: std::sync::LazyLock<IntGauge> = std::sync::LazyLock::new(|| {
+    IntGauge::with_opts(Opts::new(
+        "stagecoach_store_segment_bytes",
+        "The embedded state store's segments' size on disk",
+    ))
+    .expect("a valid metric definition")
+});
+static STORE_COMPACTION_WRITTEN: std::sync::LazyLock<IntCounter> = std::sync::LazyLock::new(|| {
+    IntCounter::with_opts(Opts::new(
+        "stagecoach_store_compaction_written_bytes_total",
+        "Bytes the embedded state store's flushes and merges wrote to segments",
+    ))
+    .expect("a valid metric definition")
+});
+
+/// The embedded store's figures now (see [`STORE_MEMORY`]).
+pub fn embedded_store(memory: u64, segments: usize, segment_bytes: u64) {
+    STORE_MEMORY.set(i64::try_from(memory).unwrap_or(i64::MAX));
+    STORE_SEGMENTS.set(i64::try_from(segments).unwrap_or(i64::MAX));
+    STORE_SEGMENT_BYTES.set(i64::try_from(segment_bytes).unwrap_or(i64::MAX));
+}
+
+/// The embedded store wrote `bytes` to a segment (see [`STORE_COMPACTION_WRITTEN`]).
+pub fn store_compaction_written(bytes: u64) {
+    STORE_COMPACTION_WRITTEN.inc_by(bytes);
+}
+
 /// Whether this replica leads (see [`LEADER`]).
 pub fn leadership(held: bool) {
     LEADER.set(i64::from(held));
@@ -477,6 +521,12 @@ impl Metrics {
         let _ = m.registry.register(Box::new(LEADER.clone()));
         let _ = m.registry.register(Box::new(LEADER_CHANGES.clone()));
         let _ = m.registry.register(Box::new(FENCED_WRITES.clone()));
+        let _ = m.registry.register(Box::new(STORE_MEMORY.clone()));
+        let _ = m.registry.register(Box::new(STORE_SEGMENTS.clone()));
+        let _ = m.registry.register(Box::new(STORE_SEGMENT_BYTES.clone()));
+        let _ = m
+            .registry
+            .register(Box::new(STORE_COMPACTION_WRITTEN.clone()));
         for kind in stagecoach_core::recovery::KINDS {
             m.failures
                 .with_label_values(&[stagecoach_core::recovery::kind_label(kind)]);

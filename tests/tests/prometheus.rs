@@ -133,6 +133,14 @@ fn check(prom: &str) -> Result<String, String> {
             ));
         }
     }
+    // The coordinator's embedded store reports what it holds.
+    let store = query(
+        prom,
+        r#"stagecoach_store_memory_bytes{job="coordinator"} > 0"#,
+    )?;
+    if store.len() != 1 {
+        return Err(format!("store memory: {store:?}"));
+    }
     let running = query(prom, r#"stagecoach_job_state{state="running"}"#)?;
     Ok(format!(
         "loss {loss:.4}, ranks {ranks:?}, tokens {tokens:?}, running {running:?}, \

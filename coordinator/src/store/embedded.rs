@@ -184,6 +184,18 @@ impl State {
     }
 }
 
+fn stats_of(state: &State, written_bytes: u64) -> StoreStats {
+    StoreStats {
+        revision: state.revision,
+        memtable_bytes: state.memtable_bytes + state.frozen.as_ref().map_or(0, |(_, b)| *b),
+        index_bytes: state.segments.iter().map(|s| s.index_bytes()).sum(),
+        segments: state.segments.len(),
+        segment_bytes: state.segments.iter().map(|s| s.bytes).sum(),
+        segment_entries: state.segments.iter().map(|s| s.entries).sum(),
+        written_bytes,
+    }
+}
+
 /// Memory a memtable entry takes, estimated: its key and value and the map's overhead.
 fn entry_bytes(key_len: usize, entry: &Entry) -> u64 {
     const OVERHEAD: usize = 96;
@@ -292,6 +304,7 @@ impl EmbeddedStore {
         if had_previous {
             inner.flush_now(&mut self::lock(&inner.log))?;
         }
+        inner.report(&self::lock(&inner.state));
         Ok(Self {
             inner: Arc::new(inner),
         })
@@ -316,16 +329,10 @@ impl EmbeddedStore {
 
     /// What the store holds now, in memory and on disk.
     pub fn stats(&self) -> StoreStats {
-        let state = lock(&self.inner.state);
-        StoreStats {
-            revision: state.revision,
-            memtable_bytes: state.memtable_bytes + state.frozen.as_ref().map_or(0, |(_, b)| *b),
-            index_bytes: state.segments.iter().map(|s| s.index_bytes()).sum(),
-            segments: state.segments.len(),
-            segment_bytes: state.segments.iter().map(|s| s.bytes).sum(),
-            segment_entries: state.segments.iter().map(|s| s.entries).sum(),
-            written_bytes: self.inner.written.load(Ordering::Relaxed),
-        }
+        stats_of(
+            &lock(&self.inner.state),
+            self.inner.written.load(Ordering::Relaxed),
+        )
     }
 
     async fn commit(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<Outcome, StoreError> {
@@ -392,6 +399,7 @@ impl Inner {
             let events = apply(&mut state, revision, ops, &current);
             // No receivers is fine; sending under the lock keeps events in revision order.
             let _ = self.events.send(events.into());
+            self.report(&state);
         }
         if log.len >= log.compact_after {
             if log.len >= STALL_FACTOR * log.compact_after {
@@ -409,6 +417,12 @@ impl Inner {
             changed: true,
             revision,
         })
+    }
+
+    /// Publishes what the store holds (`stagecoach_store_*` in the coordinator's metrics).
+    fn report(&self, state: &State) {
+        let stats = stats_of(state, 0);
+        crate::metrics::embedded_store(stats.memory_bytes(), stats.segments, stats.segment_bytes);
     }
 
     /// The key's state now; reads segments without holding the state lock.
@@ -505,6 +519,7 @@ impl Inner {
         let oldest = lock(&self.state).segments.is_empty();
         let segment = segment::write(&self.dir, (flush, flush), revision, table, oldest)?;
         self.written.fetch_add(segment.bytes, Ordering::Relaxed);
+        crate::metrics::store_compaction_written(segment.bytes);
         let mut state = lock(&self.state);
         state.segments.push(Arc::new(segment));
         state.frozen = None;
@@ -512,6 +527,7 @@ impl Inner {
             state.memtable.clear();
             state.memtable_bytes = 0;
         }
+        self.report(&state);
         Ok(())
     }
 
@@ -571,6 +587,7 @@ impl Inner {
         let refs: Vec<&Segment> = inputs.iter().map(|s| &**s).collect();
         let merged = Arc::new(segment::merge(&self.dir, &refs, oldest)?);
         self.written.fetch_add(merged.bytes, Ordering::Relaxed);
+        crate::metrics::store_compaction_written(merged.bytes);
         {
             let mut state = lock(&self.state);
             let at = state
@@ -581,6 +598,7 @@ impl Inner {
             state
                 .segments
                 .splice(at..at + inputs.len(), [Arc::clone(&merged)]);
+            self.report(&state);
         }
         // Readers that still hold an input read it through its open file.
         for input in inputs {
