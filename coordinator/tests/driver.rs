@@ -598,6 +598,20 @@ async fn stage_next_from_the_api_switches_every_rank_at_the_next_step() {
     );
     let why = refusal(h.control(set_mix("two", &[("a", 0.7)])).await);
     assert!(why.contains("the weights sum to 0.7"), "{why}");
+    // A malformed mixture is the request's fault whatever the job's state: InvalidArgument,
+    // not FailedPrecondition (which tells a client that retrying later might succeed).
+    for bad in [
+        &[("a", f64::NAN), ("b", 1.0)][..],
+        &[("a", -0.5), ("b", 1.5)],
+        &[("a", 0.5), ("a", 0.5)],
+        &[("z", 1.0)],
+        &[("a", 0.7)],
+    ] {
+        match h.control(set_mix("two", bad)).await {
+            Err(Error::InvalidArgument(_)) => {}
+            other => panic!("{bad:?}: expected InvalidArgument, got {other:?}"),
+        }
+    }
     let why = refusal(h.control(set_mix("two", &[("a", 1.0)])).await);
     assert!(why.contains("try again then"), "{why}");
     let (a, b, mut ia, mut ib) = two_ready(&h).await;
@@ -652,7 +666,7 @@ async fn stage_next_from_the_api_switches_every_rank_at_the_next_step() {
     ));
     assert!(matches!(
         h.control(mix("two", &[("a", 0.7)])).await,
-        Err(Error::FailedPrecondition(_))
+        Err(Error::InvalidArgument(_))
     ));
     let ControlReply::MixSet(m) = h.control(mix("two", &[("b", 1.0)])).await.unwrap() else {
         panic!()

@@ -278,7 +278,7 @@ async fn requests_bad_in_every_way_are_refused_with_short_clear_statuses() {
     );
     check(
         "mix with a NaN weight",
-        Code::FailedPrecondition,
+        Code::InvalidArgument,
         control
             .set_mix(mix("only", vec![("a", f64::NAN)]))
             .await

@@ -56,6 +56,10 @@ pub enum CurriculumError {
     /// The request makes no sense now; the message says why.
     #[error("{0}")]
     Refused(String),
+    /// The request is malformed whatever the job's state (a mixture naming an unknown source,
+    /// a weight that is not a number); the message says what to fix.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,18 +116,18 @@ pub fn aligned_weights(
     let mut seen = vec![false; names.len()];
     for (name, w) in weights {
         let Some(i) = names.iter().position(|n| n == name) else {
-            return Err(CurriculumError::Refused(format!(
+            return Err(CurriculumError::Invalid(format!(
                 "no source named {name:?}; the sources are {}",
                 names.join(", ")
             )));
         };
         if seen[i] {
-            return Err(CurriculumError::Refused(format!(
+            return Err(CurriculumError::Invalid(format!(
                 "source {name:?} is given twice"
             )));
         }
         if !w.is_finite() || *w < 0.0 {
-            return Err(CurriculumError::Refused(format!(
+            return Err(CurriculumError::Invalid(format!(
                 "the weight of {name:?} must be a non-negative number, got {w}"
             )));
         }
@@ -132,7 +136,7 @@ pub fn aligned_weights(
     }
     let sum: f64 = aligned.iter().sum();
     if (sum - 1.0).abs() > 1e-6 {
-        return Err(CurriculumError::Refused(format!(
+        return Err(CurriculumError::Invalid(format!(
             "the weights sum to {sum}; they must sum to 1"
         )));
     }

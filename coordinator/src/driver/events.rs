@@ -101,6 +101,7 @@ impl From<CurriculumError> for Error {
         match e {
             CurriculumError::NotFound(m) => Error::NotFound(m),
             CurriculumError::Refused(m) => Error::FailedPrecondition(m),
+            CurriculumError::Invalid(m) => Error::InvalidArgument(m),
             e => Error::InvalidArgument(e.to_string()),
         }
     }
