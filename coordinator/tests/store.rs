@@ -51,6 +51,16 @@ async fn unreachable_etcd_is_unavailable_and_retryable() -> anyhow::Result<()> {
         .context("opened an etcd that does not exist")?;
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
     assert!(err.retryable());
+    // The reason says why, once: the root cause, none repeated down the error chain.
+    let text = err.to_string();
+    assert!(text.contains("Connection refused"), "{text}");
+    let parts: Vec<&str> = text.split(": ").collect();
+    for (i, part) in parts.iter().enumerate() {
+        assert!(
+            !parts[i + 1..].contains(part),
+            "{part:?} is said twice in {text:?}"
+        );
+    }
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "took {:?}",

@@ -319,7 +319,10 @@ impl Names {
 pub(crate) fn store_error(endpoints: &str, err: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
     match err {
-        E::TransportError(_) | E::IoError(_) => unavailable(endpoints, err.to_string()),
+        E::TransportError(_) | E::IoError(_) => {
+            let text = with_causes(err.to_string(), std::error::Error::source(&err));
+            unavailable(endpoints, text)
+        }
         E::GRpcStatus(status) => match status.code() {
             // etcd's "no leader", "leader changed", "request timed out", and lost
             // connections. A connection that breaks with a request in flight comes back
@@ -352,13 +355,25 @@ fn unavailable(endpoints: &str, reason: String) -> StoreError {
     }
 }
 
-/// A status's message with the error that caused it ("transport error: broken pipe").
+/// A status's message with the errors that caused it ("transport error: broken pipe").
 fn describe_status(status: &tonic::Status) -> String {
-    let mut text = status.message().to_owned();
-    let mut source = std::error::Error::source(status);
+    with_causes(
+        status.message().to_owned(),
+        std::error::Error::source(status),
+    )
+}
+
+/// `text` followed by each error of the chain from `source`, each said once: the layers of
+/// hyper, tonic and the etcd client often repeat their cause's text as their own.
+fn with_causes(mut text: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
+        let cause = e.to_string();
+        if !cause.is_empty() && !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
         source = e.source();
     }
     text
