@@ -121,6 +121,8 @@ def one_run(args, ranks, first, tmp):
             "--coordinator-pid", str(coordinator.pid), "--metrics-url", metrics,
             "--state-dir", os.path.join(folder, "state"), "--label", args.label,
             "--ranks-per-channel", str(args.ranks_per_channel),
+            "--ranks-per-node", str(args.ranks_per_node),
+            "--threads", str(args.bench_threads),
         ]
         if args.json_out:
             command += ["--json-out", args.json_out]
@@ -156,6 +158,11 @@ def main():
     ap.add_argument("--run-secs", type=float, default=20.0)
     ap.add_argument("--ranks-per-channel", type=int, default=8,
                     help="ranks sharing one HTTP/2 connection (bench/README.md says why few)")
+    ap.add_argument("--ranks-per-node", type=int, default=1,
+                    help="above 1: the ranks of a node share one NodeSession through a relay, "
+                         "as behind a node agent (1: a Session per rank)")
+    ap.add_argument("--bench-threads", type=int, default=0,
+                    help="the load generator's runtime threads (0: one per core)")
     ap.add_argument("--label", default="", help="kept in the JSON lines (e.g. before, after)")
     ap.add_argument("--json-out", help="append every run's figures as a JSON line here")
     ap.add_argument("--keep", action="store_true",
@@ -169,7 +176,8 @@ def main():
         sys.exit("--ranks: every N must be at least 1")
     # Each channel of the bench is a socket on both sides; the coordinator's log, state and
     # metrics add a few. Both processes inherit the limit.
-    raise_fd_limit(4096 + max(args.ranks) // max(1, args.ranks_per_channel) * 4)
+    per_connection = args.ranks_per_node if args.ranks_per_node > 1 else args.ranks_per_channel
+    raise_fd_limit(4096 + max(args.ranks) // max(1, per_connection) * 4)
     tmp = tempfile.mkdtemp(prefix="stagecoach-scale-")
     started = time.monotonic()
     try:

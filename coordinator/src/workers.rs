@@ -19,10 +19,12 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use crate::auth::{Auth, Need};
-use crate::driver::{Event, LeaseBook};
+use crate::driver::{Event, LeaseBook, Outbox};
 use crate::error::clip;
 use crate::server::Coordinator;
 use crate::Error;
+
+mod node;
 
 /// Messages queued for one worker before the coordinator considers it too slow.
 const OUTBOX: usize = 256;
@@ -198,7 +200,7 @@ impl Workers for WorkersService {
             worker_id: id,
             identity,
             session,
-            outbox,
+            outbox: Outbox::Session(outbox),
             reply,
         })
         .await?;
@@ -252,5 +254,26 @@ impl Workers for WorkersService {
             worker_id: stream_id,
             session,
         })))
+    }
+    type NodeSessionStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::NodeDown, Status>> + Send>>;
+
+    /// The sessions of a node's workers over one stream (see [`node`]).
+    async fn node_session(
+        &self,
+        request: Request<Streaming<v1::NodeUp>>,
+    ) -> Result<Response<Self::NodeSessionStream>, Status> {
+        let caller = self.auth().check(&request, Need::Work)?;
+        let (events, leases) = self.driver()?;
+        let node = node::Node {
+            events,
+            leases,
+            identity: caller.describe(),
+            sessions: self.sessions.clone(),
+        };
+        Ok(Response::new(Box::pin(node::open(
+            node,
+            request.into_inner(),
+        ))))
     }
 }

@@ -6,6 +6,7 @@ mod common;
 mod binaries;
 mod control;
 mod driver;
+mod node_session;
 mod security;
 mod store;
 mod store_segments;

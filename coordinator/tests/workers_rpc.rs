@@ -43,7 +43,7 @@ fn job() -> String {
         .to_toml()
 }
 
-async fn start() -> String {
+pub(crate) async fn start() -> String {
     let job: JobFile = toml::from_str(&job()).unwrap();
     let settings = Settings {
         min: 2,
@@ -71,7 +71,7 @@ async fn start() -> String {
     url
 }
 
-fn msg(worker_id: &str, kind: v1::worker_message::Kind) -> v1::WorkerMessage {
+pub(crate) fn msg(worker_id: &str, kind: v1::worker_message::Kind) -> v1::WorkerMessage {
     v1::WorkerMessage {
         worker_id: worker_id.into(),
         kind: Some(kind),

@@ -1,9 +1,11 @@
 //! Protocol definitions shared by the coordinator, the workers and the `stagecoach` CLI.
 //!
 //! Generated from `proto/stagecoach.proto` by `tonic-prost-build`; [`connect`] is how a client
-//! reaches a coordinator (TLS, a bearer token).
+//! reaches a coordinator (TLS, a bearer token); [`relay`] carries the sessions of a node's
+//! workers over one stream.
 
 pub mod connect;
+pub mod relay;
 
 /// Metadata on the `FailedPrecondition` that answers a Register once the job is over: the
 /// job's end state, `finished` or `failed`, so that a worker (or any client) can tell "nothing

@@ -28,8 +28,10 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
 use probe::Usage;
-use rank::{RankLog, Shared};
+use rank::{RankLog, Shared, Transport};
 use report::Figures;
+use stagecoach_proto::relay::Relay;
+use stagecoach_proto::v1::workers_client::WorkersClient;
 
 /// N simulated ranks against a coordinator; prints one markdown row of what it measured.
 #[derive(Debug, Clone, Parser)]
@@ -49,6 +51,12 @@ pub struct Options {
     /// a real worker, alone on its connection, would not.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub ranks_per_channel: u32,
+    /// Ranks per simulated node. Above 1, the ranks of a node hold their sessions inside one
+    /// `NodeSession` through a relay (`stagecoach_proto::relay`, what a node agent runs for
+    /// its ranks), and each node has a connection of its own (`--ranks-per-channel` is not
+    /// used). 1: every rank holds its own `Session`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub ranks_per_node: u32,
     /// Registrations (each with its session's opening) in progress at once.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub joining: u32,
@@ -74,6 +82,10 @@ pub struct Options {
     /// A name for the run, kept in the JSON line (e.g. the coordinator build).
     #[arg(long, default_value = "")]
     pub label: String,
+    /// The load generator's runtime threads (0: one per core). One leaves the coordinator a
+    /// core of a 2-core machine to itself.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
     /// Print the table's header before the row.
     #[arg(long)]
     pub header: bool,
@@ -153,7 +165,11 @@ fn metric(p: &Probe, name: &str) -> Option<f64> {
 /// to `--json-out`.
 pub fn run(options: Options) -> anyhow::Result<Figures> {
     options.check()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if options.threads > 0 {
+        runtime.worker_threads(options.threads);
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
@@ -177,9 +193,18 @@ pub fn run(options: Options) -> anyhow::Result<Figures> {
     Ok(figures)
 }
 
+/// Ranks that share a connection: a channel's, or a node's.
+fn per_connection(options: &Options) -> u32 {
+    if options.ranks_per_node > 1 {
+        options.ranks_per_node
+    } else {
+        options.ranks_per_channel
+    }
+}
+
 async fn channels(options: &Options) -> anyhow::Result<Vec<Channel>> {
-    let n = options.ranks.div_ceil(options.ranks_per_channel) as usize;
-    let per = u64::from(options.ranks_per_channel.min(options.ranks));
+    let n = options.ranks.div_ceil(per_connection(options)) as usize;
+    let per = u64::from(per_connection(options).min(options.ranks));
     // Each real worker has its own connection with HTTP/2's default 64 KiB window; ranks that
     // share one get the sum, so the coordinator can send them as much as it could send them
     // apart.
@@ -209,9 +234,21 @@ async fn bench(options: &Options) -> anyhow::Result<Figures> {
     let (shared, mut running) = Shared::new(n, options.joining as usize);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut ranks = tokio::task::JoinSet::new();
+    let per = per_connection(options) as usize;
+    let transports: Vec<Transport> = channels
+        .into_iter()
+        .map(|channel| {
+            if options.ranks_per_node > 1 {
+                let client = WorkersClient::with_interceptor(channel, Default::default());
+                Transport::Node(Arc::new(Relay::new(client)))
+            } else {
+                Transport::Own(channel)
+            }
+        })
+        .collect();
     for i in 0..n {
-        let channel = channels[i / options.ranks_per_channel as usize].clone();
-        ranks.spawn(rank::run(i, shared.clone(), channel, stop_rx.clone()));
+        let transport = transports[i / per].clone();
+        ranks.spawn(rank::run(i, shared.clone(), transport, stop_rx.clone()));
     }
     let start = Instant::now();
     let form_deadline = start + Duration::from_secs_f64(options.form_timeout_secs);
@@ -227,6 +264,7 @@ async fn bench(options: &Options) -> anyhow::Result<Figures> {
     let mut figures = Figures {
         label: options.label.clone(),
         ranks: n,
+        ranks_per_node: options.ranks_per_node,
         form_timeout_seconds: options.form_timeout_secs,
         ..Default::default()
     };

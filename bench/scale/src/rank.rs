@@ -9,11 +9,50 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use stagecoach_proto::connect::AuthedChannel;
+use stagecoach_proto::relay::{Relay, RelaySession};
 use stagecoach_proto::v1;
 use stagecoach_proto::v1::workers_client::WorkersClient;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+
+/// How a rank reaches the coordinator: a session of its own on a shared connection, or inside
+/// its node's session through the node's relay (as the ranks behind a node agent do).
+#[derive(Clone)]
+pub enum Transport {
+    Own(Channel),
+    Node(Arc<Relay>),
+}
+
+/// A rank's open session, either way.
+enum Pipe {
+    Own {
+        inbound: tonic::Streaming<v1::CoordinatorMessage>,
+        out: mpsc::Sender<v1::WorkerMessage>,
+    },
+    Node(RelaySession),
+}
+
+impl Pipe {
+    async fn message(&mut self) -> Result<Option<v1::CoordinatorMessage>, tonic::Status> {
+        match self {
+            Pipe::Own { inbound, .. } => inbound.message().await,
+            Pipe::Node(session) => session.message().await,
+        }
+    }
+
+    /// False when the session's outbound side is gone.
+    async fn send(&self, message: v1::WorkerMessage) -> bool {
+        match self {
+            Pipe::Own { out, .. } => out.send(message).await.is_ok(),
+            Pipe::Node(session) => match message.kind {
+                Some(kind) => session.send(kind).await.is_ok(),
+                None => true,
+            },
+        }
+    }
+}
 
 /// The loss every rank reports for each of its samples (a plausible cross-entropy).
 pub const LOSS: f64 = 2.5;
@@ -166,28 +205,33 @@ enum End {
 pub async fn run(
     index: usize,
     shared: Arc<Shared>,
-    channel: Channel,
+    transport: Transport,
     mut stop: watch::Receiver<bool>,
 ) -> RankLog {
     let mut log = RankLog::default();
-    let mut client = WorkersClient::new(channel);
+    let mut client = match &transport {
+        Transport::Own(channel) => {
+            WorkersClient::with_interceptor(channel.clone(), Default::default())
+        }
+        Transport::Node(relay) => relay.client(),
+    };
     let mut first = true;
     loop {
         if *stop.borrow() {
             break;
         }
         let joined = tokio::select! {
-            j = join(index, &shared, &mut client) => j,
+            j = join(index, &shared, &mut client, &transport) => j,
             () = stopped(&mut stop) => break,
         };
         match joined {
-            Ok(Some((link, inbound, out))) => {
+            Ok(Some((link, pipe))) => {
                 if first {
                     shared.counts.registered.fetch_add(1, Ordering::Relaxed);
                     first = false;
                 }
                 shared.counts.attached.fetch_add(1, Ordering::Relaxed);
-                let end = session(&shared, &link, inbound, out, &mut stop, &mut log).await;
+                let end = session(&shared, &link, pipe, &mut stop, &mut log).await;
                 shared.counts.attached.fetch_sub(1, Ordering::Relaxed);
                 match end {
                     End::JobOver => {
@@ -223,18 +267,15 @@ struct Link {
     sources: Vec<v1::SourceSize>,
 }
 
-type Joined = (
-    Link,
-    tonic::Streaming<v1::CoordinatorMessage>,
-    mpsc::Sender<v1::WorkerMessage>,
-);
+type Joined = (Link, Pipe);
 
 /// Registers and opens the session, within the bound on joins in progress. `None` when the
 /// coordinator says the job is over.
 async fn join(
     index: usize,
     shared: &Shared,
-    client: &mut WorkersClient<Channel>,
+    client: &mut WorkersClient<AuthedChannel>,
+    transport: &Transport,
 ) -> Result<Option<Joined>, tonic::Status> {
     let _permit = shared.joining.acquire().await.expect("never closed");
     let _ = shared.first_register.set(Instant::now());
@@ -257,6 +298,7 @@ async fn join(
         }
         Err(s) => return Err(s),
     };
+    let hold = stagecoach_proto::relay::hold(&reg);
     let job = reg
         .job
         .ok_or_else(|| tonic::Status::internal("the registration carried no job"))?;
@@ -278,6 +320,10 @@ async fn join(
         heartbeat: Duration::from_millis(reg.heartbeat_ms.max(10)),
         sources,
     };
+    if let Transport::Node(relay) = transport {
+        let session = relay.session(link.worker_id.clone(), hold).await?;
+        return Ok(Some((link, Pipe::Node(session))));
+    }
     let (out, out_rx) = mpsc::channel(OUTBOUND);
     // The receiver is ours until the call takes it: this cannot wait or fail.
     let _ = out.try_send(message(
@@ -288,7 +334,7 @@ async fn join(
         .session(ReceiverStream::new(out_rx))
         .await?
         .into_inner();
-    Ok(Some((link, inbound, out)))
+    Ok(Some((link, Pipe::Own { inbound, out })))
 }
 
 /// A collective address nothing listens on (the coordinator only stores it), unique per rank.
@@ -307,8 +353,7 @@ fn message(link: &Link, kind: v1::worker_message::Kind) -> v1::WorkerMessage {
 async fn session(
     shared: &Shared,
     link: &Link,
-    mut inbound: tonic::Streaming<v1::CoordinatorMessage>,
-    out: mpsc::Sender<v1::WorkerMessage>,
+    mut pipe: Pipe,
     stop: &mut watch::Receiver<bool>,
     log: &mut RankLog,
 ) -> End {
@@ -321,9 +366,9 @@ async fn session(
     let mut world: Option<(v1::World, bool)> = None;
     loop {
         let msg = tokio::select! {
-            m = inbound.message() => m,
+            m = pipe.message() => m,
             _ = beat.tick() => {
-                if out.send(message(link, Up::Heartbeat(v1::Heartbeat {}))).await.is_err() {
+                if !pipe.send(message(link, Up::Heartbeat(v1::Heartbeat {}))).await {
                     let c = &shared.counts;
                     c.broke(&c.sessions_broken, || "the session's outbound stream closed".into());
                     return End::Lost;
@@ -437,7 +482,7 @@ async fn session(
             None => None,
         };
         if let Some(kind) = reply {
-            if out.send(message(link, kind)).await.is_err() {
+            if !pipe.send(message(link, kind)).await {
                 let c = &shared.counts;
                 c.broke(&c.sessions_broken, || {
                     "the session's outbound stream closed".into()

@@ -48,6 +48,8 @@ pub fn quantile(sorted: &[u64], q: f64) -> Option<u64> {
 pub struct Figures {
     pub label: String,
     pub ranks: usize,
+    /// Ranks per node session (1: a session per rank).
+    pub ranks_per_node: u32,
     /// Seconds from the first Register to the first `Work` at every rank.
     pub formed_seconds: Option<f64>,
     /// The formation timeout, when the world did not run within it.
@@ -189,6 +191,7 @@ impl Figures {
         json!({
             "label": self.label,
             "ranks": self.ranks,
+            "ranks_per_node": self.ranks_per_node,
             "formed": self.formed(),
             "formed_seconds": self.formed_seconds,
             "form_timeout_seconds": self.form_timeout_seconds,

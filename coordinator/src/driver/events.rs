@@ -8,7 +8,7 @@ use stagecoach_core::recovery::RecoveryConfig;
 use stagecoach_core::retention::CheckpointConfig;
 use stagecoach_core::spike::SpikeConfig;
 use stagecoach_proto::v1;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::Error;
 
@@ -28,13 +28,19 @@ pub enum Event {
         /// Who opens the session: it must be who registered `worker_id`.
         identity: String,
         session: u64,
-        outbox: mpsc::Sender<v1::CoordinatorMessage>,
+        outbox: super::Outbox,
         reply: oneshot::Sender<Result<(), Error>>,
     },
     Message {
         worker_id: String,
         kind: v1::worker_message::Kind,
         reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// Messages of several workers, at most one of each, judged in order: a node session's
+    /// batch (the answers in the same order).
+    Messages {
+        messages: Vec<(String, v1::worker_message::Kind)>,
+        reply: oneshot::Sender<Vec<Result<(), Error>>>,
     },
     /// Session `session` of `worker_id` ended (its lease still decides whether it is dead); a
     /// newer session of the same worker is left alone.

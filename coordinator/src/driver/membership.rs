@@ -27,7 +27,7 @@ pub(super) struct Member {
     pub(super) backend: v1::CollectiveBackend,
     /// An unused NCCL unique id from this worker, for a world where it is rank 0.
     pub(super) nccl_id: Vec<u8>,
-    pub(super) outbox: Option<mpsc::Sender<v1::CoordinatorMessage>>,
+    pub(super) outbox: Option<Outbox>,
     /// The session `outbox` belongs to.
     pub(super) session: u64,
     pub(super) lease_until: Instant,
@@ -35,16 +35,44 @@ pub(super) struct Member {
     pub(super) undeliverable: AtomicBool,
 }
 
+/// Where the driver queues a member's messages: the stream of its own session, or that of the
+/// node session it is attached to, which the node's workers share, each message tagged with its
+/// worker's id. Either way a message that cannot be queued at once is not delivered: the driver
+/// never waits on a session.
+#[derive(Debug, Clone)]
+pub enum Outbox {
+    Session(mpsc::Sender<v1::CoordinatorMessage>),
+    Node {
+        queue: mpsc::Sender<v1::NodeMessage>,
+        worker_id: String,
+    },
+}
+
+impl Outbox {
+    /// Queues `message`; on a full or closed queue, why not.
+    pub(super) fn try_send(&self, message: v1::CoordinatorMessage) -> Result<(), String> {
+        match self {
+            Outbox::Session(tx) => tx.try_send(message).map_err(|e| e.to_string()),
+            Outbox::Node { queue, worker_id } => queue
+                .try_send(v1::NodeMessage {
+                    worker_id: worker_id.clone(),
+                    kind: Some(v1::node_message::Kind::Message(message)),
+                })
+                .map_err(|e| format!("node session: {e}")),
+        }
+    }
+}
+
 /// The members by id, and whether a message to any of them could not be queued since the
 /// driver last looked (see [`send`](super::send)).
 #[derive(Default)]
 pub(super) struct Members {
-    map: std::collections::BTreeMap<String, Member>,
+    map: HashMap<String, Member>,
     pub(super) any_undeliverable: AtomicBool,
 }
 
 impl std::ops::Deref for Members {
-    type Target = std::collections::BTreeMap<String, Member>;
+    type Target = HashMap<String, Member>;
     fn deref(&self) -> &Self::Target {
         &self.map
     }
@@ -222,11 +250,7 @@ impl Driver {
     }
 
     /// A session of `worker_id` is attached (`Some`) or gone (`None`).
-    pub(super) fn set_outbox(
-        &mut self,
-        worker_id: &str,
-        outbox: Option<mpsc::Sender<v1::CoordinatorMessage>>,
-    ) {
+    pub(super) fn set_outbox(&mut self, worker_id: &str, outbox: Option<Outbox>) {
         let Some(m) = self.members.get_mut(worker_id) else {
             return;
         };
@@ -311,6 +335,9 @@ impl Driver {
         if expired.is_empty() {
             return;
         }
+        // In id order, whatever the map's: the same expiries are reported the same way.
+        let mut expired = expired;
+        expired.sort_unstable();
         // All at once: thousands of leases can lapse together (a switch, a driver that was
         // stalled), and each removal alone would walk the registration order.
         let in_world = self.world.as_ref().and_then(|w| {

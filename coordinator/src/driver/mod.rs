@@ -62,7 +62,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 pub use events::{ControlReply, ControlRequest, Event, Policy, Resume, Settings};
-pub use membership::LeaseBook;
+pub use membership::{LeaseBook, Outbox};
 
 use crate::Error;
 
@@ -420,6 +420,17 @@ impl Driver {
             } => {
                 let r = self.message(&worker_id, kind).await;
                 let _ = reply.send(r);
+            }
+            Event::Messages { messages, reply } => {
+                let mut answers = Vec::with_capacity(messages.len());
+                // The status is published after the batch if any of its messages wanted it.
+                let mut loud = false;
+                for (worker_id, kind) in messages {
+                    answers.push(self.message(&worker_id, kind).await);
+                    loud |= !std::mem::take(&mut self.quiet);
+                }
+                self.quiet = !loud;
+                let _ = reply.send(answers);
             }
             Event::Detach { worker_id, session } => {
                 if self

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stagecoach_coordinator::driver::{
-    ControlReply, ControlRequest, Driver, Event, Policy, Settings,
+    ControlReply, ControlRequest, Driver, Event, Outbox, Policy, Settings,
 };
 use stagecoach_coordinator::ledger::Ledger;
 use stagecoach_coordinator::status::Snapshot;
@@ -204,7 +204,7 @@ impl Harness {
                 worker_id: id.into(),
                 identity: "anonymous".into(),
                 session: self.sessions.get(),
-                outbox,
+                outbox: Outbox::Session(outbox),
                 reply,
             })
             .await
