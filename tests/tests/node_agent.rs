@@ -2,7 +2,8 @@
 //! workers and one plain worker form a world of 3 that trains the losses of 3 plain workers; a
 //! worker of the agent killed with SIGKILL is started again, rejoins, and the job completes with
 //! every sample of the plan once in the ledger; SIGTERM stops the agent and its workers, and a
-//! SIGKILLed agent takes its workers with it; a worker that keeps failing, or whose job failed,
+//! SIGKILLed agent takes its workers with it; the same restart through the agent's relay
+//! (`--relay`, the workers' sessions in one node session); a worker that keeps failing, or whose job failed,
 //! stops the agent with the reason instead of being started again and again.
 
 use std::path::Path;
@@ -271,6 +272,18 @@ fn an_agent_of_two_cpu_workers_and_a_plain_worker_train_the_losses_of_three_plai
 
 #[test]
 fn a_killed_worker_of_the_agent_is_started_again_and_the_job_completes_exactly() {
+    killed_worker_is_started_again(&[]);
+}
+
+/// The same through the agent's relay (`--relay`): the workers reach the coordinator over one
+/// node session; the killed worker's session ends with it, its restart registers and attaches
+/// inside the same node session, and the job completes exactly.
+#[test]
+fn through_the_agents_relay_a_killed_worker_is_started_again_and_the_job_completes_exactly() {
+    killed_worker_is_started_again(&["--relay"]);
+}
+
+fn killed_worker_is_started_again(agent_options: &[&str]) {
     const STEPS: u64 = 30;
     let _one_at_a_time = training();
     let dir = tempfile::tempdir().unwrap();
@@ -284,7 +297,7 @@ fn a_killed_worker_of_the_agent_is_started_again_and_the_job_completes_exactly()
         .write(d.join("restart.toml"));
     let state = d.join("state");
     let (mut coord, url) = coordinator(&job, &state, &d.join("coordinator.log"));
-    let mut node = agent(&url, d, "agent", "cpu,cpu", &[]);
+    let mut node = agent(&url, d, "agent", "cpu,cpu", agent_options);
     let mut other = join_worker(&url, d, "other", &[]);
     let logs = || {
         format!(
@@ -297,6 +310,36 @@ fn a_killed_worker_of_the_agent_is_started_again_and_the_job_completes_exactly()
     wait_for_step(&url, 3);
     let first = child_pids(d, "agent", 1);
     assert_eq!(first.len(), 1, "{}", logs());
+    if agent_options.contains(&"--relay") {
+        // The workers reach the agent's relay on loopback, not the coordinator, with the
+        // agent's token.
+        let agent_log = read(&d.join("agent.log"));
+        let relay = agent_log
+            .split("relay=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("the agent names its relay: {agent_log}"))
+            .to_owned();
+        assert!(relay.starts_with("http://127.0.0.1:"), "{relay}");
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", first[0])).unwrap();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let coordinator_arg = args
+            .iter()
+            .position(|a| a == "--coordinator")
+            .map(|i| args[i + 1].as_str());
+        assert_eq!(coordinator_arg, Some(relay.as_str()), "{args:?}");
+        assert!(!args.contains(&url), "{args:?}");
+        let environ = std::fs::read(format!("/proc/{}/environ", first[0])).unwrap();
+        assert!(
+            environ
+                .split(|b| *b == 0)
+                .any(|v| v.starts_with(b"STAGECOACH_TOKEN=") && v.len() == 17 + 64),
+            "the relay's token in the worker's environment"
+        );
+    }
     signal(first[0], "-KILL");
     let killed = Instant::now();
     wait_until(
@@ -325,7 +368,6 @@ fn a_killed_worker_of_the_agent_is_started_again_and_the_job_completes_exactly()
         logs()
     );
     assert!(other.wait(Duration::from_secs(60)).success());
-
     let pids = child_pids(d, "agent", 1);
     assert_eq!(pids.len(), 2, "started once again, not more: {}", logs());
     assert!(!alive(pids[0]));

@@ -101,6 +101,11 @@ struct NodeArgs {
         help_heading = NODE
     )]
     grace_secs: u64,
+    /// Carry the workers' sessions to the coordinator over one stream (a NodeSession): the
+    /// workers reach this agent on loopback, and the coordinator handles one message per node
+    /// where it would one per worker. One --coordinator URL only.
+    #[arg(long, requires = "devices", help_heading = NODE)]
+    relay: bool,
 }
 
 #[derive(Subcommand)]
@@ -452,6 +457,7 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<ExitCode> {
                 max_restarts,
                 restart_window_secs,
                 grace_secs,
+                relay,
             } = *node_args;
             if let Some(devices) = devices {
                 return run_node(node::NodeOptions {
@@ -469,6 +475,7 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<ExitCode> {
                     pass_through: join_arguments()?,
                     exe: std::env::current_exe()
                         .context("cannot find this binary to start the workers")?,
+                    relay: relay.then(|| auth.clone()),
                 });
             }
             stagecoach_worker::agent::join(stagecoach_worker::agent::JoinOptions {
@@ -711,5 +718,11 @@ fn join_arguments() -> anyhow::Result<Vec<std::ffi::OsString>> {
         args.first().is_some_and(|a| a == "join"),
         "--devices is an option of `stagecoach-worker join`"
     );
-    Ok(node::pass_through(&args[1..], AGENT_OWNED))
+    // `--relay` is a flag of the agent's alone, without a value.
+    let args: Vec<std::ffi::OsString> = args[1..]
+        .iter()
+        .filter(|a| *a != "--relay")
+        .cloned()
+        .collect();
+    Ok(node::pass_through(&args, AGENT_OWNED))
 }

@@ -833,6 +833,18 @@ mod tests {
                 tokio_stream::wrappers::ReceiverStream::new(rx),
             )))
         }
+
+        type NodeSessionStream = std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<v1::NodeDown, tonic::Status>> + Send>,
+        >;
+
+        /// A worker holds its own session: it never opens a node session.
+        async fn node_session(
+            &self,
+            _request: tonic::Request<tonic::Streaming<v1::NodeUp>>,
+        ) -> Result<tonic::Response<Self::NodeSessionStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not a worker's call"))
+        }
     }
 
     struct Fake {

@@ -22,6 +22,7 @@
 
 mod child;
 mod devices;
+pub mod relay;
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -68,6 +69,9 @@ pub struct NodeOptions {
     pub pass_through: Vec<OsString>,
     /// The worker binary (this one).
     pub exe: PathBuf,
+    /// `--relay`: carry the workers' sessions over one node session, reaching the coordinator
+    /// with these credentials (the children then reach the agent, see [`relay`]).
+    pub relay: Option<stagecoach_proto::connect::ClientAuth>,
 }
 
 /// How often a child may be started again.
@@ -144,15 +148,42 @@ impl Outcome {
 
 /// Starts one worker per device and supervises them until the job ends, a child cannot go on,
 /// or a signal stops the agent.
-pub fn run(opts: NodeOptions) -> Result<Outcome> {
-    let specs = plan(&opts, cuda_device_count)?;
+pub fn run(mut opts: NodeOptions) -> Result<Outcome> {
+    let mut specs = plan(&opts, cuda_device_count)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))?;
     // A current-thread runtime: every child is started from this, the main thread, which is
     // what their parent-death signal watches.
-    runtime.block_on(supervise(&opts, specs))
+    runtime.block_on(async {
+        // The relay lives as long as the children it serves.
+        let _relay = match opts.relay.clone() {
+            Some(auth) => {
+                let local = relay::start(&opts.coordinator, &auth).await?;
+                relay_children(&mut opts, &mut specs, &local);
+                Some(local)
+            }
+            None => None,
+        };
+        supervise(&opts, specs).await
+    })
+}
+
+/// The children reach the agent's relay instead of the coordinator: its URL instead of
+/// `--coordinator` (and no TLS files or token file of the agent's), its token in their
+/// environment.
+fn relay_children(opts: &mut NodeOptions, specs: &mut [ChildSpec], local: &relay::LocalRelay) {
+    let mut args = pass_through(&opts.pass_through, relay::RELAYED);
+    args.push("--coordinator".into());
+    args.push(local.url.clone().into());
+    opts.pass_through = args;
+    for spec in specs {
+        spec.env.push((
+            stagecoach_proto::connect::TOKEN_ENV.to_owned(),
+            local.token.clone(),
+        ));
+    }
 }
 
 /// Every child's command line and environment, checked against the node.
@@ -584,8 +615,65 @@ mod tests {
             grace: Duration::from_secs(1),
             pass_through: vec![],
             exe: "stagecoach-worker".into(),
+            relay: None,
         }
     }
+
+    /// Relayed, a child reaches the agent: its URL as --coordinator, none of the agent's TLS
+    /// files or token file, the agent's token in its environment; its other options as given.
+    #[test]
+    fn relayed_children_reach_the_agent_with_its_token() {
+        let mut opts = options("cpu,cpu");
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        opts.pass_through = os(&[
+            "--coordinator",
+            "https://c:7070",
+            "--ca",
+            "ca.pem",
+            "--cert=node.pem",
+            "--key",
+            "node.key",
+            "--token-file",
+            "t",
+            "--reconnect-secs",
+            "30",
+        ]);
+        let mut specs = plan(&opts, || panic!("no CUDA for CPU workers")).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let local = relay::start("http://c:7070", &Default::default())
+                .await
+                .unwrap();
+            relay_children(&mut opts, &mut specs, &local);
+            assert_eq!(
+                opts.pass_through,
+                os(&["--reconnect-secs", "30", "--coordinator", &local.url])
+            );
+            assert!(local.url.starts_with("http://127.0.0.1:"), "{}", local.url);
+            assert_eq!(local.token.len(), 64);
+            for spec in &specs {
+                let tokens: Vec<_> = spec
+                    .env
+                    .iter()
+                    .filter(|(k, _)| k == stagecoach_proto::connect::TOKEN_ENV)
+                    .collect();
+                assert_eq!(tokens, [&(TOKEN_ENV_NAME.to_owned(), local.token.clone())]);
+            }
+            let several = relay::start("http://a:1,http://b:1", &Default::default()).await;
+            let Err(Error::Config(why)) = several else {
+                panic!(
+                    "several coordinators relayed: {:?}",
+                    several.map(|l| l.url.clone())
+                )
+            };
+            assert!(why.contains("one URL"), "{why}");
+        });
+    }
+
+    const TOKEN_ENV_NAME: &str = stagecoach_proto::connect::TOKEN_ENV;
 
     #[test]
     fn each_child_gets_its_rank_ports_files_and_environment() {
