@@ -10,7 +10,8 @@
 //!
 //! Going up, what the node's workers send while the previous batch is on its way goes in the
 //! next `NodeUp` (a step's reports, which the ranks send together after their all-reduce, in
-//! one message). A heartbeat may wait for company (see [`hold`]): anything else goes at once
+//! one message; a report waits up to [`STEP_HOLD`] for the others). A heartbeat may wait for
+//! company (see [`hold`]): anything else goes at once
 //! and takes the waiting heartbeats along, and each worker's heartbeat is sent once per batch,
 //! so a node whose ranks are idle sends one message per heartbeat period, not one per rank.
 
@@ -45,6 +46,11 @@ const UP_QUEUE: usize = 4096;
 
 /// The most messages one `NodeUp` carries.
 const BATCH: usize = 1024;
+
+/// How long a step's report waits for the reports of the node's other workers: they finish
+/// the same all-reduce at the same moment, so theirs come within this; while a worker of the
+/// node is not in the world (restarting), each step waits this much longer.
+pub const STEP_HOLD: Duration = Duration::from_millis(2);
 
 /// What goes up: a worker's message (a heartbeat with the time it may wait until), or the end
 /// of its session on the node.
@@ -184,7 +190,7 @@ impl Relay {
             routes: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
         });
-        tokio::spawn(batch_up(from_workers, batches));
+        tokio::spawn(batch_up(from_workers, batches, Arc::downgrade(&link)));
         let inbound = self
             .client
             .clone()
@@ -302,17 +308,31 @@ impl Drop for RelaySender {
     }
 }
 
-/// Packs the workers' messages into `NodeUp`s: what is queued when one is sent goes in the next.
-async fn batch_up(mut from_workers: mpsc::Receiver<Up>, batches: mpsc::Sender<v1::NodeUp>) {
+/// Packs the workers' messages into `NodeUp`s: what is queued when one is sent goes in the
+/// next, a batch of heartbeats alone waits for company until the first of them may wait no
+/// longer, and a step's report waits up to [`STEP_HOLD`] for those of the node's other workers.
+async fn batch_up(
+    mut from_workers: mpsc::Receiver<Up>,
+    batches: mpsc::Sender<v1::NodeUp>,
+    link: std::sync::Weak<Link>,
+) {
     while let Some(first) = from_workers.recv().await {
         let mut batch = Batch::default();
         batch.add(first);
         batch.take_queued(&mut from_workers);
-        while batch.only_heartbeats() && batch.len() < BATCH {
-            let Some(until) = batch.until else { break };
+        while batch.len() < BATCH {
+            let workers = link
+                .upgrade()
+                .map_or(0, |l| l.routes.lock().expect("not poisoned").len());
+            let Some(until) = batch.wait_until(workers) else {
+                break;
+            };
             tokio::select! {
                 next = from_workers.recv() => match next {
-                    Some(up) => batch.add(up),
+                    Some(up) => {
+                        batch.add(up);
+                        batch.take_queued(&mut from_workers);
+                    }
                     None => break,
                 },
                 () = tokio::time::sleep_until(until) => break,
@@ -333,6 +353,9 @@ struct Batch {
     beats: HashSet<String>,
     /// The earliest time a heartbeat in it may wait until.
     until: Option<tokio::time::Instant>,
+    /// The step of the first report in it, how many reports of that step it holds, and when
+    /// the first came.
+    step: Option<(u64, usize, tokio::time::Instant)>,
     other: bool,
 }
 
@@ -341,8 +364,17 @@ impl Batch {
         self.up.messages.len() + self.up.closed.len()
     }
 
-    fn only_heartbeats(&self) -> bool {
-        !self.other
+    /// How long to wait for more, with `workers` sessions on the node: heartbeats alone until
+    /// the first must go; a step's reports until every worker's is in, for at most
+    /// [`STEP_HOLD`] after the first; else not at all.
+    fn wait_until(&self, workers: usize) -> Option<tokio::time::Instant> {
+        if !self.other {
+            return self.until;
+        }
+        match self.step {
+            Some((_, reports, first)) if reports < workers => Some(first + STEP_HOLD),
+            _ => None,
+        }
     }
 
     fn add(&mut self, up: Up) {
@@ -358,6 +390,13 @@ impl Batch {
             }
             Up::Message(m) => {
                 self.other = true;
+                if let Some(v1::worker_message::Kind::StepDone(done)) = &m.kind {
+                    match &mut self.step {
+                        None => self.step = Some((done.step, 1, tokio::time::Instant::now())),
+                        Some((step, reports, _)) if *step == done.step => *reports += 1,
+                        Some(_) => {}
+                    }
+                }
                 self.up.messages.push(m);
             }
             Up::Closed(id) => {
