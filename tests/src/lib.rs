@@ -19,6 +19,20 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// The venv's python (the reference stack and grpcio): `STAGECOACH_PYTHON`, or the
+/// workspace's `.venv`.
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("STAGECOACH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "no python with the reference stack and grpcio at {} (run `make setup`, or set STAGECOACH_PYTHON)",
+        p.display()
+    );
+    p
+}
+
 /// The workspace's root folder.
 pub fn workspace_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -11,19 +11,9 @@ use std::time::Duration;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use stagecoach_core::checkpoint::{hex, Dtype, Header, MANIFEST, MODEL};
-use stagecoach_e2e::{bin, coordinator, demo_corpus, join_worker, micro, workspace_dir, MIX};
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("STAGECOACH_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_dir().join(".venv/bin/python"));
-    assert!(
-        p.exists(),
-        "no reference python at {} (run `make setup`, or set STAGECOACH_PYTHON)",
-        p.display()
-    );
-    p
-}
+use stagecoach_e2e::{
+    bin, coordinator, demo_corpus, join_worker, micro, python, workspace_dir, MIX,
+};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("start the command")

@@ -4,24 +4,11 @@
 //! given to both once, in order, and each of two bad workers in the same node session refused
 //! alone with the code its own session would get.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use stagecoach_e2e::{coordinator, status, workspace_dir};
+use stagecoach_e2e::{coordinator, python, status, workspace_dir};
 
 const STEPS: u64 = 6;
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("STAGECOACH_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_dir().join(".venv/bin/python"));
-    assert!(
-        p.exists(),
-        "no python with grpcio at {} (run `make setup`, or set STAGECOACH_PYTHON)",
-        p.display()
-    );
-    p
-}
 
 #[test]
 fn a_grpcio_node_session_trains_two_workers_to_the_end_of_the_job() {

@@ -6,25 +6,13 @@
 //! the operators did is in the audit trail under their authenticated identities.
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use stagecoach_e2e::{
-    bin, coordinator_with_args, demo_corpus, join_worker, micro_job, workspace_dir,
+    bin, coordinator_with_args, demo_corpus, join_worker, micro_job, python, workspace_dir,
 };
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("STAGECOACH_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_dir().join(".venv/bin/python"));
-    assert!(
-        p.exists(),
-        "no python with grpcio at {} (run `make setup`, or set STAGECOACH_PYTHON)",
-        p.display()
-    );
-    p
-}
 
 /// `stagecoach --coordinator URL --ca … --cert ROLE.pem --key ROLE.key ARGS`: its exit status
 /// and stdout + stderr.

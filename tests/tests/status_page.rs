@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use stagecoach_core::curriculum::Curriculum;
 use stagecoach_core::spec::JobFile;
 use stagecoach_e2e::{
-    bin, cli, coordinator_with_args, demo_corpus, finish, http_get as get, join_worker, read_store,
-    source_tokens, status, wait_for, wait_for_step, workspace_dir, JobBuilder, Proc, MIX,
+    bin, cli, coordinator_with_args, demo_corpus, finish, http_get as get, join_worker, python,
+    read_store, source_tokens, status, wait_for, wait_for_step, JobBuilder, Proc, MIX,
 };
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -49,18 +49,6 @@ fn run_folder(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("STAGECOACH_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_dir().join(".venv/bin/python"));
-    assert!(
-        p.exists(),
-        "no python at {} (run `make setup`, or set STAGECOACH_PYTHON)",
-        p.display()
-    );
-    p
 }
 
 fn chromium() -> &'static str {
