@@ -428,6 +428,11 @@ impl Driver {
                 for (worker_id, kind) in messages {
                     answers.push(self.message(&worker_id, kind).await);
                     loud |= !std::mem::take(&mut self.quiet);
+                    if self.deposed.is_some() {
+                        // Deposed mid-batch: the rest stays unanswered, as the events still
+                        // queued do, and the node session ends with the driver.
+                        return;
+                    }
                 }
                 self.quiet = !loud;
                 let _ = reply.send(answers);
