@@ -229,6 +229,12 @@ impl Workers for WorkersService {
                         }
                         return Err(Status::from(Error::UnknownWorker(clip(&worker_id, 80))));
                     }
+                    // Reports of other workers: only a node session carries those.
+                    if matches!(kind, v1::worker_message::Kind::NodeStepDone(_)) {
+                        return Err(Status::invalid_argument(
+                            "a NodeStepDone speaks for several workers: send it on a NodeSession, or a StepDone here",
+                        ));
+                    }
                     let id = worker_id.clone();
                     ask(&events, |reply| Event::Message {
                         worker_id: id,

@@ -195,7 +195,7 @@ async fn a_bad_message_ends_only_its_workers_session() {
     };
     let up = |messages: Vec<v1::WorkerMessage>| v1::NodeUp {
         messages,
-        closed: vec![],
+        ..Default::default()
     };
     let hello = || Kind::Hello(v1::Hello {});
     let beat = || Kind::Heartbeat(v1::Heartbeat {});
@@ -266,6 +266,7 @@ async fn a_bad_message_ends_only_its_workers_session() {
     tx.send(v1::NodeUp {
         messages: vec![msg(&b, ready(1))],
         closed: vec![b.clone()],
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -294,4 +295,181 @@ async fn a_bad_message_ends_only_its_workers_session() {
         .last_failure
         .expect("the generation's end is a failure");
     assert!(failure.reason.contains(&b), "{failure:?}");
+}
+
+/// The Work of a node session's workers that comes down as one `NodeWork` (NodeUp.combined).
+fn node_work(m: v1::NodeMessage) -> Option<v1::NodeWork> {
+    match m.kind {
+        Some(v1::node_message::Kind::Work(w)) => Some(w),
+        _ => None,
+    }
+}
+
+/// A `NodeUp` of a node session that splits `NodeWork`s.
+fn combined(messages: Vec<v1::WorkerMessage>) -> v1::NodeUp {
+    v1::NodeUp {
+        messages,
+        combined: true,
+        ..Default::default()
+    }
+}
+
+/// Sends `hellos` (attaching workers so that `ids` are all attached), waits for the World of
+/// each and answers them: the first `NodeWork` that comes down. No worker gets a Work of its own.
+async fn form(
+    down: &mut Down,
+    tx: &tokio::sync::mpsc::Sender<v1::NodeUp>,
+    ids: &[String],
+    hellos: Vec<v1::WorkerMessage>,
+) -> v1::NodeWork {
+    tx.send(combined(hellos)).await.unwrap();
+    let mut generation = 0;
+    let mut told = std::collections::BTreeSet::new();
+    while told.len() < ids.len() {
+        if let Some((id, v1::coordinator_message::Kind::World(w))) =
+            coordinator_message(down.next().await)
+        {
+            generation = w.generation;
+            told.insert(id);
+        }
+    }
+    let ready = v1::worker_message::Kind::Ready(v1::Ready {
+        generation,
+        sources: vec![v1::SourceSize {
+            name: "a".into(),
+            num_tokens: 1 << 30,
+            eval_tokens: 0,
+        }],
+        state_digest: 7,
+        ..Default::default()
+    });
+    let readies = ids.iter().map(|id| msg(id, ready.clone())).collect();
+    tx.send(combined(readies)).await.unwrap();
+    loop {
+        let m = down.next().await;
+        assert!(
+            coordinator_message(m.clone())
+                .is_none_or(|(_, k)| !matches!(k, v1::coordinator_message::Kind::Work(_))),
+            "a Work of its own for a worker of a combined node session: {m:?}"
+        );
+        if let Some(w) = node_work(m) {
+            return w;
+        }
+    }
+}
+
+/// A node session that says it splits `NodeWork`s gets each step's Work for all its workers
+/// as one, in rank order, and reports the step for all of them in one `NodeStepDone`. A summed
+/// report that speaks for a worker not attached to it, or whose sample count is not what its
+/// ranks were given, ends the sessions it speaks for, with a status that says what is wrong;
+/// a worker's own session cannot carry one at all.
+#[tokio::test]
+async fn a_node_gets_one_work_per_step_and_reports_it_in_one_message() {
+    use v1::worker_message::Kind;
+    let url = start().await;
+    let mut workers = WorkersClient::connect(url.clone()).await.unwrap();
+    let mut ids = vec![];
+    for port in [5301, 5302] {
+        let reg = workers.register(register(port)).await.unwrap().into_inner();
+        ids.push(reg.worker_id);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let stream = workers
+        .node_session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut down = Down {
+        stream,
+        seen: vec![],
+    };
+    let up = combined;
+    let hello = || Kind::Hello(v1::Hello {});
+    let report = |work: &v1::Work, samples: u32, also: Vec<String>| {
+        Kind::NodeStepDone(v1::NodeStepDone {
+            done: Some(v1::StepDone {
+                generation: work.generation,
+                step: work.step,
+                loss_sum: 2.5 * f64::from(samples),
+                samples,
+                grad_norm: 1.0,
+                global_loss: 2.5,
+                state_digest: 7,
+                ..Default::default()
+            }),
+            also,
+        })
+    };
+    let hellos = ids.iter().map(|id| msg(id, hello())).collect();
+    let first = form(&mut down, &tx, &ids, hellos).await;
+    let work = first.work.clone().unwrap();
+    assert_eq!(work.step, 0, "{first:?}");
+    let mut named = first.workers.clone();
+    named.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(named, want, "both workers, once each: {first:?}");
+    assert_eq!(
+        first.samples,
+        [2, 2],
+        "the job's 4 samples, 2 a rank: {first:?}"
+    );
+    assert_eq!(work.samples.len(), 4, "{first:?}");
+    let (rank0, rank1) = (first.workers[0].clone(), first.workers[1].clone());
+
+    // One summed report for both commits the step: the next step's NodeWork comes.
+    tx.send(up(vec![msg(&rank0, report(&work, 4, vec![rank1.clone()]))]))
+        .await
+        .unwrap();
+    let second = loop {
+        if let Some(w) = node_work(down.next().await) {
+            break w;
+        }
+    };
+    let work = second.work.clone().unwrap();
+    assert_eq!(work.step, 1, "{second:?}");
+    assert_eq!(second.workers, first.workers, "{second:?}");
+
+    // A report that speaks for a worker this node session never attached.
+    tx.send(up(vec![msg(
+        &rank0,
+        report(&work, 4, vec!["a-stranger".into()]),
+    )]))
+    .await
+    .unwrap();
+    let (code, why) = down.ended(&rank0).await;
+    assert_eq!(code, Code::InvalidArgument, "{why}");
+    assert!(
+        why.contains("a-stranger") && why.contains("not attached"),
+        "{why}"
+    );
+
+    // rank 0 attaches again (its world waits for it, step 1 still in flight), and a report
+    // one sample short for both ends both.
+    tx.send(up(vec![
+        msg(&rank0, hello()),
+        msg(&rank0, report(&work, 3, vec![rank1.clone()])),
+    ]))
+    .await
+    .unwrap();
+    for id in [&rank0, &rank1] {
+        let (code, why) = down.ended(id).await;
+        assert_eq!(code, Code::InvalidArgument, "{why}");
+        assert!(
+            why.contains("ranks 0 and 1 report 3 samples for step 1, they were given 4"),
+            "{why}"
+        );
+    }
+
+    // On a worker's own session, a report for others is refused.
+    let status = crate::workers_rpc::session_status(
+        &url,
+        vec![
+            msg(&rank0, hello()),
+            msg(&rank0, report(&work, 4, vec![rank1.clone()])),
+        ],
+    )
+    .await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("NodeSession"), "{status:?}");
 }

@@ -79,7 +79,7 @@ pub(crate) fn msg(worker_id: &str, kind: v1::worker_message::Kind) -> v1::Worker
 }
 
 /// Opens a session sending `messages`; returns the status that ends the response stream.
-async fn session_status(url: &str, messages: Vec<v1::WorkerMessage>) -> tonic::Status {
+pub(crate) async fn session_status(url: &str, messages: Vec<v1::WorkerMessage>) -> tonic::Status {
     let mut client = WorkersClient::connect(url.to_owned()).await.unwrap();
     let outcome = client.session(tokio_stream::iter(messages)).await;
     match outcome {

@@ -14,6 +14,12 @@
 //! company (see [`hold`]): anything else goes at once
 //! and takes the waiting heartbeats along, and each worker's heartbeat is sent once per batch,
 //! so a node whose ranks are idle sends one message per heartbeat period, not one per rank.
+//!
+//! A step's reports that agree (the same step and the numbers every rank shares) are summed
+//! into one `NodeStepDone` where that keeps each worker's messages in order, and the relay
+//! says it splits `NodeWork`s: a step's Work for the node's ranks comes down as one message,
+//! which it hands to each worker as its own `Work`. The coordinator then judges one report
+//! and builds one message per node and step, not per rank.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,26 +91,52 @@ impl Link {
         }
     }
 
-    /// Hands one message from the coordinator to its worker's session.
-    fn deliver(&self, m: v1::NodeMessage) -> Option<String> {
+    /// Hands one message from the coordinator to its workers' sessions (one, or each worker
+    /// of a `NodeWork` its share); adds to `gone` the workers whose sessions could not take
+    /// it, of which the coordinator must be told.
+    fn deliver(&self, m: v1::NodeMessage, gone: &mut Vec<String>) {
         let mut routes = self.routes.lock().expect("not poisoned");
-        let route = routes.get(&m.worker_id)?;
-        let (item, last) = match m.kind? {
-            v1::node_message::Kind::Message(message) => (Ok(message), false),
-            v1::node_message::Kind::Ended(end) => {
-                (Err(Status::new(Code::from(end.code), end.message)), true)
+        match m.kind {
+            Some(v1::node_message::Kind::Message(message)) => {
+                Self::hand(&mut routes, m.worker_id, Ok(message), false, gone);
             }
+            Some(v1::node_message::Kind::Ended(end)) => {
+                let status = Status::new(Code::from(end.code), end.message);
+                Self::hand(&mut routes, m.worker_id, Err(status), true, gone);
+            }
+            Some(v1::node_message::Kind::Work(node)) => {
+                for (worker_id, work) in split(node) {
+                    let item = work.map(|w| v1::CoordinatorMessage {
+                        kind: Some(v1::coordinator_message::Kind::Work(w)),
+                    });
+                    let last = item.is_err();
+                    Self::hand(&mut routes, worker_id, item, last, gone);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Queues `item` for `worker_id`'s session (`last`: it ends it).
+    fn hand(
+        routes: &mut HashMap<String, Route>,
+        worker_id: String,
+        item: Result<v1::CoordinatorMessage, Status>,
+        last: bool,
+        gone: &mut Vec<String>,
+    ) {
+        let Some(route) = routes.get(&worker_id) else {
+            return;
         };
         match route.down.try_send(item) {
             Ok(()) if last => {
-                routes.remove(&m.worker_id);
-                None
+                routes.remove(&worker_id);
             }
-            Ok(()) => None,
+            Ok(()) => {}
             // The worker's session is gone or reads nothing: it ends, and the coordinator is
             // told, as it would be by a worker's own session closing.
             Err(mpsc::error::TrySendError::Full(_)) => {
-                let route = routes.remove(&m.worker_id).expect("looked up");
+                let route = routes.remove(&worker_id).expect("looked up");
                 let slow = Status::resource_exhausted(format!(
                     "this worker's session did not read its last {SESSION_QUEUE} messages"
                 ));
@@ -112,14 +144,52 @@ impl Link {
                 tokio::spawn(async move {
                     let _ = route.down.send(Err(slow)).await;
                 });
-                (!last).then_some(m.worker_id)
+                if !last {
+                    gone.push(worker_id);
+                }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                routes.remove(&m.worker_id);
-                (!last).then_some(m.worker_id)
+                routes.remove(&worker_id);
+                if !last {
+                    gone.push(worker_id);
+                }
             }
         }
     }
+}
+
+/// A `NodeWork` as each of its workers' `Work`: the common part with the worker's share of the
+/// samples. Counts that do not match the samples (or the workers) end those sessions: the
+/// coordinator broke the protocol, and no worker can know its share.
+fn split(node: v1::NodeWork) -> Vec<(String, Result<v1::Work, Status>)> {
+    let mut header = node.work.unwrap_or_default();
+    let samples = std::mem::take(&mut header.samples);
+    let total: u64 = node.samples.iter().map(|&n| u64::from(n)).sum();
+    if node.samples.len() != node.workers.len() || total != samples.len() as u64 {
+        let why = format!(
+            "the coordinator sent work for {} workers with {} sample counts adding up to {total}, for {} samples",
+            node.workers.len(),
+            node.samples.len(),
+            samples.len()
+        );
+        return node
+            .workers
+            .into_iter()
+            .map(|w| (w, Err(Status::internal(why.clone()))))
+            .collect();
+    }
+    let mut rest = samples.into_iter();
+    node.workers
+        .into_iter()
+        .zip(node.samples)
+        .map(|(worker_id, n)| {
+            let work = v1::Work {
+                samples: rest.by_ref().take(n as usize).collect(),
+                ..header.clone()
+            };
+            (worker_id, Ok(work))
+        })
+        .collect()
 }
 
 /// The relay of one node: its workers' sessions over one node session.
@@ -339,6 +409,7 @@ async fn batch_up(
             }
         }
         batch.take_queued(&mut from_workers);
+        batch.up.combined = true;
         // Waits for the stream to take it: meanwhile the next batch gathers.
         if batches.send(batch.up).await.is_err() {
             return;
@@ -351,6 +422,11 @@ struct Batch {
     up: v1::NodeUp,
     /// Workers with a heartbeat in this batch (one is enough).
     beats: HashSet<String>,
+    /// The index of each worker's last message in it (heartbeats aside: they are not ordered
+    /// with the others).
+    last: HashMap<String, usize>,
+    /// The message later step reports are summed into, if they agree with it.
+    summed: Option<usize>,
     /// The earliest time a heartbeat in it may wait until.
     until: Option<tokio::time::Instant>,
     /// The step of the first report in it, how many reports of that step it holds, and when
@@ -396,7 +472,13 @@ impl Batch {
                         Some((step, reports, _)) if *step == done.step => *reports += 1,
                         Some(_) => {}
                     }
+                    if self.sum(&m) {
+                        return;
+                    }
+                    self.summed = Some(self.up.messages.len());
                 }
+                self.last
+                    .insert(m.worker_id.clone(), self.up.messages.len());
                 self.up.messages.push(m);
             }
             Up::Closed(id) => {
@@ -404,6 +486,56 @@ impl Batch {
                 self.up.closed.push(id);
             }
         }
+    }
+
+    /// Adds the step report `m` to the one summed so far if they agree and nothing of its
+    /// worker comes after that one in the batch (its messages stay in order); false if not.
+    fn sum(&mut self, m: &v1::WorkerMessage) -> bool {
+        use v1::worker_message::Kind;
+        let (Some(i), Some(Kind::StepDone(done))) = (self.summed, &m.kind) else {
+            return false;
+        };
+        if self.last.get(&m.worker_id).is_some_and(|&j| j >= i) {
+            return false;
+        }
+        let into = &mut self.up.messages[i];
+        let sum = match &into.kind {
+            Some(Kind::StepDone(first)) => first,
+            Some(Kind::NodeStepDone(n)) => match &n.done {
+                Some(d) => d,
+                None => return false,
+            },
+            _ => return false,
+        };
+        let agree = sum.generation == done.generation
+            && sum.step == done.step
+            && sum.skipped == done.skipped
+            && sum.global_loss.to_bits() == done.global_loss.to_bits()
+            && sum.grad_norm.to_bits() == done.grad_norm.to_bits()
+            && sum.state_digest == done.state_digest;
+        let Some(samples) = sum.samples.checked_add(done.samples) else {
+            return false;
+        };
+        if !agree {
+            return false;
+        }
+        if let Some(Kind::StepDone(first)) = &mut into.kind {
+            let first = std::mem::take(first);
+            into.kind = Some(Kind::NodeStepDone(v1::NodeStepDone {
+                done: Some(first),
+                also: vec![],
+            }));
+        }
+        let Some(Kind::NodeStepDone(n)) = &mut into.kind else {
+            unreachable!("a NodeStepDone, or made one above");
+        };
+        let total = n.done.as_mut().expect("checked above");
+        total.samples = samples;
+        total.loss_sum += done.loss_sum;
+        total.timing = None;
+        n.also.push(m.worker_id.clone());
+        self.last.insert(m.worker_id.clone(), i);
+        true
     }
 
     fn take_queued(&mut self, from_workers: &mut mpsc::Receiver<Up>) {
@@ -422,9 +554,11 @@ async fn route_down(mut inbound: Streaming<v1::NodeDown>, link: Arc<Link>) {
     let end = loop {
         match inbound.message().await {
             Ok(Some(down)) => {
+                let mut gone = Vec::new();
                 for m in down.messages {
-                    if let Some(gone) = link.deliver(m) {
-                        let _ = link.up.send(Up::Closed(gone)).await;
+                    link.deliver(m, &mut gone);
+                    for id in gone.drain(..) {
+                        let _ = link.up.send(Up::Closed(id)).await;
                     }
                 }
             }
@@ -433,4 +567,185 @@ async fn route_down(mut inbound: Streaming<v1::NodeDown>, link: Arc<Link>) {
         }
     };
     link.fail(&end);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use v1::worker_message::Kind;
+
+    fn done(worker: &str, step: u64, samples: u32) -> Up {
+        Up::Message(v1::WorkerMessage {
+            worker_id: worker.into(),
+            kind: Some(Kind::StepDone(v1::StepDone {
+                generation: 3,
+                step,
+                loss_sum: 2.0 * f64::from(samples),
+                samples,
+                grad_norm: 1.5,
+                global_loss: 2.0,
+                state_digest: 11,
+                timing: Some(v1::StepTiming::default()),
+                ..Default::default()
+            })),
+        })
+    }
+
+    fn failed(worker: &str) -> Up {
+        Up::Message(v1::WorkerMessage {
+            worker_id: worker.into(),
+            kind: Some(Kind::Failed(v1::Failed {
+                generation: 3,
+                ..Default::default()
+            })),
+        })
+    }
+
+    /// Each message of the batch as (worker, what, the workers it speaks for, samples).
+    fn shape(batch: &Batch) -> Vec<(String, &'static str, Vec<String>, u32)> {
+        batch
+            .up
+            .messages
+            .iter()
+            .map(|m| match &m.kind {
+                Some(Kind::StepDone(d)) => (m.worker_id.clone(), "done", vec![], d.samples),
+                Some(Kind::NodeStepDone(n)) => (
+                    m.worker_id.clone(),
+                    "summed",
+                    n.also.clone(),
+                    n.done.as_ref().unwrap().samples,
+                ),
+                Some(Kind::Heartbeat(_)) => (m.worker_id.clone(), "beat", vec![], 0),
+                _ => (m.worker_id.clone(), "other", vec![], 0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reports_that_agree_are_summed_into_the_first() {
+        let mut batch = Batch::default();
+        for (w, n) in [("a", 2), ("b", 3), ("c", 1)] {
+            batch.add(done(w, 7, n));
+        }
+        let s = |x: &str| x.to_string();
+        assert_eq!(shape(&batch), [(s("a"), "summed", vec![s("b"), s("c")], 6)]);
+        let Some(Kind::NodeStepDone(n)) = &batch.up.messages[0].kind else {
+            unreachable!()
+        };
+        let d = n.done.as_ref().unwrap();
+        assert_eq!((d.loss_sum, d.generation, d.step), (12.0, 3, 7));
+        assert_eq!((d.global_loss, d.grad_norm, d.state_digest), (2.0, 1.5, 11));
+        assert!(d.timing.is_none(), "per-rank timing cannot be summed");
+        // The hold still counts one report per worker.
+        assert_eq!(batch.step.map(|(step, n, _)| (step, n)), Some((7, 3)));
+    }
+
+    #[test]
+    fn a_report_is_summed_only_where_its_workers_order_and_numbers_allow() {
+        let s = |x: &str| x.to_string();
+        // b failed after the first report went in: its report stays after its failure, and
+        // the reports after it are summed into it.
+        let mut batch = Batch::default();
+        batch.add(done("a", 7, 1));
+        batch.add(failed("b"));
+        batch.add(done("b", 7, 1));
+        batch.add(done("c", 7, 1));
+        assert_eq!(
+            shape(&batch),
+            [
+                (s("a"), "done", vec![], 1),
+                (s("b"), "other", vec![], 0),
+                (s("b"), "summed", vec![s("c")], 2),
+            ]
+        );
+        // A worker that failed before the first report went in is summed: its failure stays first.
+        let mut batch = Batch::default();
+        batch.add(failed("b"));
+        batch.add(done("a", 7, 1));
+        batch.add(done("b", 7, 1));
+        assert_eq!(
+            shape(&batch),
+            [
+                (s("b"), "other", vec![], 0),
+                (s("a"), "summed", vec![s("b")], 2),
+            ]
+        );
+        // A worker's second report, another step, or other numbers are never summed in; a
+        // heartbeat does not count as a message of its worker.
+        let mut batch = Batch::default();
+        batch.add(done("a", 7, 1));
+        batch.add(done("a", 7, 1));
+        batch.add(done("b", 8, 1));
+        let other = |w: &str| {
+            let Up::Message(mut other) = done(w, 8, 1) else {
+                unreachable!()
+            };
+            if let Some(Kind::StepDone(d)) = &mut other.kind {
+                d.grad_norm = 9.0;
+            }
+            Up::Message(other)
+        };
+        batch.add(other("c"));
+        batch.add(Up::Heartbeat(s("d"), tokio::time::Instant::now()));
+        batch.add(other("d"));
+        assert_eq!(
+            shape(&batch),
+            [
+                (s("a"), "done", vec![], 1),
+                (s("a"), "done", vec![], 1),
+                (s("b"), "done", vec![], 1),
+                (s("c"), "summed", vec![s("d")], 2),
+                (s("d"), "beat", vec![], 0),
+            ]
+        );
+        let Some(Kind::NodeStepDone(n)) = &batch.up.messages[3].kind else {
+            unreachable!()
+        };
+        assert_eq!(n.done.as_ref().unwrap().grad_norm, 9.0);
+    }
+
+    #[test]
+    fn a_node_work_is_split_into_each_workers_share() {
+        let sample = |index| v1::SampleRef { source: 0, index };
+        let node = v1::NodeWork {
+            work: Some(v1::Work {
+                generation: 2,
+                step: 5,
+                samples: (0..5).map(sample).collect(),
+                lr: 0.25,
+                global_batch: 40,
+                ..Default::default()
+            }),
+            workers: vec!["a".into(), "b".into(), "c".into()],
+            samples: vec![2, 0, 3],
+        };
+        let works: Vec<(String, Vec<u64>, u64, f64, u32)> = split(node.clone())
+            .into_iter()
+            .map(|(w, work)| {
+                let work = work.unwrap();
+                let indices = work.samples.iter().map(|s| s.index).collect();
+                (w, indices, work.step, work.lr, work.global_batch)
+            })
+            .collect();
+        assert_eq!(
+            works,
+            [
+                ("a".into(), vec![0, 1], 5, 0.25, 40),
+                ("b".into(), vec![], 5, 0.25, 40),
+                ("c".into(), vec![2, 3, 4], 5, 0.25, 40),
+            ]
+        );
+        for (counts, workers) in [(vec![2, 0, 2], 3), (vec![2, 3], 3), (vec![5], 2)] {
+            let mut bad = node.clone();
+            bad.samples = counts;
+            bad.workers.truncate(workers);
+            let split = split(bad);
+            assert_eq!(split.len(), workers, "every worker named hears of it");
+            for (_, work) in split {
+                let status = work.unwrap_err();
+                assert_eq!(status.code(), Code::Internal);
+                assert!(status.message().contains("sample counts"), "{status:?}");
+            }
+        }
+    }
 }

@@ -4,13 +4,17 @@ the numbers every rank agrees on) register apart, then hold their sessions insid
 NodeSession, answering what comes down for both in one NodeUp, until the coordinator asks for
 the job's last checkpoint (every step committed; a worker without a model has none to write).
 
+With --combined it says it splits NodeWork (NodeUp.combined): each step's Work for both comes
+as one NodeWork, and both workers' reports go up as one NodeStepDone of the first, naming the
+second in `also`, with the samples and loss sums of both.
+
 Before they attach, it sends the node session a heartbeat of a worker that never said Hello and
 a Hello of a worker that never registered: each should end that worker's session alone. It
 asserts nothing itself: it prints one JSON object (the steps each worker was given work for,
 how each one's session ended, the codes of the two refusals, how many NodeDown messages carried
-how many worker messages) and the test that starts it decides.
+how many worker messages and NodeWorks) and the test that starts it decides.
 
-Usage: node_client.py --proto-dir DIR --target HOST:PORT
+Usage: node_client.py --proto-dir DIR --target HOST:PORT [--combined]
 """
 
 import argparse
@@ -32,6 +36,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--proto-dir", required=True)
     ap.add_argument("--target", required=True)
+    ap.add_argument("--combined", action="store_true")
     args = ap.parse_args()
     pb, pb_grpc = stubs.generate(args.proto_dir)
     channel = grpc.insecure_channel(args.target)
@@ -74,7 +79,7 @@ def main():
             ]
         )
     )
-    up.put(pb.NodeUp(messages=[message(i, hello=pb.Hello()) for i in ids]))
+    up.put(pb.NodeUp(messages=[message(i, hello=pb.Hello()) for i in ids], combined=args.combined))
 
     out = {
         "steps": {i: [] for i in ids},
@@ -82,6 +87,7 @@ def main():
         "refused": {},
         "down_messages": 0,
         "worker_messages": 0,
+        "node_works": 0,
     }
     over = set()
     for down in downs:
@@ -93,6 +99,28 @@ def main():
                 where = "ended" if m.worker_id in ids else "refused"
                 out[where][m.worker_id] = CODE_NAMES.get(m.ended.code, str(m.ended.code))
                 over.add(m.worker_id)
+                continue
+            if m.WhichOneof("kind") == "work":
+                # One step's Work for several workers: each gets its share of the samples, and
+                # one report speaks for all of them.
+                out["node_works"] += 1
+                w = m.work.work
+                for worker_id in m.work.workers:
+                    out["steps"][worker_id].append(w.step)
+                n = sum(m.work.samples)
+                first, *also = m.work.workers
+                done = pb.StepDone(
+                    generation=w.generation,
+                    step=w.step,
+                    loss_sum=2.5 * n,
+                    samples=n,
+                    grad_norm=1.0,
+                    global_loss=2.5,
+                    state_digest=7,
+                )
+                replies.append(
+                    message(first, node_step_done=pb.NodeStepDone(done=done, also=also))
+                )
                 continue
             c = m.message
             kind = c.WhichOneof("kind")
@@ -134,7 +162,7 @@ def main():
                 out["ended"][m.worker_id] = pb.StopReason.Name(c.stop.reason)
                 over.add(m.worker_id)
         if replies:
-            up.put(pb.NodeUp(messages=replies))
+            up.put(pb.NodeUp(messages=replies, combined=args.combined))
         if all(i in over for i in ids):
             break
     up.put(None)

@@ -2,7 +2,9 @@
 //! generated from the .proto file) registers two simulated workers, holds both sessions in one
 //! node session against the real coordinator binary, and trains the job to its end: every step
 //! given to both once, in order, and each of two bad workers in the same node session refused
-//! alone with the code its own session would get.
+//! alone with the code its own session would get. Once as a client that takes a Work per
+//! worker, once as one that says it splits `NodeWork`s and reports each step for both in one
+//! `NodeStepDone`.
 
 use std::process::Command;
 
@@ -12,6 +14,15 @@ const STEPS: u64 = 6;
 
 #[test]
 fn a_grpcio_node_session_trains_two_workers_to_the_end_of_the_job() {
+    train_through_a_grpcio_node_session(false);
+}
+
+#[test]
+fn a_grpcio_node_session_with_one_work_and_one_report_per_step_trains_to_the_end() {
+    train_through_a_grpcio_node_session(true);
+}
+
+fn train_through_a_grpcio_node_session(combined: bool) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // The workers are simulated: the coordinator plans from the sizes they report and never
@@ -63,6 +74,7 @@ mix = {{ web = 1.0 }}
         .arg("--proto-dir")
         .arg(workspace_dir().join("proto/proto"))
         .args(["--target", url.strip_prefix("http://").unwrap()])
+        .args(combined.then_some("--combined"))
         .output()
         .unwrap();
     let log = || std::fs::read_to_string(d.join("coordinator.log")).unwrap_or_default();
@@ -95,6 +107,9 @@ mix = {{ web = 1.0 }}
         "no session ended early"
     );
     assert_eq!(got["checkpoint_asked_at"], STEPS, "{got}");
+    // Combined, every step's work came as one NodeWork for both; else as a Work each.
+    let node_works = if combined { STEPS } else { 0 };
+    assert_eq!(got["node_works"], node_works, "{got}");
     let s = status(&url);
     assert_eq!(s["step"], STEPS, "every step committed: {s}\n{}", log());
     assert_eq!(s["generation"], 1, "one world throughout: {s}");

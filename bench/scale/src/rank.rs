@@ -364,6 +364,9 @@ async fn session(
     beat.tick().await;
     // The world this rank is in, and whether it got work in it yet.
     let mut world: Option<(v1::World, bool)> = None;
+    // One wait for the stop, not one per message.
+    let stopped = stopped(stop);
+    tokio::pin!(stopped);
     loop {
         let msg = tokio::select! {
             m = pipe.message() => m,
@@ -375,7 +378,7 @@ async fn session(
                 }
                 continue;
             }
-            () = stopped(stop) => return End::Stopped,
+            () = &mut stopped => return End::Stopped,
         };
         let arrived = Instant::now();
         let kind = match msg {

@@ -141,7 +141,7 @@ impl Driver {
                 .members
                 .iter()
                 .enumerate()
-                .filter(|(rank, _)| !reports.contains_key(&(*rank as u32)))
+                .filter(|(rank, _)| !reports.contains(*rank as u32))
                 .map(|(_, id)| id.clone())
                 .collect(),
             None => world.members.clone(),

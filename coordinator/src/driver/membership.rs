@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use stagecoach_proto::v1;
 use tokio::sync::mpsc;
@@ -45,6 +45,11 @@ pub enum Outbox {
     Node {
         queue: mpsc::Sender<v1::NodeMessage>,
         worker_id: String,
+        /// Which node session (the number its attachment got): a step's Work for the members
+        /// on one node session goes as one `NodeWork` when `combined` is set.
+        node: u64,
+        /// The node session splits `NodeWork`s (`NodeUp.combined`); it may say so later.
+        combined: Arc<AtomicBool>,
     },
 }
 
@@ -53,7 +58,9 @@ impl Outbox {
     pub(super) fn try_send(&self, message: v1::CoordinatorMessage) -> Result<(), String> {
         match self {
             Outbox::Session(tx) => tx.try_send(message).map_err(|e| e.to_string()),
-            Outbox::Node { queue, worker_id } => queue
+            Outbox::Node {
+                queue, worker_id, ..
+            } => queue
                 .try_send(v1::NodeMessage {
                     worker_id: worker_id.clone(),
                     kind: Some(v1::node_message::Kind::Message(message)),
@@ -102,6 +109,21 @@ impl LeaseBook {
             }
             None => false,
         }
+    }
+
+    /// Every one of `worker_ids` was heard from now (one look at the book for all); false if
+    /// any of them is not a member.
+    pub fn renew_all(&self, worker_ids: &[String]) -> bool {
+        let now = Instant::now();
+        let mut m = self.0.lock().expect("not poisoned");
+        let mut all = true;
+        for id in worker_ids {
+            match m.get_mut(id.as_str()) {
+                Some(t) => *t = now,
+                None => all = false,
+            }
+        }
+        all
     }
 
     /// A member registered now.
@@ -279,6 +301,7 @@ impl Driver {
             Kind::StepDone(d) => Some(d.generation),
             Kind::EvalDone(d) => Some(d.generation),
             Kind::Failed(f) if f.generation > 0 => Some(f.generation),
+            Kind::NodeStepDone(n) => n.done.as_ref().map(|d| d.generation),
             _ => None,
         };
         if about.is_some_and(|g| self.ended(g)) {
@@ -291,7 +314,17 @@ impl Driver {
                 Ok(())
             }
             Kind::Ready(ready) => self.ready(worker_id, ready).await,
-            Kind::StepDone(done) => self.step_done(worker_id, done).await,
+            Kind::StepDone(done) => self.step_done(&[worker_id], done).await,
+            Kind::NodeStepDone(n) => {
+                let done = n.done.ok_or_else(|| {
+                    Error::InvalidArgument("a NodeStepDone without its StepDone".into())
+                })?;
+                // The others' leases were renewed in the lease book as the report arrived.
+                let mut workers = Vec::with_capacity(1 + n.also.len());
+                workers.push(worker_id);
+                workers.extend(n.also.iter().map(String::as_str));
+                self.step_done(&workers, done).await
+            }
             Kind::EvalDone(done) => self.eval_done(worker_id, done).await,
             Kind::CheckpointSaved(saved) => self.checkpoint_saved(worker_id, saved).await,
             Kind::Failed(f) => self.worker_failed(worker_id, f).await,

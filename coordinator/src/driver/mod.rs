@@ -563,16 +563,18 @@ fn send(members: &Members, id: &str, kind: v1::coordinator_message::Kind) {
     };
     let Some(outbox) = member.outbox.as_ref() else {
         warn!(worker = %id, "no session to send to");
-        member
-            .undeliverable
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        members
-            .any_undeliverable
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        undeliverable(members, id);
         return;
     };
     if let Err(e) = outbox.try_send(v1::CoordinatorMessage { kind: Some(kind) }) {
         warn!(worker = %id, error = %e, "cannot queue a message");
+        undeliverable(members, id);
+    }
+}
+
+/// Marks a member undeliverable (see [`send`]).
+fn undeliverable(members: &Members, id: &str) {
+    if let Some(member) = members.get(id) {
         member
             .undeliverable
             .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -1,14 +1,13 @@
 //! Recovery: the spike detector's verdict on each committed step, rollbacks to a checkpoint,
 //! bringing every rank to one checkpoint when they disagree, and the skip range after a spike.
 
-use std::collections::BTreeMap;
-
 use stagecoach_core::curriculum::Curriculum;
 use stagecoach_core::spike::Verdict;
 use stagecoach_proto::v1;
 use tracing::{info, warn};
 
 use super::persist::Write;
+use super::step::Reports;
 use super::sync::shown_checkpoint;
 use super::{now_ms, refs, Driver};
 
@@ -24,12 +23,12 @@ pub(super) struct PendingSkip {
 impl Driver {
     /// Feeds a committed step to the spike detector and acts on its verdict; false if the job
     /// must not dispatch on (a rollback or a pause took over).
-    pub(super) async fn judge(&mut self, reports: &BTreeMap<u32, v1::StepDone>) -> bool {
+    pub(super) async fn judge(&mut self, reports: &Reports) -> bool {
         let Some(d) = self.detector.as_mut() else {
             return true;
         };
         let step = self.step - 1;
-        let first = reports.values().next();
+        let first = reports.first();
         let loss = first.map_or(f64::NAN, |r| r.global_loss);
         let loss = if loss == 0.0 {
             self.loss.unwrap_or(f64::NAN)
@@ -37,7 +36,7 @@ impl Driver {
             loss
         };
         let grad_norm = first.map_or(0.0, |r| r.grad_norm);
-        let skipped = reports.values().any(|r| r.skipped);
+        let skipped = reports.skipped;
         match d.observe(step, loss, grad_norm, skipped) {
             Verdict::Normal => true,
             Verdict::Flagged { rule, mean, std } => {

@@ -1,17 +1,16 @@
 //! Stepping: what comes next in a running world, the ranks' step reports, and committing a
 //! finished step to the ledger.
 
-use std::collections::BTreeMap;
-
 use stagecoach_core::curriculum::StepPlan;
-use stagecoach_core::plan::rank_slice;
+use stagecoach_core::plan::{rank_slice, SampleId};
 use stagecoach_core::spike::Detector;
 use stagecoach_proto::v1;
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
+use super::membership::Outbox;
 use super::persist::Write;
-use super::{refs, send, Driver, Error};
+use super::{refs, send, Driver, Error, Members};
 
 impl Driver {
     /// What comes next in a running world: nothing while a step, an evaluation or a store write
@@ -113,30 +112,31 @@ impl Driver {
             .as_ref()
             .map_or_else(v1::StepGuard::default, Detector::guard);
         let world = self.world.as_mut().expect("checked");
-        let batch = plan.samples.len();
-        let n = world.members.len();
-        for (rank, id) in world.members.iter().enumerate() {
-            let work = v1::Work {
-                generation: world.generation,
-                step: plan.step,
-                samples: refs(&plan.samples[rank_slice(batch, n, rank)]),
-                lr: plan.lr,
-                global_batch: plan.global_batch,
-                stage: Some(plan.stage),
-                guard: Some(guard),
-            };
-            send(&self.members, id, v1::coordinator_message::Kind::Work(work));
-        }
-        world.in_flight = Some((plan, BTreeMap::new()));
+        let header = v1::Work {
+            generation: world.generation,
+            step: plan.step,
+            samples: vec![],
+            lr: plan.lr,
+            global_batch: plan.global_batch,
+            stage: Some(plan.stage),
+            guard: Some(guard),
+        };
+        send_work(&self.members, &world.members, &header, &plan.samples);
+        world.in_flight = Some((plan, Reports::new(world.members.len())));
         world.dispatched_at = Some(Instant::now());
     }
 
+    /// The step reports of `workers` (one, or several of a node's in one `NodeStepDone`):
+    /// `done.samples` and `done.loss_sum` are their sums, the rest what each reported.
     pub(super) async fn step_done(
         &mut self,
-        worker_id: &str,
+        workers: &[&str],
         done: v1::StepDone,
     ) -> Result<(), Error> {
-        let rank = self.rank_in(worker_id, done.generation)?;
+        let mut ranks = Vec::with_capacity(workers.len());
+        for id in workers {
+            ranks.push(self.rank_in(id, done.generation)?);
+        }
         let world = self.world.as_mut().expect("checked by rank_in");
         let n = world.members.len();
         let Some((plan, reports)) = world.in_flight.as_mut() else {
@@ -149,10 +149,20 @@ impl Driver {
                 done.step
             )));
         }
-        let expected = rank_slice(plan.samples.len(), n, rank as usize).len() as u32;
-        if done.samples != expected {
+        let batch = plan.samples.len();
+        let expected: u64 = ranks
+            .iter()
+            .map(|&r| rank_slice(batch, n, r as usize).len() as u64)
+            .sum();
+        if u64::from(done.samples) != expected {
+            let (who, s) = subject(&ranks);
+            let given = if ranks.len() == 1 {
+                "it was"
+            } else {
+                "they were"
+            };
             return Err(Error::InvalidArgument(format!(
-                "rank {rank} reports {} samples for step {step}, it was given {expected}",
+                "{who} report{s} {} samples for step {step}, {given} given {expected}",
                 done.samples
             )));
         }
@@ -161,25 +171,37 @@ impl Driver {
         let sane = |x: f64| x.is_finite() && x >= 0.0;
         let numbers_sane = sane(done.loss_sum) && sane(done.global_loss) && sane(done.grad_norm);
         if !(done.skipped || numbers_sane) {
+            let (who, s) = subject(&ranks);
             return Err(Error::InvalidArgument(format!(
-                "rank {rank} reports a loss of {} (global {}) and a gradient norm of {} for step {step} and applied the update anyway; a loss and a norm are finite and never negative",
+                "{who} report{s} a loss of {} (global {}) and a gradient norm of {} for step {step} and applied the update anyway; a loss and a norm are finite and never negative",
                 done.loss_sum, done.global_loss, done.grad_norm
             )));
         }
-        if reports.contains_key(&rank) {
+        if let Some(&rank) = ranks.iter().find(|&&r| reports.contains(r)) {
             return Err(Error::FailedPrecondition(format!(
                 "rank {rank} reported step {step} twice"
             )));
         }
-        if let Some(other) = reports.values().next() {
-            if other.skipped != done.skipped {
+        if ranks.len() > 1 {
+            let mut sorted = ranks.clone();
+            sorted.sort_unstable();
+            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
                 return Err(Error::InvalidArgument(format!(
-                    "rank {rank} reports skipped = {} for step {step}, another rank {}; the guard must decide the same everywhere",
+                    "rank {} is named twice in one report of step {step}",
+                    w[0]
+                )));
+            }
+        }
+        if let Some(other) = reports.first() {
+            if other.skipped != done.skipped {
+                let (who, s) = subject(&ranks);
+                return Err(Error::InvalidArgument(format!(
+                    "{who} report{s} skipped = {} for step {step}, another rank {}; the guard must decide the same everywhere",
                     done.skipped, other.skipped
                 )));
             }
         }
-        reports.insert(rank, done);
+        reports.add(&ranks, done);
         if reports.len() < n {
             self.quiet = true;
             return Ok(());
@@ -203,16 +225,15 @@ impl Driver {
         &mut self,
         generation: u64,
         plan: StepPlan,
-        reports: &BTreeMap<u32, v1::StepDone>,
+        reports: &Reports,
     ) -> bool {
-        let reported: u64 = reports.values().map(|r| u64::from(r.samples)).sum();
-        let first = reports.values().next();
+        let first = reports.first();
         let loss = match first.map(|r| r.global_loss) {
             Some(g) if g != 0.0 => g,
-            _ => reports.values().map(|r| r.loss_sum).sum::<f64>() / reported.max(1) as f64,
+            _ => reports.loss_sum / reports.samples.max(1) as f64,
         };
         let grad_norm = first.map_or(0.0, |r| r.grad_norm);
-        let skipped = reports.values().any(|r| r.skipped);
+        let skipped = reports.skipped;
         let state_digest = first.map_or(0, |r| r.state_digest);
         let c = self
             .curriculum
@@ -258,5 +279,144 @@ impl Driver {
             info!(step = self.step, loss, stage = %plan.stage_name, lr = plan.lr, generation, "step committed");
         }
         true
+    }
+}
+
+/// The reports of the step in flight, summed as they come: which ranks reported, and what the
+/// commit and the spike detector need of them (the sums, and the first report, whose global
+/// loss, gradient norm and state digest every rank reports the same).
+#[derive(Debug)]
+pub(super) struct Reports {
+    reported: Vec<bool>,
+    count: usize,
+    pub(super) samples: u64,
+    pub(super) loss_sum: f64,
+    /// Any rank dropped the update (the ranks are checked to agree).
+    pub(super) skipped: bool,
+    first: Option<v1::StepDone>,
+}
+
+impl Reports {
+    pub(super) fn new(world_size: usize) -> Self {
+        Reports {
+            reported: vec![false; world_size],
+            count: 0,
+            samples: 0,
+            loss_sum: 0.0,
+            skipped: false,
+            first: None,
+        }
+    }
+
+    /// Ranks that reported.
+    pub(super) fn len(&self) -> usize {
+        self.count
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub(super) fn contains(&self, rank: u32) -> bool {
+        self.reported.get(rank as usize).copied().unwrap_or(false)
+    }
+
+    pub(super) fn first(&self) -> Option<&v1::StepDone> {
+        self.first.as_ref()
+    }
+
+    /// Adds the report of `ranks` (checked: ranks of this world that had not reported).
+    pub(super) fn add(&mut self, ranks: &[u32], done: v1::StepDone) {
+        for &r in ranks {
+            self.reported[r as usize] = true;
+        }
+        self.count += ranks.len();
+        self.samples += u64::from(done.samples);
+        self.loss_sum += done.loss_sum;
+        self.skipped |= done.skipped;
+        if self.first.is_none() {
+            self.first = Some(done);
+        }
+    }
+}
+
+/// "rank 3" and "", or "ranks 3, 4 and 5" and "" for the verb that follows (`report{s}`).
+fn subject(ranks: &[u32]) -> (String, &'static str) {
+    const NAMED: usize = 8;
+    match ranks {
+        [one] => (format!("rank {one}"), "s"),
+        _ => {
+            let named: Vec<String> = ranks.iter().take(NAMED).map(u32::to_string).collect();
+            let more = ranks.len().saturating_sub(NAMED);
+            let list = if more > 0 {
+                format!("{} and {more} more", named.join(", "))
+            } else {
+                let (last, rest) = named.split_last().expect("at least two");
+                format!("{} and {last}", rest.join(", "))
+            };
+            (format!("ranks {list}"), "")
+        }
+    }
+}
+
+/// Queues a step's Work for every rank of `world` (`header` with each rank's share of
+/// `samples`). The ranks on one node session that splits `NodeWork`s get one for all of them:
+/// the node reads one message where it would one per rank.
+fn send_work(members: &Members, world: &[String], header: &v1::Work, samples: &[SampleId]) {
+    struct Node<'a> {
+        queue: &'a tokio::sync::mpsc::Sender<v1::NodeMessage>,
+        work: v1::NodeWork,
+        ids: Vec<&'a str>,
+    }
+    let n = world.len();
+    let mut nodes: Vec<Node<'_>> = Vec::new();
+    let mut by_node: std::collections::HashMap<u64, usize> = Default::default();
+    for (rank, id) in world.iter().enumerate() {
+        let share = &samples[rank_slice(samples.len(), n, rank)];
+        if let Some(Outbox::Node {
+            queue,
+            worker_id,
+            node,
+            combined,
+        }) = members.get(id).and_then(|m| m.outbox.as_ref())
+        {
+            if combined.load(std::sync::atomic::Ordering::Relaxed) {
+                let i = *by_node.entry(*node).or_insert_with(|| {
+                    nodes.push(Node {
+                        queue,
+                        work: v1::NodeWork {
+                            work: Some(header.clone()),
+                            ..Default::default()
+                        },
+                        ids: vec![],
+                    });
+                    nodes.len() - 1
+                });
+                let node = &mut nodes[i];
+                let work = node.work.work.as_mut().expect("set above");
+                work.samples.extend(refs(share));
+                node.work.workers.push(worker_id.clone());
+                node.work.samples.push(share.len() as u32);
+                node.ids.push(id);
+                continue;
+            }
+        }
+        let work = v1::Work {
+            samples: refs(share),
+            ..header.clone()
+        };
+        send(members, id, v1::coordinator_message::Kind::Work(work));
+    }
+    for node in nodes {
+        let message = v1::NodeMessage {
+            worker_id: String::new(),
+            kind: Some(v1::node_message::Kind::Work(node.work)),
+        };
+        if let Err(e) = node.queue.try_send(message) {
+            warn!(workers = node.ids.len(), first = %node.ids[0], error = %e, "cannot queue a node's work");
+            for id in node.ids {
+                super::undeliverable(members, id);
+            }
+        }
     }
 }

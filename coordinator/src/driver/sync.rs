@@ -21,6 +21,7 @@ use stagecoach_core::plan::{rank_slice, samples_digest};
 use stagecoach_proto::v1;
 use tracing::{info, warn};
 
+use super::step::Reports;
 use super::Driver;
 
 impl Driver {
@@ -247,7 +248,8 @@ impl Driver {
         report.samples = plan.samples.len() as u32;
         report.loss_sum = first.global_loss * f64::from(report.samples);
         report.state_digest = ahead[0].state_digest;
-        let reports = std::collections::BTreeMap::from([(0u32, report)]);
+        let mut reports = Reports::new(1);
+        reports.add(&[0], report);
         let generation = first.generation;
         if !self.commit(generation, plan, &reports).await {
             return false;

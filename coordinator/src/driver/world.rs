@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use super::eval::EvalInFlight;
 use super::membership::NCCL_ID_BYTES;
+use super::step::Reports;
 use super::{send, Driver, Error, Resume};
 
 pub(super) struct World {
@@ -22,7 +23,7 @@ pub(super) struct World {
     pub(super) ready: BTreeMap<String, v1::Ready>,
     pub(super) running: bool,
     /// The step in flight: its plan and the reports received so far (by rank).
-    pub(super) in_flight: Option<(StepPlan, BTreeMap<u32, v1::StepDone>)>,
+    pub(super) in_flight: Option<(StepPlan, Reports)>,
     /// The evaluation in flight.
     pub(super) eval: Option<EvalInFlight>,
     /// When the step (or evaluation) in flight was sent: the step timeout counts from it.

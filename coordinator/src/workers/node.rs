@@ -8,12 +8,17 @@
 //!
 //! The messages of different workers in one `NodeUp` go to the driver as one event; a worker's
 //! second message in it goes in the next event, after the answer to its first, so each
-//! worker's messages are judged in order, exactly as on its own session.
+//! worker's messages are judged in order, exactly as on its own session. A `NodeStepDone`
+//! counts as a message of every worker it speaks for, each of which must be attached here.
+//!
+//! A client that says it splits them (`NodeUp.combined`) gets a step's Work for its workers as
+//! one `NodeWork`: the driver builds one message per node session, and the relay on the node
+//! hands each worker its share.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -55,10 +60,13 @@ pub(super) fn open(node: Node, inbound: Streaming<v1::NodeUp>) -> NodeStream {
     let (end_tx, ended) = oneshot::channel::<Option<Status>>();
     let attached = Attached::default();
     let events = node.events.clone();
+    let number = 1 + node.sessions.fetch_add(1, Ordering::Relaxed);
     let reader = Reader {
         node,
         queue,
         attached: attached.clone(),
+        number,
+        combined: Arc::default(),
     };
     let reader = tokio::spawn(async move {
         let mut reader = reader;
@@ -152,10 +160,12 @@ impl Drop for NodeStream {
     }
 }
 
-/// A `NodeUp`'s messages on their way to the driver as one event, at most one per worker.
+/// A `NodeUp`'s messages on their way to the driver as one event, at most one per worker,
+/// with the workers each speaks for (its own, and those a `NodeStepDone` names).
 #[derive(Default)]
 struct Pending {
     messages: Vec<(String, v1::worker_message::Kind)>,
+    speakers: Vec<Vec<String>>,
     workers: HashSet<String>,
 }
 
@@ -165,6 +175,10 @@ struct Reader {
     /// `Outbox::Node`) and the ends of their sessions.
     queue: mpsc::Sender<v1::NodeMessage>,
     attached: Attached,
+    /// The number of this node session (its outboxes carry it).
+    number: u64,
+    /// The client splits `NodeWork`s (it said so in a `NodeUp`).
+    combined: Arc<AtomicBool>,
 }
 
 /// The driver is gone: the whole node session ends.
@@ -176,12 +190,22 @@ impl Reader {
     async fn read(&mut self, mut inbound: Streaming<v1::NodeUp>) -> Result<(), Status> {
         use v1::worker_message::Kind;
         while let Some(up) = inbound.message().await? {
+            if up.combined {
+                self.combined.store(true, Ordering::Relaxed);
+            }
             let mut pending = Pending::default();
             for msg in up.messages {
                 let id = msg.worker_id;
+                let also: &[String] = match &msg.kind {
+                    Some(Kind::NodeStepDone(n)) => &n.also,
+                    _ => &[],
+                };
                 // A worker's messages are judged in order: the next waits for the answer to the
                 // previous one, and an attachment for everything before it.
-                if matches!(msg.kind, Some(Kind::Hello(_))) || pending.workers.contains(&id) {
+                if matches!(msg.kind, Some(Kind::Hello(_)))
+                    || pending.workers.contains(&id)
+                    || also.iter().any(|a| pending.workers.contains(a))
+                {
                     self.flush(&mut pending).await?;
                 }
                 let Some(kind) = msg.kind else {
@@ -205,10 +229,44 @@ impl Reader {
                             self.end(&id, unknown).await?;
                         }
                     }
+                    Kind::NodeStepDone(n) => {
+                        let mut speakers = Vec::with_capacity(1 + n.also.len());
+                        speakers.push(id.clone());
+                        speakers.extend(n.also.iter().cloned());
+                        let refused = if speakers.len() > MAX_WORKERS {
+                            Some(format!(
+                                "a NodeStepDone speaks for {} workers, a node session holds at most {MAX_WORKERS}",
+                                speakers.len()
+                            ))
+                        } else {
+                            let attached = self.attached.lock().expect("not poisoned");
+                            let stranger =
+                                speakers[1..].iter().find(|a| !attached.contains_key(*a));
+                            stranger.map(|stranger| {
+                                format!(
+                                    "a NodeStepDone of {:?} speaks for worker {:?}, which is not attached to this node session",
+                                    clip(&id, 80),
+                                    clip(stranger, 80)
+                                )
+                            })
+                        };
+                        if let Some(why) = refused {
+                            speakers.truncate(MAX_WORKERS);
+                            for w in &speakers {
+                                self.end(w, Status::invalid_argument(why.clone())).await?;
+                            }
+                            continue;
+                        }
+                        self.node.leases.renew_all(&speakers);
+                        pending.workers.extend(speakers.iter().cloned());
+                        pending.messages.push((id, Kind::NodeStepDone(n)));
+                        pending.speakers.push(speakers);
+                    }
                     kind => {
                         self.node.leases.renew(&id);
                         pending.workers.insert(id.clone());
-                        pending.messages.push((id, kind));
+                        pending.messages.push((id.clone(), kind));
+                        pending.speakers.push(vec![id]);
                     }
                 }
             }
@@ -232,10 +290,10 @@ impl Reader {
     async fn flush(&mut self, pending: &mut Pending) -> Result<(), Status> {
         pending.workers.clear();
         let messages = std::mem::take(&mut pending.messages);
+        let speakers = std::mem::take(&mut pending.speakers);
         if messages.is_empty() {
             return Ok(());
         }
-        let ids: Vec<String> = messages.iter().map(|(id, _)| id.clone()).collect();
         let (reply, rx) = oneshot::channel();
         self.node
             .events
@@ -243,9 +301,12 @@ impl Reader {
             .await
             .map_err(|_| shutting_down())?;
         let answers = rx.await.map_err(|_| shutting_down())?;
-        for (id, answer) in ids.iter().zip(answers) {
+        for (ids, answer) in speakers.iter().zip(answers) {
             if let Err(e) = answer {
-                self.end(id, Status::from(e)).await?;
+                let status = Status::from(e);
+                for id in ids {
+                    self.end(id, status.clone()).await?;
+                }
             }
         }
         Ok(())
@@ -272,6 +333,8 @@ impl Reader {
                 outbox: Outbox::Node {
                     queue: self.queue.clone(),
                     worker_id: id.clone(),
+                    node: self.number,
+                    combined: self.combined.clone(),
                 },
                 reply,
             })
