@@ -159,8 +159,31 @@ pub fn coordinator_with_args(
     log: &Path,
     extra: &[&std::ffi::OsStr],
 ) -> (Proc, String, String) {
+    start_coordinator(job, state, log, "127.0.0.1:0", extra)
+}
+
+/// Starts a coordinator listening on `listen` (a fixed address, so that its workers find a
+/// restarted one where the first was); returns it and its URL.
+pub fn coordinator_at(job: &Path, state: &Path, log: &Path, listen: &str) -> (Proc, String) {
+    let (p, url, _) = start_coordinator(job, state, log, listen, &[]);
+    (p, url)
+}
+
+/// A free loopback port (free when asked: for a coordinator started on it soon after).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    l.local_addr().expect("its address").port()
+}
+
+fn start_coordinator(
+    job: &Path,
+    state: &Path,
+    log: &Path,
+    listen: &str,
+    extra: &[&std::ffi::OsStr],
+) -> (Proc, String, String) {
     let mut cmd = Command::new(bin("stagecoach-coordinator"));
-    cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+    cmd.args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
         .args(extra)
         .arg("--job")
         .arg(job)

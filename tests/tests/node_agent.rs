@@ -3,8 +3,10 @@
 //! worker of the agent killed with SIGKILL is started again, rejoins, and the job completes with
 //! every sample of the plan once in the ledger; SIGTERM stops the agent and its workers, and a
 //! SIGKILLed agent takes its workers with it; the same restart through the agent's relay
-//! (`--relay`, the workers' sessions in one node session); a worker that keeps failing, or whose job failed,
-//! stops the agent with the reason instead of being started again and again.
+//! (`--relay`, the workers' sessions in one node session), and through the relay a coordinator
+//! killed and started again on its state: the agent's workers follow it without a restart of
+//! their own; a worker that keeps failing, or whose job failed, stops the agent with the reason
+//! instead of being started again and again.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -14,8 +16,8 @@ use std::time::{Duration, Instant};
 use stagecoach_core::curriculum::Curriculum;
 use stagecoach_core::spec::JobFile;
 use stagecoach_e2e::{
-    bin, coordinator, demo_corpus, join_worker, micro, micro_job, read_store, source_tokens,
-    status, wait_for, wait_for_step, Proc, MIX,
+    bin, coordinator, coordinator_at, demo_corpus, free_port, join_worker, micro, micro_job,
+    read_store, source_tokens, status, wait_for, wait_for_step, Proc, MIX,
 };
 
 /// The tests that train hold this, so that no two of them share the two cores.
@@ -404,6 +406,96 @@ fn killed_worker_is_started_again(agent_options: &[&str]) {
     all.sort();
     all.dedup();
     assert_eq!(all.len(), n, "a sample twice in the plan's prefix");
+}
+
+/// Through the agent's relay, the coordinator is killed with SIGKILL mid-job and started again
+/// on the same state and address: the node session breaks, the agent's workers register again
+/// through the relay (no worker process is started again), a new world forms, and the job ends
+/// with every step of the plan once in the ledger.
+#[test]
+fn through_the_agents_relay_the_workers_follow_a_restarted_coordinator() {
+    const STEPS: u64 = 30;
+    let _one_at_a_time = training();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = demo_corpus(d);
+    let job = micro("relayed-restart", &data, 2)
+        .stage("main", STEPS, 64, MIX)
+        .set("data.seed", 7)
+        .set("train.log_every", 5)
+        .set("workers.rendezvous_ms", 1000)
+        .write(d.join("relayed-restart.toml"));
+    let state = d.join("state");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (mut coord, url) = coordinator_at(&job, &state, &d.join("coordinator-1.log"), &listen);
+    let mut node = agent(
+        &url,
+        d,
+        "agent",
+        "cpu,cpu",
+        &["--relay", "--reconnect-secs", "60"],
+    );
+    let logs = || {
+        format!(
+            "{}\n{}\n{}\n{}",
+            read(&d.join("coordinator-1.log")),
+            read(&d.join("coordinator-2.log")),
+            read(&d.join("agent.log")),
+            agent_logs(d, "agent", 2)
+        )
+    };
+    wait_for_step(&url, 10);
+    let pids: Vec<Vec<u32>> = (0..2).map(|r| child_pids(d, "agent", r)).collect();
+    coord.child.kill().unwrap();
+    let _ = coord.child.wait();
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut coord, _) = coordinator_at(&job, &state, &d.join("coordinator-2.log"), &listen);
+    let s = wait_for(&url, Duration::from_secs(120), "training again", |s| {
+        s["state"] == "finished" || (s["state"] == "running" && s["world_size"] == 2)
+    });
+    println!(
+        "coordinator restarted under the relay: a world of {} at step {} after {:.1?}",
+        s["world_size"],
+        s["step"],
+        killed.elapsed()
+    );
+    let finished = coord.wait(Duration::from_secs(300));
+    assert!(finished.success(), "{}", logs());
+    assert_eq!(
+        node.wait(Duration::from_secs(60)).code(),
+        Some(0),
+        "{}",
+        logs()
+    );
+    for (rank, before) in pids.iter().enumerate() {
+        assert_eq!(
+            &child_pids(d, "agent", rank),
+            before,
+            "local rank {rank} followed the coordinator without being started again: {}",
+            logs()
+        );
+    }
+    let store = read_store(state.to_str().unwrap(), "relayed-restart");
+    assert_eq!(
+        store.steps.iter().map(|s| s.step).collect::<Vec<_>>(),
+        (0..STEPS).collect::<Vec<_>>(),
+        "every step committed once"
+    );
+    let before = store.steps[..=10]
+        .iter()
+        .map(|s| s.generation)
+        .max()
+        .unwrap();
+    assert!(
+        store.steps.last().unwrap().generation > before,
+        "the steps after the restart were trained in a world the new coordinator formed"
+    );
+    let expected = plan(&job, STEPS);
+    for (s, want) in store.steps.iter().zip(&expected) {
+        let got: Vec<(u32, u64)> = s.samples.iter().map(|r| (r.source, r.index)).collect();
+        assert_eq!(&got, want, "step {}", s.step);
+    }
 }
 
 #[test]

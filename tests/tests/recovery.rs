@@ -4,14 +4,13 @@
 //! coordinator alone is killed and restarted finishes with its workers reconnected.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use stagecoach_core::curriculum::Curriculum;
 use stagecoach_core::spec::JobFile;
 use stagecoach_e2e::{
-    bin, coordinator, demo_corpus, finish, join_worker, micro, read_store, source_tokens,
-    wait_for_step, JobBuilder, Proc, MIX,
+    coordinator, coordinator_at, demo_corpus, finish, free_port, join_worker, micro, read_store,
+    source_tokens, wait_for_step, JobBuilder, Proc, MIX,
 };
 use stagecoach_proto::v1;
 
@@ -224,28 +223,9 @@ fn a_restarted_coordinator_picks_the_job_up_with_its_workers() {
     let path = job(d, "restart", &data, 60, 2).write(d.join("restart.toml"));
     let state = d.join("state-restart");
     // The workers must find the new coordinator at the same address.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let start = |log: &str| {
-        let mut cmd = Command::new(bin("stagecoach-coordinator"));
-        cmd.args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--job")
-        .arg(&path)
-        .arg("--state")
-        .arg(&state)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(d.join(log)).unwrap());
-        Proc::spawn("stagecoach-coordinator", &mut cmd)
-    };
-    let url = format!("http://127.0.0.1:{port}");
-    let mut coord = start("restart-1.log");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let start = |log: &str| coordinator_at(&path, &state, &d.join(log), &listen);
+    let (mut coord, url) = start("restart-1.log");
     let mut workers: Vec<Proc> = (0..2)
         .map(|i| {
             join_worker(
@@ -261,7 +241,7 @@ fn a_restarted_coordinator_picks_the_job_up_with_its_workers() {
     let _ = coord.child.wait();
     let killed = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
-    let mut coord = start("restart-2.log");
+    let (mut coord, _) = start("restart-2.log");
     wait_for_step(&url, 27);
     println!(
         "coordinator restarted: training again {:?} after the kill",
