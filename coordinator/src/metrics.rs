@@ -161,6 +161,43 @@ static STORE_COMPACTION_WRITTEN: std::sync::LazyLock<IntCounter> = std::sync::La
     .expect("a valid metric definition")
 });
 
+/// Node sessions, process-wide like [`CONTROL_REQUESTS`] (the `Workers` service holds them,
+/// not the driver): how many are open, and how many workers are attached through them.
+static NODE_SESSIONS: std::sync::LazyLock<IntGauge> = std::sync::LazyLock::new(|| {
+    IntGauge::with_opts(Opts::new(
+        "stagecoach_node_sessions",
+        "NodeSession streams open (a node agent with --relay holds one for its node's workers)",
+    ))
+    .expect("a valid metric definition")
+});
+static NODE_SESSION_WORKERS: std::sync::LazyLock<IntGauge> = std::sync::LazyLock::new(|| {
+    IntGauge::with_opts(Opts::new(
+        "stagecoach_node_session_workers",
+        "Workers attached through NodeSession streams (the others hold a Session of their own)",
+    ))
+    .expect("a valid metric definition")
+});
+
+/// A node session opened (see [`NODE_SESSIONS`]).
+pub fn node_session_opened() {
+    NODE_SESSIONS.inc();
+}
+
+/// A node session ended.
+pub fn node_session_closed() {
+    NODE_SESSIONS.dec();
+}
+
+/// Workers attached through node sessions changed by `delta`.
+pub fn node_session_workers(delta: i64) {
+    NODE_SESSION_WORKERS.add(delta);
+}
+
+/// Node sessions open and workers attached through them, as `/metrics` shows them.
+pub fn node_sessions() -> (i64, i64) {
+    (NODE_SESSIONS.get(), NODE_SESSION_WORKERS.get())
+}
+
 /// The embedded store's figures now (see [`STORE_MEMORY`]).
 pub fn embedded_store(memory: u64, segments: usize, segment_bytes: u64) {
     STORE_MEMORY.set(i64::try_from(memory).unwrap_or(i64::MAX));
@@ -521,6 +558,8 @@ impl Metrics {
         let _ = m.registry.register(Box::new(LEADER.clone()));
         let _ = m.registry.register(Box::new(LEADER_CHANGES.clone()));
         let _ = m.registry.register(Box::new(FENCED_WRITES.clone()));
+        let _ = m.registry.register(Box::new(NODE_SESSIONS.clone()));
+        let _ = m.registry.register(Box::new(NODE_SESSION_WORKERS.clone()));
         let _ = m.registry.register(Box::new(STORE_MEMORY.clone()));
         let _ = m.registry.register(Box::new(STORE_SEGMENTS.clone()));
         let _ = m.registry.register(Box::new(STORE_SEGMENT_BYTES.clone()));

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use stagecoach_core::curriculum::Curriculum;
 use stagecoach_core::spec::JobFile;
 use stagecoach_e2e::{
-    bin, coordinator, coordinator_at, demo_corpus, free_port, join_worker, micro, micro_job,
-    read_store, source_tokens, status, wait_for, wait_for_step, Proc, MIX,
+    bin, coordinator, coordinator_at, coordinator_with_metrics, demo_corpus, free_port, http_get,
+    join_worker, micro, micro_job, read_store, source_tokens, status, wait_for, wait_for_step,
+    Proc, MIX,
 };
 
 /// The tests that train hold this, so that no two of them share the two cores.
@@ -298,7 +299,8 @@ fn killed_worker_is_started_again(agent_options: &[&str]) {
         .set("workers.rendezvous_ms", 1000)
         .write(d.join("restart.toml"));
     let state = d.join("state");
-    let (mut coord, url) = coordinator(&job, &state, &d.join("coordinator.log"));
+    let (mut coord, url, metrics) =
+        coordinator_with_metrics(&job, &state, &d.join("coordinator.log"));
     let mut node = agent(&url, d, "agent", "cpu,cpu", agent_options);
     let mut other = join_worker(&url, d, "other", &[]);
     let logs = || {
@@ -312,7 +314,23 @@ fn killed_worker_is_started_again(agent_options: &[&str]) {
     wait_for_step(&url, 3);
     let first = child_pids(d, "agent", 1);
     assert_eq!(first.len(), 1, "{}", logs());
-    if agent_options.contains(&"--relay") {
+    // The coordinator counts the node sessions and the workers inside them: the agent's two
+    // through its relay, none without (the plain worker has a session of its own).
+    let gauge = |name: &str| {
+        let addr = metrics
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics");
+        let (code, _, body) = http_get(addr, "/metrics", None);
+        assert_eq!(code, 200, "{body}");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    let relayed = agent_options.contains(&"--relay");
+    let (sessions, workers) = if relayed { (1.0, 2.0) } else { (0.0, 0.0) };
+    assert_eq!(gauge("stagecoach_node_sessions"), sessions);
+    assert_eq!(gauge("stagecoach_node_session_workers"), workers);
+    if relayed {
         // The workers reach the agent's relay on loopback, not the coordinator, with the
         // agent's token.
         let agent_log = read(&d.join("agent.log"));

@@ -29,7 +29,7 @@ use tracing::debug;
 
 use crate::driver::{Event, LeaseBook, Outbox};
 use crate::error::clip;
-use crate::Error;
+use crate::{metrics, Error};
 
 /// Workers one node session may hold at once (a node has a rank per device).
 pub(super) const MAX_WORKERS: usize = 256;
@@ -42,8 +42,43 @@ const QUEUE: usize = super::OUTBOX * 64;
 const BATCH: usize = 1024;
 
 /// The workers attached to a node session, by id, with the session number of the attachment
-/// (so that ending this node session never detaches a newer session of the same worker).
-type Attached = Arc<Mutex<HashMap<String, u64>>>;
+/// (so that ending this node session never detaches a newer session of the same worker),
+/// counted in the process's `stagecoach_node_session_workers`.
+#[derive(Clone, Default)]
+struct Attached(Arc<Mutex<HashMap<String, u64>>>);
+
+impl Attached {
+    /// For looking: changes go through the methods below, which keep the count.
+    fn lock(&self) -> std::sync::LockResult<std::sync::MutexGuard<'_, HashMap<String, u64>>> {
+        self.0.lock()
+    }
+
+    fn insert(&self, id: String, session: u64) {
+        let fresh = self
+            .0
+            .lock()
+            .expect("not poisoned")
+            .insert(id, session)
+            .is_none();
+        if fresh {
+            metrics::node_session_workers(1);
+        }
+    }
+
+    fn remove(&self, id: &str) -> Option<u64> {
+        let session = self.0.lock().expect("not poisoned").remove(id);
+        if session.is_some() {
+            metrics::node_session_workers(-1);
+        }
+        session
+    }
+
+    fn take(&self) -> HashMap<String, u64> {
+        let all = std::mem::take(&mut *self.0.lock().expect("not poisoned"));
+        metrics::node_session_workers(-(all.len() as i64));
+        all
+    }
+}
 
 /// What the reader of a node session works with.
 pub(super) struct Node {
@@ -56,6 +91,7 @@ pub(super) struct Node {
 
 /// Opens a node session: the response stream, which owns the task reading `inbound`.
 pub(super) fn open(node: Node, inbound: Streaming<v1::NodeUp>) -> NodeStream {
+    metrics::node_session_opened();
     let (queue, from_driver) = mpsc::channel(QUEUE);
     let (end_tx, ended) = oneshot::channel::<Option<Status>>();
     let attached = Attached::default();
@@ -152,8 +188,9 @@ impl tokio_stream::Stream for NodeStream {
 impl Drop for NodeStream {
     fn drop(&mut self) {
         self.reader.abort();
+        metrics::node_session_closed();
         // The reader detaches its workers when it ends; aborted, it could not.
-        let attached = std::mem::take(&mut *self.attached.lock().expect("not poisoned"));
+        let attached = self.attached.take();
         for (worker_id, session) in attached {
             let _ = self.events.try_send(Event::Detach { worker_id, session });
         }
@@ -272,7 +309,7 @@ impl Reader {
             }
             self.flush(&mut pending).await?;
             for id in up.closed {
-                let session = self.attached.lock().expect("not poisoned").remove(&id);
+                let session = self.attached.remove(&id);
                 if let Some(session) = session {
                     self.detach(id, session).await?;
                 }
@@ -344,10 +381,7 @@ impl Reader {
             Ok(()) => {
                 // The driver took the session (the worker is a member), so this only renews.
                 self.node.leases.renew(&id);
-                self.attached
-                    .lock()
-                    .expect("not poisoned")
-                    .insert(id, session);
+                self.attached.insert(id, session);
                 Ok(())
             }
             Err(e) => self.end(&id, Status::from(e)).await,
@@ -357,7 +391,7 @@ impl Reader {
     /// Ends one worker's session with `status`, after what was queued for it; the node session
     /// goes on.
     async fn end(&mut self, id: &str, status: Status) -> Result<(), Status> {
-        let session = self.attached.lock().expect("not poisoned").remove(id);
+        let session = self.attached.remove(id);
         if let Some(session) = session {
             self.detach(id.to_string(), session).await?;
         }
@@ -382,7 +416,7 @@ impl Reader {
 
     /// The node session ended: every worker still attached is detached.
     async fn detach_all(&mut self) {
-        let attached = std::mem::take(&mut *self.attached.lock().expect("not poisoned"));
+        let attached = self.attached.take();
         for (worker_id, session) in attached {
             let _ = self.detach(worker_id, session).await;
         }
