@@ -193,11 +193,6 @@ pub fn node_session_workers(delta: i64) {
     NODE_SESSION_WORKERS.add(delta);
 }
 
-/// Node sessions open and workers attached through them, as `/metrics` shows them.
-pub fn node_sessions() -> (i64, i64) {
-    (NODE_SESSIONS.get(), NODE_SESSION_WORKERS.get())
-}
-
 /// The embedded store's figures now (see [`STORE_MEMORY`]).
 pub fn embedded_store(memory: u64, segments: usize, segment_bytes: u64) {
     STORE_MEMORY.set(i64::try_from(memory).unwrap_or(i64::MAX));

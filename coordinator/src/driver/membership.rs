@@ -111,19 +111,16 @@ impl LeaseBook {
         }
     }
 
-    /// Every one of `worker_ids` was heard from now (one look at the book for all); false if
-    /// any of them is not a member.
-    pub fn renew_all(&self, worker_ids: &[String]) -> bool {
+    /// Every one of `worker_ids` that is a member was heard from now (one look at the book
+    /// for all; the driver refuses a report naming one that is not).
+    pub fn renew_all(&self, worker_ids: &[String]) {
         let now = Instant::now();
         let mut m = self.0.lock().expect("not poisoned");
-        let mut all = true;
         for id in worker_ids {
-            match m.get_mut(id.as_str()) {
-                Some(t) => *t = now,
-                None => all = false,
+            if let Some(t) = m.get_mut(id.as_str()) {
+                *t = now;
             }
         }
-        all
     }
 
     /// A member registered now.

@@ -369,10 +369,11 @@ fn send_work(members: &Members, world: &[String], header: &v1::Work, samples: &[
         ids: Vec<&'a str>,
     }
     let n = world.len();
+    let all = refs(samples);
     let mut nodes: Vec<Node<'_>> = Vec::new();
     let mut by_node: std::collections::HashMap<u64, usize> = Default::default();
     for (rank, id) in world.iter().enumerate() {
-        let share = &samples[rank_slice(samples.len(), n, rank)];
+        let share = &all[rank_slice(all.len(), n, rank)];
         if let Some(Outbox::Node {
             queue,
             worker_id,
@@ -394,7 +395,7 @@ fn send_work(members: &Members, world: &[String], header: &v1::Work, samples: &[
                 });
                 let node = &mut nodes[i];
                 let work = node.work.work.as_mut().expect("set above");
-                work.samples.extend(refs(share));
+                work.samples.extend_from_slice(share);
                 node.work.workers.push(worker_id.clone());
                 node.work.samples.push(share.len() as u32);
                 node.ids.push(id);
@@ -402,7 +403,7 @@ fn send_work(members: &Members, world: &[String], header: &v1::Work, samples: &[
             }
         }
         let work = v1::Work {
-            samples: refs(share),
+            samples: share.to_vec(),
             ..header.clone()
         };
         send(members, id, v1::coordinator_message::Kind::Work(work));

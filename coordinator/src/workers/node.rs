@@ -198,11 +198,11 @@ impl Drop for NodeStream {
 }
 
 /// A `NodeUp`'s messages on their way to the driver as one event, at most one per worker,
-/// with the workers each speaks for (its own, and those a `NodeStepDone` names).
+/// with the other workers each speaks for (those a `NodeStepDone` names; none for the rest).
 #[derive(Default)]
 struct Pending {
     messages: Vec<(String, v1::worker_message::Kind)>,
-    speakers: Vec<Vec<String>>,
+    also: Vec<Vec<String>>,
     workers: HashSet<String>,
 }
 
@@ -297,13 +297,13 @@ impl Reader {
                         self.node.leases.renew_all(&speakers);
                         pending.workers.extend(speakers.iter().cloned());
                         pending.messages.push((id, Kind::NodeStepDone(n)));
-                        pending.speakers.push(speakers);
+                        pending.also.push(speakers.split_off(1));
                     }
                     kind => {
                         self.node.leases.renew(&id);
                         pending.workers.insert(id.clone());
-                        pending.messages.push((id.clone(), kind));
-                        pending.speakers.push(vec![id]);
+                        pending.messages.push((id, kind));
+                        pending.also.push(Vec::new());
                     }
                 }
             }
@@ -322,15 +322,16 @@ impl Reader {
         self.attached.lock().expect("not poisoned").contains_key(id)
     }
 
-    /// Hands the pending messages to the driver and waits for its answers; a refusal ends that
-    /// worker's session.
+    /// Hands the pending messages to the driver and waits for its answers; a refusal ends the
+    /// sessions of the workers the message speaks for.
     async fn flush(&mut self, pending: &mut Pending) -> Result<(), Status> {
         pending.workers.clear();
         let messages = std::mem::take(&mut pending.messages);
-        let speakers = std::mem::take(&mut pending.speakers);
+        let also = std::mem::take(&mut pending.also);
         if messages.is_empty() {
             return Ok(());
         }
+        let ids: Vec<String> = messages.iter().map(|(id, _)| id.clone()).collect();
         let (reply, rx) = oneshot::channel();
         self.node
             .events
@@ -338,10 +339,10 @@ impl Reader {
             .await
             .map_err(|_| shutting_down())?;
         let answers = rx.await.map_err(|_| shutting_down())?;
-        for (ids, answer) in speakers.iter().zip(answers) {
+        for ((id, also), answer) in ids.iter().zip(&also).zip(answers) {
             if let Err(e) = answer {
                 let status = Status::from(e);
-                for id in ids {
+                for id in std::iter::once(id).chain(also) {
                     self.end(id, status.clone()).await?;
                 }
             }
