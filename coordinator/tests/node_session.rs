@@ -161,6 +161,34 @@ impl Down {
     }
 }
 
+/// Registers a worker for each of `ports` (their collective addresses) and opens a node
+/// session, attaching none yet: their ids, the session's sending half and its downstream.
+async fn node_of(
+    url: &str,
+    ports: [u16; 2],
+) -> (Vec<String>, tokio::sync::mpsc::Sender<v1::NodeUp>, Down) {
+    let mut workers = WorkersClient::connect(url.to_owned()).await.unwrap();
+    let mut ids = vec![];
+    for port in ports {
+        let reg = workers.register(register(port)).await.unwrap().into_inner();
+        ids.push(reg.worker_id);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let stream = workers
+        .node_session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        ids,
+        tx,
+        Down {
+            stream,
+            seen: vec![],
+        },
+    )
+}
+
 fn coordinator_message(m: v1::NodeMessage) -> Option<(String, v1::coordinator_message::Kind)> {
     match m.kind {
         Some(v1::node_message::Kind::Message(v1::CoordinatorMessage { kind: Some(k) })) => {
@@ -178,21 +206,8 @@ fn coordinator_message(m: v1::NodeMessage) -> Option<(String, v1::coordinator_me
 async fn a_bad_message_ends_only_its_workers_session() {
     use v1::worker_message::Kind;
     let url = start().await;
-    let mut workers = WorkersClient::connect(url.clone()).await.unwrap();
-    let a = workers.register(register(5201)).await.unwrap();
-    let a = a.into_inner().worker_id;
-    let b = workers.register(register(5202)).await.unwrap();
-    let b = b.into_inner().worker_id;
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let stream = workers
-        .node_session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut down = Down {
-        stream,
-        seen: vec![],
-    };
+    let (ids, tx, mut down) = node_of(&url, [5201, 5202]).await;
+    let (a, b) = (ids[0].clone(), ids[1].clone());
     let up = |messages: Vec<v1::WorkerMessage>| v1::NodeUp {
         messages,
         ..Default::default()
@@ -367,22 +382,7 @@ async fn form(
 async fn a_node_gets_one_work_per_step_and_reports_it_in_one_message() {
     use v1::worker_message::Kind;
     let url = start().await;
-    let mut workers = WorkersClient::connect(url.clone()).await.unwrap();
-    let mut ids = vec![];
-    for port in [5301, 5302] {
-        let reg = workers.register(register(port)).await.unwrap().into_inner();
-        ids.push(reg.worker_id);
-    }
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let stream = workers
-        .node_session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut down = Down {
-        stream,
-        seen: vec![],
-    };
+    let (ids, tx, mut down) = node_of(&url, [5301, 5302]).await;
     let up = combined;
     let hello = || Kind::Hello(v1::Hello {});
     let report = |work: &v1::Work, samples: u32, also: Vec<String>| {

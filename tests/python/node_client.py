@@ -70,6 +70,18 @@ def main():
     def message(worker_id, **kind):
         return pb.WorkerMessage(worker_id=worker_id, **kind)
 
+    def step_done(work, samples):
+        """The report of `samples` samples of `work`, with the numbers every rank agrees on."""
+        return pb.StepDone(
+            generation=work.generation,
+            step=work.step,
+            loss_sum=2.5 * samples,
+            samples=samples,
+            grad_norm=1.0,
+            global_loss=2.5,
+            state_digest=7,
+        )
+
     downs = workers.NodeSession(requests(), timeout=TIMEOUT_S)
     up.put(
         pb.NodeUp(
@@ -109,15 +121,7 @@ def main():
                     out["steps"][worker_id].append(w.step)
                 n = sum(m.work.samples)
                 first, *also = m.work.workers
-                done = pb.StepDone(
-                    generation=w.generation,
-                    step=w.step,
-                    loss_sum=2.5 * n,
-                    samples=n,
-                    grad_norm=1.0,
-                    global_loss=2.5,
-                    state_digest=7,
-                )
+                done = step_done(w, n)
                 replies.append(
                     message(first, node_step_done=pb.NodeStepDone(done=done, also=also))
                 )
@@ -142,15 +146,7 @@ def main():
                 replies.append(
                     message(
                         m.worker_id,
-                        step_done=pb.StepDone(
-                            generation=w.generation,
-                            step=w.step,
-                            loss_sum=2.5 * n,
-                            samples=n,
-                            grad_norm=1.0,
-                            global_loss=2.5,
-                            state_digest=7,
-                        ),
+                        step_done=step_done(w, n),
                     )
                 )
             elif kind == "save_checkpoint":
