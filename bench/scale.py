@@ -122,6 +122,7 @@ def one_run(args, ranks, first, tmp):
             "--state-dir", os.path.join(folder, "state"), "--label", args.label,
             "--ranks-per-channel", str(args.ranks_per_channel),
             "--ranks-per-node", str(args.ranks_per_node),
+            "--node-client", args.node_client,
             "--threads", str(args.bench_threads),
         ]
         if args.json_out:
@@ -161,6 +162,9 @@ def main():
     ap.add_argument("--ranks-per-node", type=int, default=1,
                     help="above 1: the ranks of a node share one NodeSession through a relay, "
                          "as behind a node agent (1: a Session per rank)")
+    ap.add_argument("--node-client", choices=["relay", "direct"], default="relay",
+                    help="with nodes: a task per rank behind a relay, or one task per node "
+                         "sending what such a relay sends (bench/README.md)")
     ap.add_argument("--bench-threads", type=int, default=0,
                     help="the load generator's runtime threads (0: one per core)")
     ap.add_argument("--label", default="", help="kept in the JSON lines (e.g. before, after)")

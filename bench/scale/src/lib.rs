@@ -4,6 +4,7 @@
 //! | module | what it is |
 //! |---|---|
 //! | [`rank`] | one simulated rank: register, session, heartbeats, an answer to every message |
+//! | [`node`] | one simulated node in one task: its ranks' registrations, one `NodeSession`, one summed report per step |
 //! | [`probe`] | a process's CPU time and peak RSS (`/proc`), the coordinator's `/metrics`, a folder's size |
 //! | [`report`] | the figures: Work latency from the ranks' logs, one markdown row, one JSON line |
 //!
@@ -12,6 +13,7 @@
 //! in time: the world must run within `--form-timeout-secs`, then it steps for `--run-secs`;
 //! a world that does not form is a row that says so.
 
+pub mod node;
 pub mod probe;
 pub mod rank;
 pub mod report;
@@ -57,6 +59,12 @@ pub struct Options {
     /// used). 1: every rank holds its own `Session`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub ranks_per_node: u32,
+    /// With `--ranks-per-node` above 1, what speaks for a node. `relay`: a task per rank
+    /// behind the node's relay, as behind a node agent. `direct`: one task per node that sends
+    /// the coordinator what such a relay sends when its ranks agree (one summed report per
+    /// step, see `node`), which costs the load generator far less.
+    #[arg(long, value_enum, default_value_t = NodeClient::Relay)]
+    pub node_client: NodeClient,
     /// Registrations (each with its session's opening) in progress at once.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub joining: u32,
@@ -89,6 +97,22 @@ pub struct Options {
     /// Print the table's header before the row.
     #[arg(long)]
     pub header: bool,
+}
+
+/// What speaks for a simulated node (`--node-client`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodeClient {
+    Relay,
+    Direct,
+}
+
+impl NodeClient {
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeClient::Relay => "relay",
+            NodeClient::Direct => "direct",
+        }
+    }
 }
 
 /// How often formation progress is printed (stderr).
@@ -235,20 +259,32 @@ async fn bench(options: &Options) -> anyhow::Result<Figures> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut ranks = tokio::task::JoinSet::new();
     let per = per_connection(options) as usize;
-    let transports: Vec<Transport> = channels
-        .into_iter()
-        .map(|channel| {
-            if options.ranks_per_node > 1 {
-                let client = WorkersClient::with_interceptor(channel, Default::default());
-                Transport::Node(Arc::new(Relay::new(client)))
-            } else {
-                Transport::Own(channel)
-            }
-        })
-        .collect();
-    for i in 0..n {
-        let transport = transports[i / per].clone();
-        ranks.spawn(rank::run(i, shared.clone(), transport, stop_rx.clone()));
+    if options.ranks_per_node > 1 && options.node_client == NodeClient::Direct {
+        for (i, channel) in channels.into_iter().enumerate() {
+            let ranks_of_node = i * per..((i + 1) * per).min(n);
+            ranks.spawn(node::run(
+                ranks_of_node,
+                shared.clone(),
+                channel,
+                stop_rx.clone(),
+            ));
+        }
+    } else {
+        let transports: Vec<Transport> = channels
+            .into_iter()
+            .map(|channel| {
+                if options.ranks_per_node > 1 {
+                    let client = WorkersClient::with_interceptor(channel, Default::default());
+                    Transport::Node(Arc::new(Relay::new(client)))
+                } else {
+                    Transport::Own(channel)
+                }
+            })
+            .collect();
+        for i in 0..n {
+            let transport = transports[i / per].clone();
+            ranks.spawn(rank::run(i, shared.clone(), transport, stop_rx.clone()));
+        }
     }
     let start = Instant::now();
     let form_deadline = start + Duration::from_secs_f64(options.form_timeout_secs);
@@ -265,6 +301,7 @@ async fn bench(options: &Options) -> anyhow::Result<Figures> {
         label: options.label.clone(),
         ranks: n,
         ranks_per_node: options.ranks_per_node,
+        node_client: (options.ranks_per_node > 1).then(|| options.node_client.name()),
         form_timeout_seconds: options.form_timeout_secs,
         ..Default::default()
     };

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use stagecoach_proto::connect::AuthedChannel;
-use stagecoach_proto::relay::{Relay, RelaySession};
+use stagecoach_proto::relay::{self, Relay, RelaySession};
 use stagecoach_proto::v1;
 use stagecoach_proto::v1::workers_client::WorkersClient;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -67,10 +67,10 @@ pub const EVAL_TOKENS: u64 = 1 << 30;
 
 /// How long a rank waits before registering again after its session ended or a registration
 /// failed.
-const RETRY: Duration = Duration::from_millis(500);
+pub(crate) const RETRY: Duration = Duration::from_millis(500);
 
 /// Messages a rank queues for the coordinator (it answers one message with one message).
-const OUTBOUND: usize = 16;
+pub(crate) const OUTBOUND: usize = 16;
 
 /// What every rank shares: the clock the logs count from, the stop signal, the counters the
 /// progress line and the report read.
@@ -135,7 +135,7 @@ pub struct Counts {
 
 impl Counts {
     /// Counts a broken session (or a failed join) in `counter`, keeping the first reason.
-    fn broke(&self, counter: &AtomicUsize, why: impl FnOnce() -> String) {
+    pub(crate) fn broke(&self, counter: &AtomicUsize, why: impl FnOnce() -> String) {
         counter.fetch_add(1, Ordering::Relaxed);
         let mut first = self.first_break.lock().unwrap_or_else(|p| p.into_inner());
         if first.is_none() {
@@ -166,11 +166,11 @@ impl Shared {
         t.saturating_duration_since(self.base).as_nanos() as u64
     }
 
-    /// A rank got its first `Work` of `world`'s generation at `at`.
-    fn first_work(&self, world: &v1::World, at: Instant) {
+    /// `ranks` ranks got their first `Work` of `world`'s generation at `at`.
+    pub(crate) fn first_work(&self, world: &v1::World, at: Instant, ranks: usize) {
         let mut by_generation = self.first_work.lock().unwrap_or_else(|p| p.into_inner());
         let n = by_generation.entry(world.generation).or_default();
-        *n += 1;
+        *n += ranks;
         if *n == world.world_size as usize && self.running.get().is_none() {
             let _ = self.running.set(Running {
                 at,
@@ -261,10 +261,12 @@ pub async fn run(
 }
 
 /// A registration: the id, the heartbeat and the job's sources.
-struct Link {
-    worker_id: String,
-    heartbeat: Duration,
-    sources: Vec<v1::SourceSize>,
+pub(crate) struct Link {
+    pub(crate) worker_id: String,
+    pub(crate) heartbeat: Duration,
+    /// How long its heartbeat may wait for company in a node session ([`relay::hold`]).
+    pub(crate) hold: Duration,
+    pub(crate) sources: Vec<v1::SourceSize>,
 }
 
 type Joined = (Link, Pipe);
@@ -278,6 +280,33 @@ async fn join(
     transport: &Transport,
 ) -> Result<Option<Joined>, tonic::Status> {
     let _permit = shared.joining.acquire().await.expect("never closed");
+    let Some(link) = register(index, shared, client).await? else {
+        return Ok(None);
+    };
+    if let Transport::Node(relay) = transport {
+        let session = relay.session(link.worker_id.clone(), link.hold).await?;
+        return Ok(Some((link, Pipe::Node(session))));
+    }
+    let (out, out_rx) = mpsc::channel(OUTBOUND);
+    // The receiver is ours until the call takes it: this cannot wait or fail.
+    let _ = out.try_send(message(
+        &link,
+        v1::worker_message::Kind::Hello(v1::Hello {}),
+    ));
+    let inbound = client
+        .session(ReceiverStream::new(out_rx))
+        .await?
+        .into_inner();
+    Ok(Some((link, Pipe::Own { inbound, out })))
+}
+
+/// Registers rank `index` (the caller holds a [`Shared::joining`] permit). `None` when the
+/// coordinator says the job is over.
+pub(crate) async fn register(
+    index: usize,
+    shared: &Shared,
+    client: &mut WorkersClient<AuthedChannel>,
+) -> Result<Option<Link>, tonic::Status> {
     let _ = shared.first_register.set(Instant::now());
     shared.counts.registrations.fetch_add(1, Ordering::Relaxed);
     let reg = client
@@ -298,7 +327,7 @@ async fn join(
         }
         Err(s) => return Err(s),
     };
-    let hold = stagecoach_proto::relay::hold(&reg);
+    let hold = relay::hold(&reg);
     let job = reg
         .job
         .ok_or_else(|| tonic::Status::internal("the registration carried no job"))?;
@@ -315,26 +344,12 @@ async fn join(
             },
         })
         .collect();
-    let link = Link {
+    Ok(Some(Link {
         worker_id: reg.worker_id,
         heartbeat: Duration::from_millis(reg.heartbeat_ms.max(10)),
+        hold,
         sources,
-    };
-    if let Transport::Node(relay) = transport {
-        let session = relay.session(link.worker_id.clone(), hold).await?;
-        return Ok(Some((link, Pipe::Node(session))));
-    }
-    let (out, out_rx) = mpsc::channel(OUTBOUND);
-    // The receiver is ours until the call takes it: this cannot wait or fail.
-    let _ = out.try_send(message(
-        &link,
-        v1::worker_message::Kind::Hello(v1::Hello {}),
-    ));
-    let inbound = client
-        .session(ReceiverStream::new(out_rx))
-        .await?
-        .into_inner();
-    Ok(Some((link, Pipe::Own { inbound, out })))
+    }))
 }
 
 /// A collective address nothing listens on (the coordinator only stores it), unique per rank.
@@ -423,57 +438,17 @@ async fn session(
                 if let Some((w, got_work)) = world.as_mut() {
                     if w.generation == work.generation && !*got_work {
                         *got_work = true;
-                        shared.first_work(w, arrived);
+                        shared.first_work(w, arrived, 1);
                     }
                 }
-                let samples = work.samples.len() as u32;
-                let done = v1::StepDone {
-                    generation: work.generation,
-                    step: work.step,
-                    loss_sum: LOSS * f64::from(samples),
-                    samples,
-                    grad_norm: GRAD_NORM,
-                    timing: None,
-                    skipped: false,
-                    global_loss: LOSS,
-                    state_digest: STATE_DIGEST,
-                };
+                let done = step_done(&work, work.samples.len() as u32);
                 // The time is taken before the send: the next step's work cannot come before.
                 log.done
                     .push((work.generation, work.step, shared.ns(Instant::now())));
                 Some(Up::StepDone(done))
             }
-            Some(Kind::Evaluate(e)) => {
-                shared.counts.evaluations.fetch_add(1, Ordering::Relaxed);
-                let mut per_source = std::collections::BTreeMap::<u32, u32>::new();
-                for s in &e.samples {
-                    *per_source.entry(s.source).or_default() += 1;
-                }
-                let losses = per_source
-                    .into_iter()
-                    .map(|(source, samples)| v1::EvalLoss {
-                        source,
-                        loss_sum: LOSS * f64::from(samples),
-                        samples,
-                    })
-                    .collect();
-                Some(Up::EvalDone(v1::EvalDone {
-                    generation: e.generation,
-                    id: e.id,
-                    losses,
-                }))
-            }
-            Some(Kind::SaveCheckpoint(s)) => {
-                shared.counts.checkpoints.fetch_add(1, Ordering::Relaxed);
-                // A simulated rank holds no model: the write fails, and says why.
-                Some(Up::CheckpointSaved(v1::CheckpointSaved {
-                    generation: s.generation,
-                    id: s.id,
-                    path: s.path,
-                    error: "a simulated rank (stagecoach-bench) holds no model to write".into(),
-                    ..Default::default()
-                }))
-            }
+            Some(Kind::Evaluate(e)) => Some(eval_done(shared, &e)),
+            Some(Kind::SaveCheckpoint(s)) => Some(not_saved(shared, s)),
             Some(Kind::Stop(s)) => match s.reason() {
                 v1::StopReason::GenerationEnded => {
                     shared.counts.stops.fetch_add(1, Ordering::Relaxed);
@@ -496,8 +471,58 @@ async fn session(
     }
 }
 
+/// What a rank reports for `work` with `samples` samples: the numbers every rank agrees on.
+pub(crate) fn step_done(work: &v1::Work, samples: u32) -> v1::StepDone {
+    v1::StepDone {
+        generation: work.generation,
+        step: work.step,
+        loss_sum: LOSS * f64::from(samples),
+        samples,
+        grad_norm: GRAD_NORM,
+        timing: None,
+        skipped: false,
+        global_loss: LOSS,
+        state_digest: STATE_DIGEST,
+    }
+}
+
+/// The answer to an evaluation: [`LOSS`] for every sample, by source.
+pub(crate) fn eval_done(shared: &Shared, e: &v1::Evaluate) -> v1::worker_message::Kind {
+    shared.counts.evaluations.fetch_add(1, Ordering::Relaxed);
+    let mut per_source = std::collections::BTreeMap::<u32, u32>::new();
+    for s in &e.samples {
+        *per_source.entry(s.source).or_default() += 1;
+    }
+    let losses = per_source
+        .into_iter()
+        .map(|(source, samples)| v1::EvalLoss {
+            source,
+            loss_sum: LOSS * f64::from(samples),
+            samples,
+        })
+        .collect();
+    v1::worker_message::Kind::EvalDone(v1::EvalDone {
+        generation: e.generation,
+        id: e.id,
+        losses,
+    })
+}
+
+/// The answer to a checkpoint request: a simulated rank holds no model, so the write fails,
+/// and says why.
+pub(crate) fn not_saved(shared: &Shared, s: v1::SaveCheckpoint) -> v1::worker_message::Kind {
+    shared.counts.checkpoints.fetch_add(1, Ordering::Relaxed);
+    v1::worker_message::Kind::CheckpointSaved(v1::CheckpointSaved {
+        generation: s.generation,
+        id: s.id,
+        path: s.path,
+        error: "a simulated rank (stagecoach-bench) holds no model to write".into(),
+        ..Default::default()
+    })
+}
+
 /// A status for the report: its code, its message (clipped) and its source's.
-fn describe(status: &tonic::Status) -> String {
+pub(crate) fn describe(status: &tonic::Status) -> String {
     let mut text = format!("{:?}: {}", status.code(), status.message());
     if let Some(source) = std::error::Error::source(status) {
         text.push_str(&format!(" ({source})"));
@@ -506,11 +531,11 @@ fn describe(status: &tonic::Status) -> String {
 }
 
 /// Resolves once `stop` is set (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-fn ready(link: &Link, generation: u64, step: u64) -> v1::worker_message::Kind {
+pub(crate) fn ready(link: &Link, generation: u64, step: u64) -> v1::worker_message::Kind {
     v1::worker_message::Kind::Ready(v1::Ready {
         generation,
         sources: link.sources.clone(),

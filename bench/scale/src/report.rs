@@ -50,6 +50,8 @@ pub struct Figures {
     pub ranks: usize,
     /// Ranks per node session (1: a session per rank).
     pub ranks_per_node: u32,
+    /// What spoke for each node (`--node-client`), when there were nodes.
+    pub node_client: Option<&'static str>,
     /// Seconds from the first Register to the first `Work` at every rank.
     pub formed_seconds: Option<f64>,
     /// The formation timeout, when the world did not run within it.
@@ -192,6 +194,7 @@ impl Figures {
             "label": self.label,
             "ranks": self.ranks,
             "ranks_per_node": self.ranks_per_node,
+            "node_client": self.node_client,
             "formed": self.formed(),
             "formed_seconds": self.formed_seconds,
             "form_timeout_seconds": self.form_timeout_seconds,
