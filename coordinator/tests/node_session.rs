@@ -473,3 +473,62 @@ async fn a_node_gets_one_work_per_step_and_reports_it_in_one_message() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("NodeSession"), "{status:?}");
 }
+
+/// A node session renews each attached worker's lease as its messages arrive, and a heartbeat
+/// from one that is no longer a member (here superseded by a new registration on its address)
+/// ends that worker's session with NotFound, naming it; the node's other worker goes on.
+#[tokio::test]
+async fn a_heartbeat_in_a_node_session_from_a_worker_no_longer_a_member_ends_its_session() {
+    use v1::worker_message::Kind;
+    let url = start().await;
+    let (ids, tx, mut down) = node_of(&url, [5301, 5302]).await;
+    let (a, b) = (ids[0].clone(), ids[1].clone());
+    let up = |messages: Vec<v1::WorkerMessage>| v1::NodeUp {
+        messages,
+        ..Default::default()
+    };
+    let beat = || Kind::Heartbeat(v1::Heartbeat {});
+    tx.send(up(vec![
+        msg(&a, Kind::Hello(v1::Hello {})),
+        msg(&b, Kind::Hello(v1::Hello {})),
+        msg(&a, beat()),
+        msg(&b, beat()),
+    ]))
+    .await
+    .unwrap();
+    // Members' heartbeats get no answer (a World may come: the two make a world).
+    let quiet = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            let m = down.next().await;
+            if matches!(m.kind, Some(v1::node_message::Kind::Ended(_))) {
+                return m;
+            }
+        }
+    })
+    .await;
+    assert!(quiet.is_err(), "no session ends: {quiet:?}");
+
+    let mut workers = WorkersClient::connect(url.clone()).await.unwrap();
+    let new = workers
+        .register(register(5301))
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    assert_ne!(new, a);
+    tx.send(up(vec![msg(&a, beat()), msg(&b, beat())]))
+        .await
+        .unwrap();
+    let (code, why) = down.ended(&a).await;
+    assert_eq!(code, Code::NotFound, "{why}");
+    assert!(why.contains(&a), "{why}");
+    // b is still attached and a member: a message of its own is judged, not refused as a
+    // stranger's (a Ready for a world that does not exist is a FailedPrecondition).
+    let early = Kind::Ready(v1::Ready {
+        generation: 99,
+        ..Default::default()
+    });
+    tx.send(up(vec![msg(&b, early)])).await.unwrap();
+    let (code, why) = down.ended(&b).await;
+    assert_eq!(code, Code::FailedPrecondition, "{why}");
+}

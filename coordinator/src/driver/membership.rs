@@ -3,7 +3,7 @@
 //! membership of the generation it names: a client outside the world cannot act on it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use stagecoach_proto::v1;
@@ -74,12 +74,12 @@ impl Outbox {
 /// driver last looked (see [`send`](super::send)).
 #[derive(Default)]
 pub(super) struct Members {
-    map: HashMap<String, Member>,
+    map: foldhash::HashMap<String, Member>,
     pub(super) any_undeliverable: AtomicBool,
 }
 
 impl std::ops::Deref for Members {
-    type Target = HashMap<String, Member>;
+    type Target = foldhash::HashMap<String, Member>;
     fn deref(&self) -> &Self::Target {
         &self.map
     }
@@ -94,49 +94,84 @@ impl std::ops::DerefMut for Members {
 /// When each worker was last heard from, written by the session tasks as messages arrive, so
 /// that a lease is renewed by the message itself, not by the driver getting to it: a driver
 /// that is behind (a slow store write, a burst of reports) never expires a live worker.
+///
+/// Each member's entry is a [`Lease`] of its own: a session takes it once, when it attaches,
+/// and renews it from then on without looking the worker up or taking the book's lock.
 #[derive(Debug, Default)]
-pub struct LeaseBook(Mutex<HashMap<String, Instant>>);
+pub struct LeaseBook(Mutex<HashMap<String, Arc<Lease>>>);
+
+/// One member's lease: when it was last heard from, and whether it is still a member.
+#[derive(Debug)]
+pub struct Lease {
+    /// What `heard` counts from.
+    since: Instant,
+    /// Nanoseconds from `since` to when the worker was last heard from.
+    heard: AtomicU64,
+    /// Cleared when the worker stops being a member (its lease expired, or it was removed).
+    member: AtomicBool,
+}
+
+impl Lease {
+    fn new() -> Self {
+        Lease {
+            since: Instant::now(),
+            heard: AtomicU64::new(0),
+            member: AtomicBool::new(true),
+        }
+    }
+
+    /// The worker was heard from now. False if it is no longer a member.
+    pub fn renew(&self) -> bool {
+        let ns = Instant::now()
+            .saturating_duration_since(self.since)
+            .as_nanos();
+        self.heard
+            .fetch_max(u64::try_from(ns).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.member.load(Ordering::Relaxed)
+    }
+
+    fn last(&self) -> Instant {
+        self.since + std::time::Duration::from_nanos(self.heard.load(Ordering::Relaxed))
+    }
+}
 
 impl LeaseBook {
     /// `worker_id` was heard from now. False if it is not (or no longer) a member: its lease
     /// expired, or it never registered.
     pub fn renew(&self, worker_id: &str) -> bool {
-        let mut m = self.0.lock().expect("not poisoned");
-        match m.get_mut(worker_id) {
-            Some(t) => {
-                *t = Instant::now();
-                true
-            }
-            None => false,
-        }
+        self.lease(worker_id).is_some_and(|l| l.renew())
     }
 
-    /// Every one of `worker_ids` that is a member was heard from now (one look at the book
-    /// for all; the driver refuses a report naming one that is not).
-    pub fn renew_all(&self, worker_ids: &[String]) {
-        let now = Instant::now();
-        let mut m = self.0.lock().expect("not poisoned");
-        for id in worker_ids {
-            if let Some(t) = m.get_mut(id.as_str()) {
-                *t = now;
-            }
-        }
+    /// The lease of member `worker_id`, for a session to renew as it hears from it.
+    pub fn lease(&self, worker_id: &str) -> Option<Arc<Lease>> {
+        self.0.lock().expect("not poisoned").get(worker_id).cloned()
     }
 
     /// A member registered now.
     fn insert(&self, worker_id: &str) {
-        self.0
+        let old = self
+            .0
             .lock()
             .expect("not poisoned")
-            .insert(worker_id.to_owned(), Instant::now());
+            .insert(worker_id.to_owned(), Arc::new(Lease::new()));
+        if let Some(old) = old {
+            old.member.store(false, Ordering::Relaxed);
+        }
     }
 
     fn last(&self, worker_id: &str) -> Option<Instant> {
-        self.0.lock().expect("not poisoned").get(worker_id).copied()
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .get(worker_id)
+            .map(|l| l.last())
     }
 
     fn forget(&self, worker_id: &str) {
-        self.0.lock().expect("not poisoned").remove(worker_id);
+        let gone = self.0.lock().expect("not poisoned").remove(worker_id);
+        if let Some(lease) = gone {
+            lease.member.store(false, Ordering::Relaxed);
+        }
     }
 }
 

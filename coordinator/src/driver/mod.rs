@@ -62,7 +62,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 pub use events::{ControlReply, ControlRequest, Event, Policy, Resume, Settings};
-pub use membership::{LeaseBook, Outbox};
+pub use membership::{Lease, LeaseBook, Outbox};
 
 use crate::Error;
 

@@ -1,6 +1,10 @@
 //! Stepping: what comes next in a running world, the ranks' step reports, and committing a
 //! finished step to the ledger.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use stagecoach_core::curriculum::StepPlan;
 use stagecoach_core::plan::{rank_slice, SampleId};
 use stagecoach_core::spike::Detector;
@@ -121,7 +125,20 @@ impl Driver {
             stage: Some(plan.stage),
             guard: Some(guard),
         };
-        send_work(&self.members, &world.members, &header, &plan.samples);
+        let routes = Routes::current(
+            world.routes.take(),
+            self.roster.version,
+            &self.members,
+            &world.members,
+        );
+        send_work(
+            &self.members,
+            &routes,
+            &world.members,
+            &header,
+            &plan.samples,
+        );
+        world.routes = Some(routes);
         world.in_flight = Some((plan, Reports::new(world.members.len())));
         world.dispatched_at = Some(Instant::now());
     }
@@ -359,64 +376,126 @@ fn subject(ranks: &[u32]) -> (String, &'static str) {
     }
 }
 
-/// Queues a step's Work for every rank of `world` (`header` with each rank's share of
-/// `samples`). The ranks on one node session that splits `NodeWork`s get one for all of them:
-/// the node reads one message where it would one per rank.
-fn send_work(members: &Members, world: &[String], header: &v1::Work, samples: &[SampleId]) {
-    struct Node<'a> {
-        queue: &'a tokio::sync::mpsc::Sender<v1::NodeMessage>,
-        work: v1::NodeWork,
-        ids: Vec<&'a str>,
+/// How a step's Work reaches the ranks of a world: worked out once, and again only when a
+/// member or a session changes (the roster's version), not every step.
+pub(super) struct Routes {
+    /// The roster version this was worked out at.
+    version: u64,
+    /// Ranks that get a `Work` of their own: on a session of their own, or with none.
+    own: Vec<u32>,
+    /// The ranks on each node session, in rank order.
+    nodes: Vec<NodeRoute>,
+}
+
+struct NodeRoute {
+    queue: tokio::sync::mpsc::Sender<v1::NodeMessage>,
+    /// The node session splits `NodeWork`s (it may say so after this was worked out).
+    combined: Arc<AtomicBool>,
+    ranks: Vec<u32>,
+    /// The ranks' worker ids, as a `NodeWork` names them.
+    workers: Vec<String>,
+}
+
+impl Routes {
+    /// `routes` if they are of roster `version`, else worked out again for `world`.
+    pub(super) fn current(
+        routes: Option<Routes>,
+        version: u64,
+        members: &Members,
+        world: &[String],
+    ) -> Routes {
+        match routes {
+            Some(r) if r.version == version => r,
+            _ => Routes::new(version, members, world),
+        }
     }
-    let n = world.len();
-    let all = refs(samples);
-    let mut nodes: Vec<Node<'_>> = Vec::new();
-    let mut by_node: std::collections::HashMap<u64, usize> = Default::default();
-    for (rank, id) in world.iter().enumerate() {
-        let share = &all[rank_slice(all.len(), n, rank)];
-        if let Some(Outbox::Node {
-            queue,
-            worker_id,
-            node,
-            combined,
-        }) = members.get(id).and_then(|m| m.outbox.as_ref())
-        {
-            if combined.load(std::sync::atomic::Ordering::Relaxed) {
-                let i = *by_node.entry(*node).or_insert_with(|| {
-                    nodes.push(Node {
-                        queue,
-                        work: v1::NodeWork {
-                            work: Some(header.clone()),
-                            ..Default::default()
-                        },
-                        ids: vec![],
+
+    fn new(version: u64, members: &Members, world: &[String]) -> Routes {
+        let mut own = Vec::new();
+        let mut nodes: Vec<NodeRoute> = Vec::new();
+        let mut by_node: HashMap<u64, usize> = HashMap::default();
+        for (rank, id) in world.iter().enumerate() {
+            let rank = rank as u32;
+            match members.get(id).and_then(|m| m.outbox.as_ref()) {
+                Some(Outbox::Node {
+                    queue,
+                    worker_id,
+                    node,
+                    combined,
+                }) => {
+                    let i = *by_node.entry(*node).or_insert_with(|| {
+                        nodes.push(NodeRoute {
+                            queue: queue.clone(),
+                            combined: combined.clone(),
+                            ranks: vec![],
+                            workers: vec![],
+                        });
+                        nodes.len() - 1
                     });
-                    nodes.len() - 1
-                });
-                let node = &mut nodes[i];
-                let work = node.work.work.as_mut().expect("set above");
-                work.samples.extend_from_slice(share);
-                node.work.workers.push(worker_id.clone());
-                node.work.samples.push(share.len() as u32);
-                node.ids.push(id);
-                continue;
+                    nodes[i].ranks.push(rank);
+                    nodes[i].workers.push(worker_id.clone());
+                }
+                _ => own.push(rank),
             }
         }
+        Routes {
+            version,
+            own,
+            nodes,
+        }
+    }
+}
+
+/// Queues a step's Work for every rank of `world` (`header` with each rank's share of
+/// `samples`) along `routes`. The ranks on one node session that splits `NodeWork`s get one
+/// for all of them: the node reads one message where it would one per rank.
+fn send_work(
+    members: &Members,
+    routes: &Routes,
+    world: &[String],
+    header: &v1::Work,
+    samples: &[SampleId],
+) {
+    let n = world.len();
+    let all = refs(samples);
+    let share = |rank: u32| &all[rank_slice(all.len(), n, rank as usize)];
+    let own = |rank: u32| {
         let work = v1::Work {
-            samples: share.to_vec(),
+            samples: share(rank).to_vec(),
             ..header.clone()
         };
+        let id = &world[rank as usize];
         send(members, id, v1::coordinator_message::Kind::Work(work));
+    };
+    for &rank in &routes.own {
+        own(rank);
     }
-    for node in nodes {
+    for node in &routes.nodes {
+        if !node.combined.load(Ordering::Relaxed) {
+            for &rank in &node.ranks {
+                own(rank);
+            }
+            continue;
+        }
+        let mut work = header.clone();
+        let mut counts = Vec::with_capacity(node.ranks.len());
+        for &rank in &node.ranks {
+            let share = share(rank);
+            work.samples.extend_from_slice(share);
+            counts.push(share.len() as u32);
+        }
         let message = v1::NodeMessage {
             worker_id: String::new(),
-            kind: Some(v1::node_message::Kind::Work(node.work)),
+            kind: Some(v1::node_message::Kind::Work(v1::NodeWork {
+                work: Some(work),
+                workers: node.workers.clone(),
+                samples: counts,
+            })),
         };
         if let Err(e) = node.queue.try_send(message) {
-            warn!(workers = node.ids.len(), first = %node.ids[0], error = %e, "cannot queue a node's work");
-            for id in node.ids {
-                super::undeliverable(members, id);
+            warn!(workers = node.ranks.len(), first = %node.workers[0], error = %e, "cannot queue a node's work");
+            for &rank in &node.ranks {
+                super::undeliverable(members, &world[rank as usize]);
             }
         }
     }

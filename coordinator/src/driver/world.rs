@@ -1,7 +1,7 @@
 //! World formation: a new generation from the attached workers, their `Ready` answers, the
 //! start of training in that world, and the end of a generation.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use stagecoach_core::curriculum::{Curriculum, StepPlan};
@@ -11,14 +11,14 @@ use tracing::{info, warn};
 
 use super::eval::EvalInFlight;
 use super::membership::NCCL_ID_BYTES;
-use super::step::Reports;
+use super::step::{Reports, Routes};
 use super::{send, Driver, Error, Resume};
 
 pub(super) struct World {
     pub(super) generation: u64,
     pub(super) members: Vec<String>,
     /// Each member's rank, by worker id.
-    pub(super) ranks: HashMap<String, u32>,
+    pub(super) ranks: foldhash::HashMap<String, u32>,
     /// Each member's `Ready`, by worker id.
     pub(super) ready: BTreeMap<String, v1::Ready>,
     pub(super) running: bool,
@@ -30,6 +30,8 @@ pub(super) struct World {
     pub(super) dispatched_at: Option<Instant>,
     /// The ranks are taking one rank's state (`SyncState`); their next `Ready` follows it.
     pub(super) syncing: bool,
+    /// How a step's Work reaches the ranks, kept from step to step.
+    pub(super) routes: Option<Routes>,
 }
 
 /// "forming a world" is logged for the first `FORM_LOG_BURST` worlds of each `FORM_LOG_EVERY`;
@@ -266,6 +268,7 @@ impl Driver {
             eval: None,
             dispatched_at: None,
             syncing: false,
+            routes: None,
         });
     }
 

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Status, Streaming};
 use tracing::debug;
 
-use crate::driver::{Event, LeaseBook, Outbox};
+use crate::driver::{Event, Lease, LeaseBook, Outbox};
 use crate::error::clip;
 use crate::{metrics, Error};
 
@@ -42,41 +42,49 @@ const QUEUE: usize = super::OUTBOX * 64;
 const BATCH: usize = 1024;
 
 /// The workers attached to a node session, by id, with the session number of the attachment
-/// (so that ending this node session never detaches a newer session of the same worker),
-/// counted in the process's `stagecoach_node_session_workers`.
+/// (so that ending this node session never detaches a newer session of the same worker) and
+/// the worker's lease, which the reader renews as its messages arrive, counted in the
+/// process's `stagecoach_node_session_workers`.
 #[derive(Clone, Default)]
-struct Attached(Arc<Mutex<HashMap<String, u64>>>);
+struct Attached(Arc<Mutex<HashMap<String, Attachment>>>);
+
+struct Attachment {
+    session: u64,
+    lease: Arc<Lease>,
+}
 
 impl Attached {
     /// For looking: changes go through the methods below, which keep the count.
-    fn lock(&self) -> std::sync::LockResult<std::sync::MutexGuard<'_, HashMap<String, u64>>> {
-        self.0.lock()
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attachment>> {
+        self.0.lock().expect("not poisoned")
     }
 
-    fn insert(&self, id: String, session: u64) {
-        let fresh = self
-            .0
-            .lock()
-            .expect("not poisoned")
-            .insert(id, session)
-            .is_none();
+    fn insert(&self, id: String, attachment: Attachment) {
+        let fresh = self.lock().insert(id, attachment).is_none();
         if fresh {
             metrics::node_session_workers(1);
         }
     }
 
     fn remove(&self, id: &str) -> Option<u64> {
-        let session = self.0.lock().expect("not poisoned").remove(id);
+        let session = self.lock().remove(id).map(|a| a.session);
         if session.is_some() {
             metrics::node_session_workers(-1);
         }
         session
     }
 
-    fn take(&self) -> HashMap<String, u64> {
-        let all = std::mem::take(&mut *self.0.lock().expect("not poisoned"));
+    /// Every attachment, by worker id and session number, leaving none.
+    fn take(&self) -> Vec<(String, u64)> {
+        let all = std::mem::take(&mut *self.lock());
         metrics::node_session_workers(-(all.len() as i64));
-        all
+        all.into_iter().map(|(id, a)| (id, a.session)).collect()
+    }
+
+    /// Renews the lease of attached worker `id`: `None` if it is not attached here, `Some(false)`
+    /// if it is no longer a member.
+    fn renew(&self, id: &str) -> Option<bool> {
+        self.lock().get(id).map(|a| a.lease.renew())
     }
 }
 
@@ -250,18 +258,29 @@ impl Reader {
                         .await?;
                     continue;
                 };
-                match kind {
-                    Kind::Hello(_) => self.attach(id).await?,
-                    _ if !self.is_attached(&id) => {
+                let kind = match kind {
+                    Kind::Hello(_) => {
+                        self.attach(id).await?;
+                        continue;
+                    }
+                    kind => kind,
+                };
+                // Every message renews its worker's lease as it arrives.
+                let member = match self.attached.renew(&id) {
+                    None => {
                         let why = format!(
                             "worker {:?} is not attached to this node session: its Hello comes first",
                             clip(&id, 80)
                         );
                         self.end(&id, Status::invalid_argument(why)).await?;
+                        continue;
                     }
+                    Some(member) => member,
+                };
+                match kind {
                     // A heartbeat only renews the lease, here, as on a worker's own session.
                     Kind::Heartbeat(_) => {
-                        if !self.node.leases.renew(&id) {
+                        if !member {
                             let unknown = Status::from(Error::UnknownWorker(clip(&id, 80)));
                             self.end(&id, unknown).await?;
                         }
@@ -276,9 +295,11 @@ impl Reader {
                                 speakers.len()
                             ))
                         } else {
-                            let attached = self.attached.lock().expect("not poisoned");
-                            let stranger =
-                                speakers[1..].iter().find(|a| !attached.contains_key(*a));
+                            // The others' leases are renewed as they are found attached.
+                            let attached = self.attached.lock();
+                            let stranger = speakers[1..].iter().find(|a| {
+                                attached.get(a.as_str()).map(|a| a.lease.renew()).is_none()
+                            });
                             stranger.map(|stranger| {
                                 format!(
                                     "a NodeStepDone of {:?} speaks for worker {:?}, which is not attached to this node session",
@@ -294,13 +315,11 @@ impl Reader {
                             }
                             continue;
                         }
-                        self.node.leases.renew_all(&speakers);
                         pending.workers.extend(speakers.iter().cloned());
                         pending.messages.push((id, Kind::NodeStepDone(n)));
                         pending.also.push(speakers.split_off(1));
                     }
                     kind => {
-                        self.node.leases.renew(&id);
                         pending.workers.insert(id.clone());
                         pending.messages.push((id, kind));
                         pending.also.push(Vec::new());
@@ -316,10 +335,6 @@ impl Reader {
             }
         }
         Ok(())
-    }
-
-    fn is_attached(&self, id: &str) -> bool {
-        self.attached.lock().expect("not poisoned").contains_key(id)
     }
 
     /// Hands the pending messages to the driver and waits for its answers; a refusal ends the
@@ -353,7 +368,7 @@ impl Reader {
     /// A Hello: the driver takes the worker's session if the caller registered it.
     async fn attach(&mut self, id: String) -> Result<(), Status> {
         let full = {
-            let attached = self.attached.lock().expect("not poisoned");
+            let attached = self.attached.lock();
             attached.len() >= MAX_WORKERS && !attached.contains_key(&id)
         };
         if full {
@@ -380,9 +395,13 @@ impl Reader {
             .map_err(|_| shutting_down())?;
         match rx.await.map_err(|_| shutting_down())? {
             Ok(()) => {
-                // The driver took the session (the worker is a member), so this only renews.
-                self.node.leases.renew(&id);
-                self.attached.insert(id, session);
+                // The driver took the session: the worker is a member, with a lease.
+                let Some(lease) = self.node.leases.lease(&id) else {
+                    let unknown = Status::from(Error::UnknownWorker(clip(&id, 80)));
+                    return self.end(&id, unknown).await;
+                };
+                lease.renew();
+                self.attached.insert(id, Attachment { session, lease });
                 Ok(())
             }
             Err(e) => self.end(&id, Status::from(e)).await,
